@@ -1,0 +1,133 @@
+"""Atomic writes and safe, self-describing checkpoints.
+
+Every file cnnft writes goes to a temporary name in the same folder, is flushed to disk and
+then renamed over the target, so a crash or SIGKILL leaves either the old file or the new
+one, never half of one. Checkpoints are read with ``torch.load(weights_only=True)``: a
+file that needs arbitrary code to unpickle is refused, not executed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+FORMAT = "cnnft-checkpoint"
+VERSION = 1
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save(obj: dict, path: str | Path) -> None:
+    """Serialise a checkpoint dict with torch.save, atomically."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers, with clear errors."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"file not found: {p}")
+    if p.is_dir():
+        raise CheckpointError(f"expected a file, got a folder: {p}")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p} is empty (0 bytes): the file was not written completely")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refused to load {p}: it needs code outside tensors and plain containers to "
+            f"unpickle ({str(exc).splitlines()[0][:200]})",
+            hint="only load files from sources you trust; cnnft never executes pickled code",
+        ) from None
+    except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as exc:
+        raise CheckpointError(
+            f"{p} is not a readable PyTorch file (truncated or corrupt?): {str(exc).splitlines()[0][:200]}"
+        ) from None
+
+
+def load(path: str | Path) -> dict:
+    """Load a cnnft checkpoint (a file, or a run folder whose best checkpoint is used)."""
+    p = Path(path)
+    if p.is_dir():
+        for cand in (p / "checkpoints" / "best.pt", p / "checkpoints" / "last.pt"):
+            if cand.is_file():
+                p = cand
+                break
+        else:
+            raise CheckpointError(f"{p} holds no checkpoints/best.pt or checkpoints/last.pt")
+    obj = safe_torch_load(p)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{p} is not a cnnft checkpoint",
+            hint="pass a checkpoint written by `cnnft train` (run_dir/checkpoints/best.pt); "
+            "plain weights files go in model.weights",
+        )
+    if obj.get("version", 0) > VERSION:
+        raise CheckpointError(f"{p} was written by a newer cnnft (format {obj['version']}); upgrade cnnft")
+    obj["path"] = str(p)
+    return obj
+
+
+def rng_state() -> dict:
+    """The RNG states needed for a resumed run to continue bit-for-bit."""
+    import random
+
+    import numpy as np
+
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": json.dumps(random.getstate()),
+        "numpy": {"key": torch.from_numpy(np_state[1].copy()), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy(), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,217 @@
+"""The four fine-tuning strategies, the plan for a given model, and applying it.
+
+Which layers learn follows dataset size x similarity to ImageNet:
+
+    ============  ======================================  ===================================
+    dataset       similar to ImageNet                     different
+    ============  ======================================  ===================================
+    large         freeze_early: stem + early stages       full: train the whole network
+                  frozen, the rest trains
+    small         head_only: the backbone is a fixed      freeze_most: all but the last
+                  feature extractor                       stage(s) frozen
+    ============  ======================================  ===================================
+
+Early layers (edges, colours, textures) are generic and are the last to unfreeze; late
+layers are task-specific. The new head learns at the base LR, pretrained layers that train
+at ``lr x backbone_lr_scale`` (1/10 by default) so they adapt without forgetting. BatchNorm
+inside frozen stages is pinned to eval mode: its running statistics never change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .models import Stage, module_stage, param_stage_map
+
+STRATEGIES = ("full", "freeze_early", "freeze_most", "head_only")
+
+# average images per class at or above which a dataset counts as "large"
+LARGE_IMAGES_PER_CLASS = 1000
+
+QUADRANTS = {
+    ("large", True): "freeze_early",
+    ("large", False): "full",
+    ("small", True): "head_only",
+    ("small", False): "freeze_most",
+}
+
+RATIONALE = {
+    "freeze_early": "Plenty of data close to ImageNet: the early generic stages (edges, textures) "
+    "are already right, so they stay frozen while later stages and the head adapt.",
+    "full": "Plenty of data unlike ImageNet: enough examples to retrain every layer without "
+    "overfitting; pretrained weights are just a good starting point.",
+    "head_only": "Little data close to ImageNet: the pretrained features already describe it, and "
+    "fine-tuning them on few images would overfit. Train only the new head (feature extraction).",
+    "freeze_most": "Little data unlike ImageNet: the generic early stages still help, but the last "
+    "stage(s) must adapt to the new domain; everything before them stays frozen.",
+}
+
+
+def size_class(images: int, classes: int) -> str:
+    """``large`` when there are at least LARGE_IMAGES_PER_CLASS images per class on average."""
+    if images < 1 or classes < 1:
+        raise ConfigError("--images and --classes must be positive integers")
+    return "large" if images / classes >= LARGE_IMAGES_PER_CLASS else "small"
+
+
+def recommend(size: str, similar: bool) -> str:
+    """The strategy for a quadrant of the size x similarity table."""
+    return QUADRANTS[(size, similar)]
+
+
+@dataclass
+class StagePlan:
+    name: str
+    frozen: bool
+    params: int
+    trainable_params: int
+    lr: float | None  # None when frozen
+
+
+@dataclass
+class FreezePlan:
+    """Which stages are frozen and the learning rate of each trainable one."""
+
+    strategy: str
+    stages: list[StagePlan]
+    lr: float
+    backbone_lr: float
+
+    @property
+    def frozen(self) -> list[str]:
+        return [s.name for s in self.stages if s.frozen]
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(s.trainable_params for s in self.stages)
+
+    @property
+    def total_params(self) -> int:
+        return sum(s.params for s in self.stages)
+
+    def to_dict(self) -> dict:
+        return {
+            "strategy": self.strategy,
+            "lr": self.lr,
+            "backbone_lr": self.backbone_lr,
+            "stages": [asdict(s) for s in self.stages],
+            "frozen_stages": self.frozen,
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FreezePlan":
+        return cls(d["strategy"], [StagePlan(**s) for s in d["stages"]], d["lr"], d["backbone_lr"])
+
+
+def frozen_stage_names(
+    stages: list[Stage], strategy: str, frozen_stages: int | None = None, trainable_stages: int = 1
+) -> set[str]:
+    """Names of the stages a strategy freezes. ``frozen_stages`` (freeze_early: how many stages
+    after the stem; default half of them) and ``trainable_stages`` (freeze_most: how many last
+    stages train with the head) count stages the same way for every architecture."""
+    body = [s.name for s in stages if s.name not in ("stem", "head")]
+    k = len(body)
+    if strategy == "full":
+        return set()
+    if strategy == "head_only":
+        return {"stem", *body}
+    if strategy == "freeze_early":
+        n = k // 2 if frozen_stages is None else frozen_stages
+        if not 0 <= n < k:
+            raise ConfigError(
+                f"freeze.frozen_stages: {n} is out of range for this model, which has {k} stages "
+                f"after the stem ({', '.join(body)}); use 0..{k - 1}"
+            )
+        return {"stem", *body[:n]}
+    if strategy == "freeze_most":
+        if not 0 <= trainable_stages <= k:
+            raise ConfigError(
+                f"freeze.trainable_stages: {trainable_stages} is out of range for this model, which "
+                f"has {k} stages after the stem ({', '.join(body)}); use 0..{k}"
+            )
+        return {"stem", *body[: k - trainable_stages]}
+    raise ConfigError(f"freeze.strategy: unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+
+
+def make_plan(
+    model: nn.Module,
+    stages: list[Stage],
+    strategy: str,
+    lr: float,
+    backbone_lr_scale: float = 0.1,
+    *,
+    pretrained: bool = True,
+    frozen_stages: int | None = None,
+    trainable_stages: int = 1,
+) -> FreezePlan:
+    """The plan for ``model``: per stage, frozen or not, parameter counts and learning rate.
+    A randomly initialised backbone has nothing to preserve, so it learns at the full LR."""
+    frozen = frozen_stage_names(stages, strategy, frozen_stages, trainable_stages)
+    backbone_lr = lr * backbone_lr_scale if pretrained else lr
+    owner = param_stage_map(model, stages)
+    counts = {s.name: 0 for s in stages}
+    for name, p in model.named_parameters():
+        counts[owner[name]] += p.numel()
+    plans = []
+    for s in stages:
+        is_frozen = s.name in frozen
+        rate = None if is_frozen else (lr if s.name == "head" else backbone_lr)
+        plans.append(StagePlan(s.name, is_frozen, counts[s.name], 0 if is_frozen else counts[s.name], rate))
+    return FreezePlan(strategy, plans, lr, backbone_lr)
+
+
+def _keep_eval(module: nn.Module, _inputs) -> None:
+    # Runs before every forward: model.train() anywhere cannot make frozen BN update its stats.
+    module.training = False
+
+
+def apply_plan(model: nn.Module, stages: list[Stage], plan: FreezePlan) -> list[nn.Module]:
+    """Set ``requires_grad`` per the plan and pin BatchNorm in frozen stages to eval mode.
+    Returns the pinned BatchNorm modules."""
+    frozen = set(plan.frozen)
+    owner = param_stage_map(model, stages)
+    for name, p in model.named_parameters():
+        p.requires_grad_(owner[name] not in frozen)
+    pinned = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and module_stage(name, stages) in frozen:
+            if not getattr(m, "_cnnft_pinned", False):
+                m.register_forward_pre_hook(_keep_eval)
+                m._cnnft_pinned = True
+            m.eval()
+            pinned.append(m)
+    return pinned
+
+
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    # biases, norm scales and 1-d embeddings/tokens are not weight-decayed (standard practice)
+    return p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name
+
+
+def param_groups(
+    model: nn.Module, stages: list[Stage], plan: FreezePlan, weight_decay: float
+) -> list[dict]:
+    """Optimizer parameter groups: the head at ``plan.lr``, trainable pretrained stages at
+    ``plan.backbone_lr``; frozen parameters are left out. Each group carries a ``name``."""
+    owner = param_stage_map(model, stages)
+    buckets: dict[tuple[str, bool], list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        role = "head" if owner[name] == "head" else "backbone"
+        buckets.setdefault((role, _no_decay(name, p)), []).append(p)
+    groups = []
+    for (role, nd), params in sorted(buckets.items(), key=lambda kv: (kv[0][0] != "head", kv[0][1])):
+        groups.append({
+            "name": role + ("_no_decay" if nd else ""),
+            "params": params,
+            "lr": plan.lr if role == "head" else plan.backbone_lr,
+            "weight_decay": 0.0 if nd else weight_decay,
+        })
+    return groups
