@@ -142,6 +142,33 @@ def freeze_plan(
         out.print("[dim]BatchNorm in frozen stages stays in eval mode (running statistics unchanged).[/dim]")
 
 
+@app.command()
+def train(
+    config: Optional[str] = typer.Argument(None, help="Experiment YAML file (optional with --resume)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. train.lr=0.01"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder (may extend train.epochs)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar: one plain line per epoch."),
+) -> None:
+    """Fine-tune a pretrained backbone on your images and write a run folder
+    (config, freeze plan, metrics.csv, summary.json, checkpoints/best.pt and last.pt)."""
+    overrides = list(overrides or [])
+    if config is not None and "=" in config and not Path(config).exists():
+        overrides.insert(0, config)  # `cnnft train --resume RUN train.epochs=5`
+        config = None
+    if config is None and resume is None:
+        raise typer.BadParameter("give a CONFIG file, or --resume RUN_DIR", param_hint="CONFIG")
+    if config is not None and resume is not None:
+        raise typer.BadParameter("give either CONFIG or --resume RUN_DIR (the run keeps its own config)")
+    summary = api.train(config, overrides, resume=resume, log=lambda m: err.print(m, highlight=False, markup=False),
+                        progress_bar=err.is_terminal and not quiet and not json_out)
+    if json_out:
+        _print_json(summary)
+    else:
+        out.print(f"[bold]best val acc {summary['best_val_acc']:.4f}[/bold] (epoch {summary['best_epoch']}), "
+                  f"final {summary['final_val_acc']:.4f}, {summary['wall_seconds']:.0f}s -> {summary['run_dir']}")
+
+
 def main() -> None:
     """Entry point: run the app and turn errors into a message and an exit code."""
     try:

@@ -54,3 +54,11 @@ class TrainingFailed(CnnftError):
     """Training stopped on a numerical fault (NaN/inf loss); progress so far is kept."""
 
     exit_code = 1
+
+
+class Interrupted(CnnftError):
+    """Training was stopped by SIGINT/SIGTERM after saving a resumable checkpoint."""
+
+    def __init__(self, message: str, *, signum: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM

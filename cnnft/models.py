@@ -264,7 +264,11 @@ FAMILIES: dict[str, Family] = {
 
 
 def family_of(model: nn.Module) -> Family | None:
-    return FAMILIES.get(type(model).__name__)
+    """The table entry for a torchvision (or cnnft) model; timm models use their own metadata."""
+    cls = type(model)
+    if not cls.__module__.startswith(("torchvision.", "cnnft.")):
+        return None
+    return FAMILIES.get(cls.__name__)
 
 
 # ------------------------------------------------------------------------------ LeNet-5
@@ -578,7 +582,7 @@ def build(
         preprocess = Preprocess(32, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
 
     fam = family_of(model)
-    if fam is None and source != "timm":
+    if fam is None and source not in ("timm", "packaged"):
         raise ConfigError(f"model.backbone: no stage map for {type(model).__name__} ({name})")
     if fam is not None:
         heads, stages = fam.heads, fam.stages(model)

@@ -1,0 +1,392 @@
+"""Datasets: class-per-folder images, packaged datasets, splits and loaders.
+
+A dataset is a list of samples (an id such as a file path, and a label) plus a way to load
+sample ``i`` as an RGB PIL image. Folders are scanned and every image is decoded once up
+front, so a corrupt file is found before training starts, not in epoch 7.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .errors import DataError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey stripe
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16-bit and float greyscale are rescaled, not clipped;
+    transparent pixels become white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image(path: str | Path, draft: int | None = None) -> Image.Image:
+    """Decode an image file as RGB. ``draft``: let JPEG decode at a reduced scale that still
+    covers ``draft`` pixels per side (much faster for large photos)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            if draft and img.format == "JPEG":
+                img.draft("RGB", (draft, draft))
+            img.load()
+            return to_rgb(img)
+
+
+def check_image(path: str) -> str | None:
+    """None if ``path`` decodes as an image, else the reason it doesn't."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        open_image(path, draft=64)
+        return None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return f"image too large: over PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} pixels"
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means an unusable file
+        return f"cannot decode: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}"
+
+
+@dataclass
+class Source:
+    """Samples (ids and labels) and how to load one as an RGB image."""
+
+    ids: list[str]
+    labels: list[int]
+    load: Callable[[int, int | None], Image.Image]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, idx: Sequence[int]) -> "Source":
+        base = self.load
+        idx = list(idx)
+        return Source([self.ids[i] for i in idx], [self.labels[i] for i in idx],
+                      lambda i, draft=None: base(idx[i], draft))
+
+
+@dataclass
+class DataBundle:
+    """Train and validation sources with the class names they share."""
+
+    name: str
+    classes: list[str]
+    train: Source
+    val: Source
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+def _folder_source(paths: list[str], labels: list[int]) -> Source:
+    return Source(paths, labels, lambda i, draft=None: open_image(paths[i], draft))
+
+
+def scan_folder(root: str | Path, key: str) -> tuple[list[str], list[str], list[int]]:
+    """List a class-per-folder dataset: (classes, file paths, labels)."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"{key}: folder not found: {root}", hint="check the path (relative paths are from the current directory)")
+    if not root.is_dir():
+        raise DataError(f"{key}: not a folder: {root}", hint="point it at a folder with one sub-folder per class")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        loose = any(f.suffix.lower() in IMAGE_EXTENSIONS for f in root.iterdir())
+        raise DataError(
+            f"{key}: {root} has no class sub-folders",
+            hint="lay images out as ROOT/<class>/<image>" + (" (images found directly in ROOT)" if loose else ""),
+        )
+    if len(classes) < 2:
+        raise DataError(f"{key}: {root} has a single class ({classes[0]}); a classifier needs at least 2")
+    paths, labels, empty = [], [], []
+    for label, cls in enumerate(classes):
+        files = sorted(
+            str(f) for f in (root / cls).rglob("*")
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
+        )
+        if not files:
+            empty.append(cls)
+        paths += files
+        labels += [label] * len(files)
+    if empty:
+        raise DataError(
+            f"{key}: class folder(s) with no images in {root}: {', '.join(empty)}",
+            hint=f"add images or remove the folder(s); image types read: {', '.join(sorted(IMAGE_EXTENSIONS))}",
+        )
+    return classes, paths, labels
+
+
+def verify_images(paths: list[str], on_bad_image: str, key: str) -> list[tuple[str, str]]:
+    """Decode every file once; return the unreadable ones, or raise if ``on_bad_image`` is error."""
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        reasons = list(pool.map(check_image, paths))
+    bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
+    if bad and on_bad_image == "error":
+        listing = "\n".join(f"    {p}: {r}" for p, r in bad[:10])
+        more = f"\n    ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise DataError(
+            f"{key}: {len(bad)} unreadable image(s):\n{listing}{more}",
+            hint="remove or fix them, or set data.on_bad_image=skip to train without them",
+        )
+    return bad
+
+
+def _limit(labels: list[int], n: int | None) -> list[int]:
+    if n is None:
+        return list(range(len(labels)))
+    seen: Counter = Counter()
+    keep = []
+    for i, y in enumerate(labels):
+        if seen[y] < n:
+            keep.append(i)
+            seen[y] += 1
+    return keep
+
+
+def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices into (train, val) keeping class proportions; the same seed gives the same split."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    for y, idx in sorted(by_class.items()):
+        idx = list(rng.permutation(idx))
+        n_val = int(round(len(idx) * fraction))
+        if len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        else:
+            n_val = 0
+        val += idx[:n_val]
+        train += idx[n_val:]
+    return sorted(train), sorted(val)
+
+
+def _digits() -> tuple[list[str], Source]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images * (255.0 / 16.0)).round().astype(np.uint8)
+
+    def load(i: int, draft=None) -> Image.Image:
+        return Image.fromarray(images[i], "L").convert("RGB")
+
+    return [str(c) for c in d.target_names], Source([f"digits:{i}" for i in range(len(images))],
+                                                   [int(t) for t in d.target], load)
+
+
+def _tv(cls_name: str, train_kw: dict, val_kw: dict):
+    def make(root: str, download: bool, split: str):
+        import torchvision.datasets as D
+
+        ds = getattr(D, cls_name)(root=root, download=download, **(train_kw if split == "train" else val_kw))
+        classes = list(getattr(ds, "classes", []) or [])
+        labels = [int(y) for y in _targets(ds)]
+        if not classes:
+            classes = [str(i) for i in range(max(labels) + 1)]
+
+        def load(i: int, draft=None) -> Image.Image:
+            return to_rgb(ds[i][0])
+
+        return classes, Source([f"{cls_name.lower()}:{split}:{i}" for i in range(len(labels))], labels, load)
+
+    return make
+
+
+def _targets(ds) -> list[int]:
+    for attr in ("targets", "_labels", "labels", "y"):
+        t = getattr(ds, attr, None)
+        if t is not None:
+            return list(t.tolist() if hasattr(t, "tolist") else t)
+    return [ds[i][1] for i in range(len(ds))]
+
+
+# packaged datasets: name -> factory(root, download, split) -> (classes, Source); None for val
+# means "split the training set by data.val_split"
+PACKAGED: dict[str, Callable | None] = {
+    "cifar10": _tv("CIFAR10", {"train": True}, {"train": False}),
+    "cifar100": _tv("CIFAR100", {"train": True}, {"train": False}),
+    "mnist": _tv("MNIST", {"train": True}, {"train": False}),
+    "fashionmnist": _tv("FashionMNIST", {"train": True}, {"train": False}),
+    "flowers102": _tv("Flowers102", {"split": "train"}, {"split": "val"}),
+    "oxfordiiitpet": _tv("OxfordIIITPet", {"split": "trainval"}, {"split": "test"}),
+    "dtd": _tv("DTD", {"split": "train"}, {"split": "val"}),
+    "food101": _tv("Food101", {"split": "train"}, {"split": "test"}),
+    "stl10": _tv("STL10", {"split": "train"}, {"split": "test"}),
+    "eurosat": _tv("EuroSAT", {}, {}),  # one split only: divided by data.val_split
+}
+NO_VAL_SPLIT = {"eurosat"}
+
+
+def _packaged(name: str, root: str, download: bool, val_split: float, seed: int) -> tuple[list[str], Source, Source]:
+    key = name.lower().replace("-", "").replace("_", "")
+    if key == "digits":
+        classes, src = _digits()
+        tr, va = stratified_split(src.labels, val_split, seed)
+        return classes, src.subset(tr), src.subset(va)
+    if key not in PACKAGED:
+        allowed = ", ".join(["digits", *PACKAGED])
+        raise DataError(f"data.dataset: unknown dataset {name!r}; packaged datasets: {allowed}")
+    make = PACKAGED[key]
+    try:
+        classes, train = make(root, download, "train")
+        if key in NO_VAL_SPLIT:
+            tr, va = stratified_split(train.labels, val_split, seed)
+            return classes, train.subset(tr), train.subset(va)
+        _, val = make(root, download, "val")
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torchvision raises several kinds for missing data
+        action = "could not download" if download else "is not present in"
+        raise DataError(
+            f"data.dataset: {name} {action} {Path(root).resolve()} ({type(exc).__name__}: {str(exc)[:200]})",
+            hint=("check the network connection, or download it elsewhere and copy it into data.root"
+                  if download else "set data.download=true to fetch it, or point data.root at a copy"),
+        ) from None
+    return classes, train, val
+
+
+def build_data(
+    *,
+    train: str | None,
+    val: str | None,
+    dataset: str | None,
+    root: str,
+    download: bool,
+    val_split: float,
+    seed: int,
+    on_bad_image: str,
+    limit_per_class: int | None = None,
+) -> DataBundle:
+    """Resolve the training and validation sets described by the ``data`` config section."""
+    if (train is None) == (dataset is None):
+        raise DataError(
+            "data: set exactly one of data.train (a folder of class folders) or data.dataset "
+            "(a packaged dataset such as digits or cifar10)"
+        )
+    skipped: list[tuple[str, str]] = []
+    if dataset is not None:
+        if val is not None:
+            raise DataError("data.val: not used with data.dataset (packaged sets bring their own split)")
+        classes, tr, va = _packaged(dataset, root, download, val_split, seed)
+        tr = tr.subset(_limit(tr.labels, limit_per_class))
+        va = va.subset(_limit(va.labels, limit_per_class))
+        return DataBundle(dataset.lower(), classes, tr, va, skipped)
+
+    classes, paths, labels = scan_folder(train, "data.train")
+    keep = _limit(labels, limit_per_class)
+    paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+    if val is not None:
+        v_classes, v_paths, v_labels = scan_folder(val, "data.val")
+        if v_classes != classes:
+            only_t = sorted(set(classes) - set(v_classes))
+            only_v = sorted(set(v_classes) - set(classes))
+            raise DataError(
+                "data.val: class folders differ from data.train"
+                + (f"; only in train: {', '.join(only_t)}" if only_t else "")
+                + (f"; only in val: {', '.join(only_v)}" if only_v else ""),
+                hint="give both folders the same class sub-folders",
+            )
+        keep = _limit(v_labels, limit_per_class)
+        v_paths, v_labels = [v_paths[i] for i in keep], [v_labels[i] for i in keep]
+    bad = verify_images(paths + (v_paths if val is not None else []), on_bad_image, "data")
+    skipped = bad
+    bad_set = {p for p, _ in bad}
+
+    def clean(ps, ls):
+        kept = [(p, y) for p, y in zip(ps, ls) if p not in bad_set]
+        return [p for p, _ in kept], [y for _, y in kept]
+
+    paths, labels = clean(paths, labels)
+    for label, cls in enumerate(classes):
+        if label not in labels:
+            raise DataError(f"data.train: class {cls!r} has no readable images left after skipping bad files")
+    if val is not None:
+        v_paths, v_labels = clean(v_paths, v_labels)
+        train_src, val_src = _folder_source(paths, labels), _folder_source(v_paths, v_labels)
+    else:
+        src = _folder_source(paths, labels)
+        tr, va = stratified_split(labels, val_split, seed)
+        train_src, val_src = src.subset(tr), src.subset(va)
+    if len(val_src) == 0:
+        raise DataError("data: the validation set is empty; add images to data.val or raise data.val_split")
+    return DataBundle(Path(train).name, classes, train_src, val_src, skipped)
+
+
+class ImageDataset(Dataset):
+    """A Source with a transform: item i -> (tensor, label)."""
+
+    def __init__(self, source: Source, transform, draft: int | None = None) -> None:
+        self.source, self.transform, self.draft = source, transform, draft
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        img = self.source.load(i, self.draft)
+        return self.transform(img), self.source.labels[i]
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation fixed by (seed, epoch), optionally starting part-way through, so that a
+    resumed epoch sees exactly the batches the interrupted one had left."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self):
+        return iter(self._order()[self.start:])
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+def _worker_init(_worker_id: int) -> None:
+    # The main process handles Ctrl-C and stops the workers itself; one thread per worker
+    # avoids oversubscribing the cores the main process computes on.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, *, sampler: Sampler | None = None,
+    generator: torch.Generator | None = None, pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader with seeded workers that ignore Ctrl-C."""
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
+        worker_init_fn=_worker_init if num_workers else None, generator=generator,
+        pin_memory=pin_memory, drop_last=False, persistent_workers=False,
+    )
