@@ -234,7 +234,7 @@ def train(
     # --- build model
     bb = models.build(cfg.model.backbone, cfg.model.weights, len(bundle.classes))
     model = bb.model
-    pre = bb.preprocess.with_size(d.image_size)
+    pre = bb.preprocess = bb.preprocess.with_size(d.image_size)  # checkpoints record what was used
 
     # --- plan freeze
     strategy, why = _resolve_strategy(cfg, len(bundle.train), len(bundle.classes))
@@ -350,9 +350,9 @@ def train(
             ckpt = _checkpoint(**ck, epoch=epoch + 1, step=0, running=None, history=history,
                                best_val_acc=best_val_acc, best_epoch=best_epoch)
             metrics.write_csv(run_dir / "metrics.csv", history, metrics.EPOCH_COLUMNS)
-            if improved:
-                checkpoint.save(ckpt, best_path)
             checkpoint.save(ckpt, last_path)
+            if improved:  # the same bytes: link rather than write them twice
+                checkpoint.atomic_link(last_path, best_path)
             if writer is not None:
                 for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr_head"):
                     writer(run_dir, k, row[k], epoch + 1)

@@ -55,6 +55,21 @@ def save(obj: dict, path: str | Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def atomic_link(src: str | Path, dst: str | Path) -> None:
+    """Make ``dst`` the same file as ``src`` (a hard link, renamed into place atomically);
+    falls back to a copy where links are not supported."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def safe_torch_load(path: str | Path) -> Any:
     """``torch.load`` restricted to tensors and plain containers, with clear errors."""
     p = Path(path)
