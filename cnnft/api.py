@@ -5,13 +5,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -45,9 +47,9 @@ def freeze_plan(
 ) -> dict:
     """Recommend a strategy for a quadrant and, given a model, plan it stage by stage."""
     size_rule = None
-    if images is not None or classes is not None:
-        if images is None or classes is None:
-            raise InputError("--images and --classes go together (the size class is images per class)")
+    if images is not None:
+        if classes is None:
+            raise InputError("--images needs --classes (the size class is images per class)")
         derived = freeze.size_class(images, classes)
         size_rule = (f"{images} images / {classes} classes = {images / classes:.0f} per class: "
                      f"'{derived}' (large from {freeze.LARGE_IMAGES_PER_CLASS} per class)")
@@ -131,6 +133,12 @@ def _check_writable(output_dir: str) -> None:
         raise InputError(f"output_dir: {probe} is a file, not a folder", hint="set output_dir to a folder path")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise InputError(f"output_dir: {probe} is not writable", hint="set output_dir to a writable folder")
+    # os.access says yes to root everywhere; /proc, /sys and read-only mounts refuse only a real try
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cnnft-probe-", dir=probe))
+    except OSError as exc:
+        raise InputError(f"output_dir: cannot create folders in {probe}: {exc.strerror or exc}",
+                         hint="set output_dir to a writable folder") from None
 
 
 def _resolve_strategy(cfg: Config, n_images: int, n_classes: int) -> tuple[str, str | None]:
@@ -180,7 +188,8 @@ def _checkpoint(*, cfg_dict, bb: models.Backbone, classes, plan, model, optimize
 
 def _resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, dict | None]:
     if not run_dir.is_dir():
-        raise InputError(f"--resume: run folder not found: {run_dir}")
+        raise InputError(f"--resume: run folder not found: {run_dir}",
+                         hint="pass the folder `cnnft train` printed as 'run folder: ...' (OUTPUT_DIR/NAME)")
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         raise InputError(f"--resume: {run_dir} has no config.yaml; is it a cnnft run folder?")
@@ -225,7 +234,8 @@ def train(
                              limit_per_class=d.limit_per_class)
     if cfg.model.num_classes is not None and cfg.model.num_classes != len(bundle.classes):
         raise ConfigError(f"model.num_classes: {cfg.model.num_classes} but the data has "
-                          f"{len(bundle.classes)} classes ({', '.join(bundle.classes[:10])})")
+                          f"{len(bundle.classes)} classes ({', '.join(bundle.classes[:10])}); "
+                          f"remove model.num_classes or set it to {len(bundle.classes)}")
     if bundle.skipped:
         log(f"skipping {len(bundle.skipped)} unreadable image(s):")
         for p, why in bundle.skipped:
@@ -311,7 +321,7 @@ def train(
     wall_before = state["history"][-1]["wall_seconds"] if state is not None and state["history"] else 0.0
 
     # --- fit
-    with engine.StopFlag() as stop:
+    with engine.StopFlag() as stop, _failed_summary(run_dir, history, log):
         for epoch in range(start_epoch, cfg.train.epochs):
             mid = epoch == start_epoch and start_step > 0
             if not mid:
@@ -350,9 +360,11 @@ def train(
             ckpt = _checkpoint(**ck, epoch=epoch + 1, step=0, running=None, history=history,
                                best_val_acc=best_val_acc, best_epoch=best_epoch)
             metrics.write_csv(run_dir / "metrics.csv", history, metrics.EPOCH_COLUMNS)
-            checkpoint.save(ckpt, last_path)
-            if improved:  # the same bytes: link rather than write them twice
-                checkpoint.atomic_link(last_path, best_path)
+            if improved:  # the same bytes: link rather than write them twice. best first: a kill
+                checkpoint.save(ckpt, best_path)  # in between leaves last.pt one epoch behind, and the
+                checkpoint.atomic_link(best_path, last_path)  # resumed run redoes it (never a stale best)
+            else:
+                checkpoint.save(ckpt, last_path)
             if writer is not None:
                 for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr_head"):
                     writer(run_dir, k, row[k], epoch + 1)
@@ -392,6 +404,37 @@ def _summary(run_dir, history, best_val_acc, best_epoch, plan, bb, bundle, devic
         "skipped": [{"path": p, "reason": r} for p, r in bundle.skipped],
         "device": str(device),
     }
+
+
+@contextlib.contextmanager
+def _failed_summary(run_dir: Path, history: list[dict], log: Callable[[str], None]) -> Iterator[None]:
+    """A run that dies of an error (NaN loss, a bug) says so in summary.json; what it saved
+    (metrics.csv, best.pt, last.pt of the last finished epoch) is kept."""
+    try:
+        yield
+    except Interrupted:
+        raise
+    except Exception as exc:
+        best = max(history, key=lambda r: r["val_acc"]) if history else None  # first of equals, as in fit
+        ckdir = run_dir / "checkpoints"
+        summary = {
+            "status": "failed",
+            "error": getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}",
+            "hint": getattr(exc, "hint", None),
+            "run_dir": str(run_dir),
+            "best_val_acc": best["val_acc"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "final_val_acc": history[-1]["val_acc"] if history else None,
+            "epochs_completed": len(history),
+            "wall_seconds": history[-1]["wall_seconds"] if history else None,
+            "checkpoints": {k: str(ckdir / f"{k}.pt") for k in ("best", "last") if (ckdir / f"{k}.pt").exists()},
+        }
+        with contextlib.suppress(OSError):  # the original error matters more
+            checkpoint.atomic_write_json(run_dir / "summary.json", summary)
+            n = len(history)
+            kept = f"; metrics.csv and checkpoints of epoch{'s 1-' if n > 1 else ' '}{n} are kept" if n else ""
+            log(f"run marked failed in {run_dir / 'summary.json'}{kept}")
+        raise
 
 
 def _check_resumable(state: dict, bb: models.Backbone, classes: list[str], plan: freeze.FreezePlan) -> None:

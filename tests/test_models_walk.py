@@ -1,0 +1,228 @@
+"""Every torchvision backbone: new head, a complete stage map, the four freeze plans, and a
+real forward pass; plus LeNet-5, timm backbones and the backbone/weights error paths."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cnnft import freeze, models
+from cnnft.errors import ConfigError, WeightsUnavailableError
+
+NUM_CLASSES = 7
+MAX_FORWARD_PARAMS = 100_000_000
+TV_NAMES = models.torchvision_names()
+
+
+def _meta(name: str) -> models.Backbone:
+    return models.build(name, "none", NUM_CLASSES, on_meta=True)
+
+
+def _small_names() -> list[str]:
+    """Torchvision models under 100M parameters (counted on the meta device: no memory)."""
+    return [n for n in TV_NAMES if models.count_params(_meta(n).model) < MAX_FORWARD_PARAMS]
+
+
+SMALL_NAMES = _small_names()
+
+
+def _head_width(m: nn.Module) -> int:
+    if isinstance(m, nn.Conv2d):
+        return m.out_channels
+    assert isinstance(m, nn.Linear), f"head is a {type(m).__name__}"
+    return m.out_features
+
+
+def _body(stages: list[models.Stage]) -> list[str]:
+    return [s.name for s in stages[1:-1]]
+
+
+def test_walk_covers_the_known_families() -> None:
+    # a guard against torchvision_names() silently returning (almost) nothing
+    assert len(TV_NAMES) >= 60
+    for n in ("resnet18", "vgg11", "vit_b_16", "efficientnet_b0", "googlenet", "inception_v3", "maxvit_t"):
+        assert n in TV_NAMES
+    assert 0 < len(SMALL_NAMES) < len(TV_NAMES)
+
+
+@pytest.mark.parametrize("name", TV_NAMES)
+def test_meta_heads_stages_and_plans(name: str) -> None:
+    bb = _meta(name)
+    model = bb.model
+    assert all(p.device.type == "meta" for p in model.parameters())
+    fam = models.family_of(model)
+    assert fam is not None, f"{name}: no FAMILIES entry for {type(model).__name__}"
+
+    # every present head now has NUM_CLASSES outputs; the main head must be present
+    present = 0
+    for i, path in enumerate(fam.heads):
+        try:
+            head = model.get_submodule(path)
+        except AttributeError:
+            assert i > 0, f"{name}: main head {path} missing"
+            continue
+        assert _head_width(head) == NUM_CLASSES, f"{name}: {path}"
+        present += 1
+    assert present >= 1
+    assert bb.num_classes == NUM_CLASSES
+    assert bb.in_features > 0
+
+    # stage names: stem, stage1..stageK, head (K >= 2), and every parameter is in one
+    names = [s.name for s in bb.stages]
+    k = len(names) - 2
+    assert k >= 2, f"{name}: {names}"
+    assert names == ["stem", *(f"stage{i}" for i in range(1, k + 1)), "head"]
+    owner = models.param_stage_map(model, bb.stages)
+    assert set(owner) == {n for n, _ in model.named_parameters()}
+    assert set(owner.values()) <= set(names)
+    for st in bb.stages:  # no empty stage: each holds parameters
+        assert st.name in owner.values(), f"{name}: stage {st.name} has no parameters"
+    for path in fam.heads:  # the head layers are in the head stage
+        if any(p.startswith(path + ".") for p in owner):
+            assert all(owner[p] == "head" for p in owner if p.startswith(path + "."))
+
+    total = models.count_params(model)
+    body = _body(bb.stages)
+    expected_frozen = {
+        "full": set(),
+        "head_only": {"stem", *body},
+        "freeze_early": {"stem", *body[: k // 2]},
+        "freeze_most": {"stem", *body[: k - 1]},
+    }
+    assert set(expected_frozen) == set(freeze.STRATEGIES)
+    for strategy in freeze.STRATEGIES:
+        plan = freeze.make_plan(model, bb.stages, strategy, lr=1e-3)
+        assert plan.strategy == strategy
+        assert [s.name for s in plan.stages] == names
+        assert set(plan.frozen) == expected_frozen[strategy], f"{name} {strategy}"
+        assert "head" not in plan.frozen
+        assert plan.total_params == total
+        trainable = sum(p.numel() for n, p in model.named_parameters() if owner[n] not in expected_frozen[strategy])
+        assert plan.trainable_params == trainable
+        for s in plan.stages:
+            assert (s.lr is None) == s.frozen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SMALL_NAMES)
+def test_real_forward_small_input(name: str) -> None:
+    torch.manual_seed(0)
+    bb = models.build(name, "none", NUM_CLASSES)
+    model = bb.model.eval()
+    assert not bb.pretrained
+    size = max(models.min_input(model), 64)
+    with torch.inference_mode():
+        out = models.logits_of(model(torch.randn(2, 3, size, size)))
+    assert out.shape == (2, NUM_CLASSES), f"{name} at {size}px"
+    assert torch.isfinite(out).all()
+
+
+def test_lenet5_forward() -> None:
+    bb = models.build("lenet5", "none", 4)
+    assert [s.name for s in bb.stages] == ["stem", "stage1", "stage2", "head"]
+    models.param_stage_map(bb.model, bb.stages)
+    with torch.inference_mode():
+        out = bb.model.eval()(torch.randn(3, 3, 32, 32))
+    assert out.shape == (3, 4)
+    assert torch.isfinite(out).all()
+
+
+def _check_timm_stages(bb: models.Backbone) -> list[str]:
+    names = [s.name for s in bb.stages]
+    k = len(names) - 2
+    assert k >= 2
+    assert names == ["stem", *(f"stage{i}" for i in range(1, k + 1)), "head"]
+    owner = models.param_stage_map(bb.model, bb.stages)
+    assert set(owner) == {n for n, _ in bb.model.named_parameters()}
+    assert set(owner.values()) == set(names)  # no empty stage
+    return names
+
+
+def test_timm_resnet18() -> None:
+    bb = models.build("timm/resnet18", "none", 5)
+    names = _check_timm_stages(bb)
+    assert names == ["stem", "stage1", "stage2", "stage3", "stage4", "head"]
+    owner = models.param_stage_map(bb.model, bb.stages)
+    assert owner["fc.weight"] == "head" and owner["conv1.weight"] == "stem"
+    assert all(owner[n] == "stage4" for n in owner if n.startswith("layer4."))
+    assert bb.model.fc.out_features == 5 and bb.in_features == 512
+    with torch.inference_mode():
+        out = bb.model.eval()(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+
+
+def test_timm_vit_blocks_merged_into_four_stages() -> None:
+    bb = models.build("timm/vit_tiny_patch16_224", "none", 5)
+    names = _check_timm_stages(bb)
+    assert names == ["stem", "stage1", "stage2", "stage3", "stage4", "head"]
+    owner = models.param_stage_map(bb.model, bb.stages)
+    assert owner["head.weight"] == "head"
+    assert owner["patch_embed.proj.weight"] == "stem"
+    # 12 blocks -> 4 contiguous stages of 3
+    block_stage = {}
+    for n, st in owner.items():
+        m = re.match(r"blocks\.(\d+)\.", n)
+        if m:
+            block_stage.setdefault(int(m.group(1)), set()).add(st)
+    assert sorted(block_stage) == list(range(12))
+    assert all(len(v) == 1 for v in block_stage.values())
+    assert [block_stage[i].pop() for i in range(12)] == [f"stage{1 + i // 3}" for i in range(12)]
+    assert bb.model.head.out_features == 5
+    with torch.inference_mode():
+        out = bb.model.eval()(torch.randn(2, 3, 224, 224))
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+
+
+def test_unknown_backbone_suggests() -> None:
+    with pytest.raises(ConfigError) as ei:
+        models.build("resnet19", "none", 3)
+    assert "resnet18" in str(ei.value)
+    assert "model.backbone" in str(ei.value)
+
+
+def test_unknown_weights_name_lists_available() -> None:
+    with pytest.raises(ConfigError) as ei:
+        models.build("resnet18", "IMAGENET1K_V9", 3)
+    assert "IMAGENET1K_V1" in str(ei.value)
+    assert "model.weights" in str(ei.value)
+
+
+def _resnet18_cached(hub_dir: str) -> bool:
+    return any((Path(hub_dir) / "checkpoints").glob("resnet18-*"))
+
+
+def test_default_weights_offline_is_a_clear_error(monkeypatch, tmp_path) -> None:
+    """Real offline attempt (this machine has no network): a WeightsUnavailableError that
+    says where to put the file, quickly."""
+    if _resnet18_cached(torch.hub.get_dir()):
+        monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    t0 = time.monotonic()
+    with pytest.raises(WeightsUnavailableError) as ei:
+        models.build("resnet18", "DEFAULT", 3)
+    elapsed = time.monotonic() - t0
+    text = str(ei.value)
+    assert "checkpoints/resnet18-" in text
+    assert str(Path(torch.hub.get_dir()) / "checkpoints") in text
+    assert "model.weights=none" in text
+    assert elapsed < 30, f"offline failure took {elapsed:.1f}s"
+
+
+def test_default_weights_download_failure_is_mapped(monkeypatch, tmp_path) -> None:
+    """Same mapping with the network failure forced (valid on a machine with network too)."""
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+
+    def no_network(*a, **k):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "urlopen", no_network)
+    with pytest.raises(WeightsUnavailableError) as ei:
+        models.build("resnet18", "DEFAULT", 3)
+    assert str(hub / "checkpoints" / "resnet18-") in str(ei.value)
+    assert ei.value.exit_code == 2
