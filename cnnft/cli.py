@@ -15,10 +15,13 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from . import __version__, api
+from . import inference, modelinfo, starter
+from . import report as report_mod
 from .errors import CnnftError
 
 app = typer.Typer(
@@ -31,7 +34,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 out = Console(soft_wrap=True)  # results (stdout)
-err = Console(stderr=True)  # messages (stderr)
+err = Console(stderr=True, soft_wrap=True)  # messages (stderr)
 _state = {"debug": bool(os.environ.get("CNNFT_DEBUG"))}
 
 
@@ -167,6 +170,251 @@ def train(
     else:
         out.print(f"[bold]best val acc {summary['best_val_acc']:.4f}[/bold] (epoch {summary['best_epoch']}), "
                   f"final {summary['final_val_acc']:.4f}, {summary['wall_seconds']:.0f}s -> {summary['run_dir']}")
+
+
+# ------------------------------------------------------------------ using a trained model
+
+def _log(message: str) -> None:
+    err.print(message, highlight=False, markup=False)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2%}"
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint (run/checkpoints/best.pt) or a run folder (uses its best.pt)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder with one sub-folder per class; default: the run's validation data."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Results folder; default: RUN/eval/<data name>."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: the run's batch size."),
+    json_out: bool = typer.Option(False, "--json", help="Print all results as JSON."),
+) -> None:
+    """Evaluate a trained model: accuracy, loss, per-class F1, confusion matrix, worst errors.
+
+    Everything comes from the checkpoint (no config needed); results go to RUN/eval/<data>/.
+    """
+    res = inference.evaluate(checkpoint, data_dir=data, out_dir=out_dir, device=device, batch_size=batch_size, log=_log)
+    if json_out:
+        _print_json(res)
+        return
+    out.print(f"[bold]{res['model']}[/bold] {Path(res['checkpoint']).name} (epoch {res['epoch']}) on "
+              f"{escape(res['data'])}: {res['images']} images", highlight=False)
+    out.print(f"accuracy [bold]{_pct(res['accuracy'])}[/bold]"
+              + (f"   top-5 {_pct(res['top5_accuracy'])}" if res["top5_accuracy"] is not None else "")
+              + f"   loss {res['loss']:.4f}")
+    t = Table(title="per class")
+    for col in ("class", "precision", "recall", "F1", "support"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for r in res["per_class"]:
+        t.add_row(escape(r["class"]), f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", str(r["support"]))
+    t.add_section()
+    for key in ("macro_avg", "weighted_avg"):
+        a = res[key]
+        t.add_row(key.replace("_", " "), f"{a['precision']:.4f}", f"{a['recall']:.4f}", f"{a['f1']:.4f}", str(a["support"]))
+    out.print(t)
+    classes = res["classes"]
+    if len(classes) <= 12:
+        cm = Table(title="confusion matrix (rows: true, columns: predicted)")
+        cm.add_column("")
+        for c in classes:
+            cm.add_column(escape(c), justify="right")
+        for i, (c, row) in enumerate(zip(classes, res["confusion_matrix"])):
+            cm.add_row(escape(c), *(f"[bold]{v}[/bold]" if i == j else str(v) for j, v in enumerate(row)))
+        out.print(cm)
+    if res["confident_errors"]:
+        e = Table(title="most confidently wrong")
+        for col in ("image", "true", "predicted", "prob"):
+            e.add_column(col, justify="right" if col == "prob" else "left", overflow="fold")
+        for r in res["confident_errors"][:10]:
+            e.add_row(escape(r["path"]), escape(r["true"]), escape(r["pred"]), f"{r['prob']:.3f}")
+        out.print(e)
+    out.print(f"results: {res['out_dir']}", highlight=False)
+
+
+@app.command("predict")
+def predict_cmd(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint or a run folder."),
+    images: list[Path] = typer.Argument(..., help="Image files and/or folders (walked recursively)."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Classes shown per image."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    csv_out: bool = typer.Option(False, "--csv", help="Print CSV (path, class, prob, class_2, prob_2, ..., error)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Processes decoding images."),
+) -> None:
+    """Predict the classes of image files and folders.
+
+    Unreadable files are reported (stderr and an error field) but not fatal; the exit code
+    is 2 only when no file could be read.
+    """
+    if json_out and csv_out:
+        raise typer.BadParameter("choose one of --json and --csv")
+    res = inference.predict(checkpoint, [str(p) for p in images], top_k=top_k, batch_size=batch_size,
+                            device=device, num_workers=workers, log=_log)
+    rows, k = res["predictions"], res["top_k"]
+    if json_out:
+        _print_json(res)
+    elif csv_out:
+        import csv
+
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        cols = ["path", "class", "prob"] + [f"{c}_{i}" for i in range(2, k + 1) for c in ("class", "prob")] + ["error"]
+        w.writerow(cols)
+        for r in rows:
+            cells = [r["path"]]
+            for i in range(k):
+                top = r["top_k"][i] if i < len(r["top_k"]) else None
+                cells += [top["class"], f"{top['prob']:.6f}"] if top else ["", ""]
+            w.writerow(cells + [r["error"] or ""])
+    else:
+        t = Table(title=f"{res['model']}: top {k}")
+        t.add_column("image", overflow="fold")
+        t.add_column("prediction")
+        t.add_column("prob", justify="right")
+        if k > 1:
+            t.add_column("next")
+        for r in rows:
+            if r["error"]:
+                t.add_row(escape(r["path"]), f"[red]error: {escape(r['error'])}[/red]", "", *([""] if k > 1 else []))
+                continue
+            rest = escape(", ".join(f"{p['class']} {p['prob']:.3f}" for p in r["top_k"][1:]))
+            t.add_row(escape(r["path"]), escape(r["class"]), f"{r['prob']:.3f}", *([rest] if k > 1 else []))
+        out.print(t)
+    if res["failed"]:
+        err.print(f"[yellow]{res['failed']} of {res['images']} file(s) could not be read[/yellow]")
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="A run folder."),
+    device: str = typer.Option("auto", "--device", help="Device for evaluating the best checkpoint if needed."),
+    json_out: bool = typer.Option(False, "--json", help="Print the key figures as JSON."),
+) -> None:
+    """Write RUN/report/: loss and accuracy curves, confusion matrix and report.md."""
+    res = report_mod.write_report(run_dir, device=device, log=_log)
+    if json_out:
+        _print_json(res)
+        return
+    out.print(f"best val acc {_pct(res['best_val_acc'])} (epoch {res['best_epoch']}), final {_pct(res['final_val_acc'])}, "
+              f"{res['epochs']} epochs, strategy {res['strategy']}")
+    out.print(f"report: {res['files']['report.md']}", highlight=False)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    model: str = typer.Argument(..., help="Backbone name (resnet50, efficientnet_lite0, timm/<name>...)."),
+    strategy: StrategyChoice = typer.Option(StrategyChoice.full, "--strategy", help="Freeze strategy to show."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Input size; default: the weights' own."),
+    classes: Optional[int] = typer.Option(None, "--classes", min=2, help="Classes of a new head; default: the original head."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Head learning rate (default: the config default)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Show a backbone's stages: output shapes, parameters, frozen or trainable, learning rates.
+
+    Built on the meta device: nothing is downloaded or allocated.
+    """
+    res = modelinfo.inspect_model(model, strategy=strategy.value, image_size=image_size, classes=classes, lr=lr)
+    if json_out:
+        _print_json(res)
+        return
+    t = Table(title=f"{res['model']} at {res['image_size']}x{res['image_size']}, strategy {res['strategy']}")
+    t.add_column("stage")
+    t.add_column("modules", overflow="fold")
+    t.add_column("output shape", no_wrap=True)
+    t.add_column("params", justify="right", no_wrap=True)
+    t.add_column("state", no_wrap=True)
+    t.add_column("lr", justify="right")
+    for s in res["stages"]:
+        mods = s["modules"]
+        shown = ", ".join(mods[:3]) + (f" +{len(mods) - 3}" if len(mods) > 3 else "")
+        t.add_row(s["name"], shown, "-" if s["output_shape"] is None else "x".join(map(str, s["output_shape"])),
+                  f"{s['params']:,}", "[blue]frozen[/blue]" if s["frozen"] else "[green]trainable[/green]",
+                  "-" if s["lr"] is None else f"{s['lr']:.2g}")
+    t.add_section()
+    t.add_row("total", "", "", f"{res['total_params']:,}", f"{res['trainable_params']:,} train", "")
+    out.print(t)
+
+
+@app.command("extract")
+def extract_cmd(
+    source: str = typer.Argument(..., help="A checkpoint/run folder, or a backbone name (its pretrained weights)."),
+    data: Path = typer.Option(..., "--data", help="Folder with one sub-folder per class."),
+    out_file: Path = typer.Option(..., "--out", help="Output .npz file."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Processes decoding images."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Extract penultimate-layer features of a folder of images into an .npz file.
+
+    The npz holds features (the classifier's input), labels, classes and paths, ready for
+    scikit-learn.
+    """
+    res = inference.extract(source, data, out_file, batch_size=batch_size, device=device, num_workers=workers, log=_log)
+    if json_out:
+        _print_json(res)
+        return
+    out.print(f"{res['images']} images x {res['feature_dim']} features ({res['model']}, {len(res['classes'])} classes) "
+              f"-> {res['out']}", highlight=False)
+
+
+class ExportFormat(str, Enum):
+    torchscript = "torchscript"
+    onnx = "onnx"
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint or a run folder."),
+    fmt: ExportFormat = typer.Option(..., "--format", help="torchscript or onnx (needs pip install 'cnnft[onnx]')."),
+    out_file: Path = typer.Option(..., "--out", help="Output file (.pt for TorchScript, .onnx); FILE.json is written beside it."),
+    json_out: bool = typer.Option(False, "--json", help="Print the metadata as JSON."),
+) -> None:
+    """Export a checkpoint to TorchScript or ONNX, checked against the checkpoint's logits.
+
+    The batch size stays dynamic; the max abs logit difference must be <= 1e-4; classes and
+    preprocessing are written to FILE.json beside the export.
+    """
+    res = inference.export(checkpoint, fmt.value, out_file)
+    if json_out:
+        _print_json(res)
+        return
+    out.print(f"wrote {res['out']} ({res['export_format']}); max abs logit diff vs checkpoint "
+              f"{res['max_abs_diff']:.2e}; metadata {res['metadata']}", highlight=False)
+
+
+@app.command("models")
+def models_cmd(
+    filter_text: Optional[str] = typer.Option(None, "--filter", help="Only names containing this text."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List backbones with parameter counts, default weights and input size."""
+    with err.status("building the models on the meta device to count parameters..."):
+        rows = modelinfo.list_models(filter_text)
+    if json_out:
+        _print_json(rows)
+        return
+    t = Table(title="backbones")
+    for col in ("name", "source", "params", "default weights", "input"):
+        t.add_column(col, justify="right" if col in ("params", "input") else "left")
+    for r in rows:
+        t.add_row(r["name"], r["source"], f"{r['params']:,}", r["default_weights"], str(r["input_size"]))
+    out.print(t)
+    out.print(f"[dim]also: {modelinfo.TIMM_NOTE}[/dim]")
+
+
+@app.command("init")
+def init_cmd(
+    model: Optional[str] = typer.Option(None, "--model", help="Backbone (default: the config default)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Folder of class folders, or one with train/ and val/ inside."),
+    out_file: Path = typer.Option(Path(starter.DEFAULT_OUT), "--out", help="Config file to write (never overwritten)."),
+) -> None:
+    """Write an annotated starter config (every key explained); never overwrites a file."""
+    path = starter.init(out_file, model=model, data_dir=data)
+    out.print(f"wrote {path}; check it with `cnnft validate {path}`, run it with `cnnft train {path}`", highlight=False)
+
 
 
 def main() -> None:

