@@ -9,6 +9,7 @@ silent default), every problem in a file is reported at once with its key path, 
 from __future__ import annotations
 
 import difflib
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,16 @@ Augment = Literal["none", "light", "standard", "strong"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan pass range checks such as ge=0 and then break training (warmup_epochs=.inf)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, v: Any) -> Any:
+        # a NUL byte (YAML "\0") makes every path operation raise ValueError later
+        if isinstance(v, str) and "\x00" in v:
+            raise ValueError("must not contain a NUL character")
+        return v
 
 
 class DataConfig(_Section):
@@ -40,8 +50,8 @@ class DataConfig(_Section):
         None, ge=16, le=1024, description="input size; default: the weights' own"
     )
     augment: Augment = "standard"
-    batch_size: int = Field(32, ge=1)
-    num_workers: int = Field(2, ge=0)
+    batch_size: int = Field(32, ge=1, le=1_000_000)
+    num_workers: int = Field(2, ge=0, le=1024)
     on_bad_image: Literal["skip", "error"] = "skip"
     limit_per_class: int | None = Field(
         None, ge=1, description="use at most N images per class (quick trials)"
@@ -98,7 +108,7 @@ class Config(_Section):
 
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     output_dir: str = "runs"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's seed range; torch overflows above 2**63
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
@@ -123,6 +133,11 @@ def _allowed(path: tuple) -> list[str]:
     return list(schema.model_fields) if schema else []
 
 
+# shows a bad value briefly: a YAML alias bomb must not be expanded into the message
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlevel, _short.maxlist, _short.maxdict = 80, 80, 2, 4, 4
+
+
 def _describe(err: dict) -> str:
     loc = tuple(err["loc"])
     key = ".".join(str(p) for p in loc) or "<top level>"
@@ -133,7 +148,7 @@ def _describe(err: dict) -> str:
         hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
         return f"{key}: unknown key{hint} (allowed: {', '.join(allowed)})"
     got = err.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    shown = "" if isinstance(got, dict) else f" (got {_short.repr(got)})"
     msg = err["msg"]
     if err["type"] == "model_type":
         msg = "must be a mapping of keys to values"
@@ -203,18 +218,20 @@ def read_yaml(path: str | Path) -> Any:
     if not p.exists():
         raise ConfigError(f"config file not found: {p} (check the path, or run `cnnft init` to write one)")
     if p.is_dir():
-        raise ConfigError(f"config path is a folder, not a YAML file: {p}")
+        raise ConfigError(f"config path is a folder, not a YAML file: {p} (pass the .yaml file inside it)")
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {p}: {exc}") from None
+        what = "it is not UTF-8 text; save it as a UTF-8 YAML file" if isinstance(exc, UnicodeDecodeError) else exc
+        raise ConfigError(f"cannot read config file {p}: {what}") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"not valid YAML{where}: {problem}", source=str(p)) from None
+        raise ConfigError(f"not valid YAML{where}: {problem} (check indentation, colons, brackets and quotes there)",
+                          source=str(p)) from None
 
 
 def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:

@@ -52,6 +52,10 @@ def open_image(path: str | Path, draft: int | None = None) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
+            # the filter above is process-wide, not per thread (images are checked in a thread
+            # pool), so the limit is also checked here; above twice the limit PIL raises itself
+            if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels")
             if draft and img.format == "JPEG":
                 img.draft("RGB", (draft, draft))
             img.load()
@@ -119,7 +123,8 @@ def scan_folder(root: str | Path, key: str) -> tuple[list[str], list[str], list[
             hint="lay images out as ROOT/<class>/<image>" + (" (images found directly in ROOT)" if loose else ""),
         )
     if len(classes) < 2:
-        raise DataError(f"{key}: {root} has a single class ({classes[0]}); a classifier needs at least 2")
+        raise DataError(f"{key}: {root} has a single class ({classes[0]}); a classifier needs at least 2",
+                        hint="add a folder for each other class: ROOT/<class>/<image>")
     paths, labels, empty = [], [], []
     for label, cls in enumerate(classes):
         files = sorted(
@@ -319,10 +324,16 @@ def build_data(
         kept = [(p, y) for p, y in zip(ps, ls) if p not in bad_set]
         return [p for p, _ in kept], [y for _, y in kept]
 
+    label_of = dict(zip(paths, labels))
     paths, labels = clean(paths, labels)
     for label, cls in enumerate(classes):
         if label not in labels:
-            raise DataError(f"data.train: class {cls!r} has no readable images left after skipping bad files")
+            lost = [f"\n    {p}: {r}" for p, r in bad if label_of.get(p) == label]
+            raise DataError(
+                f"data.train: class {cls!r} has no readable images: all {len(lost)} are unreadable"
+                + "".join(lost[:5]) + (f"\n    ... and {len(lost) - 5} more" if len(lost) > 5 else ""),
+                hint=f"replace the broken files of class {cls!r}, or remove its folder",
+            )
     if val is not None:
         v_paths, v_labels = clean(v_paths, v_labels)
         train_src, val_src = _folder_source(paths, labels), _folder_source(v_paths, v_labels)
@@ -331,7 +342,11 @@ def build_data(
         tr, va = stratified_split(labels, val_split, seed)
         train_src, val_src = src.subset(tr), src.subset(va)
     if len(val_src) == 0:
-        raise DataError("data: the validation set is empty; add images to data.val or raise data.val_split")
+        raise DataError(
+            "data: the validation set is empty",
+            hint="add readable images to data.val" if val is not None else
+            "a validation image is split off per class with at least 2 images; add images or give data.val",
+        )
     return DataBundle(Path(train).name, classes, train_src, val_src, skipped)
 
 

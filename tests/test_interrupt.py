@@ -1,0 +1,203 @@
+"""Interrupted runs lose nothing.
+
+* Ctrl-C (SIGINT) or SIGTERM while training saves a resumable ``last.pt``, says how to resume
+  and exits 130 / 143; ``--resume`` then finishes the run with the same numbers as a run
+  that was never interrupted.
+* SIGKILL at any moment (no chance to clean up) never leaves a corrupt checkpoint, because
+  every file is written to a temporary name and renamed; resuming from whatever is left
+  reproduces the uninterrupted run's metrics exactly.
+
+Each run is the real ``python -m cnnft train`` on a small generated dataset with a LeNet-5
+(a few seconds), single-threaded so that results are bit-for-bit repeatable.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from _robust import TRACEBACK, make_dataset, run_folders, run_subprocess, subprocess_env, summary_of
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 3
+METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
+
+
+class Proc:
+    """``python -m cnnft ARGV`` in the background, its output collected line by line."""
+
+    def __init__(self, argv: list[str], cwd: Path) -> None:
+        self.t0 = time.monotonic()
+        self.p = subprocess.Popen([sys.executable, "-m", "cnnft", *argv], cwd=cwd, env=subprocess_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.err: list[str] = []
+        self.out: list[str] = []
+        self.seen = {}
+        self._threads = [threading.Thread(target=self._pump, args=(s, buf), daemon=True)
+                         for s, buf in ((self.p.stderr, self.err), (self.p.stdout, self.out))]
+        for t in self._threads:
+            t.start()
+
+
+    def _pump(self, stream, buf: list[str]) -> None:
+        for line in stream:
+            for marker in ("parameters train", "epoch 1/", "epoch 2/", "epoch 3/"):
+                if marker in line:
+                    self.seen.setdefault(marker, time.monotonic() - self.t0)
+            buf.append(line)
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        end = time.monotonic() + timeout
+        while not any(text in line for line in self.err):
+            if self.p.poll() is not None:
+                time.sleep(0.2)  # let the reader catch up
+                if any(text in line for line in self.err):
+                    return
+                raise AssertionError(f"exited {self.p.returncode} before printing {text!r}:\n{self.stderr}")
+            if time.monotonic() > end:
+                self.p.kill()
+                raise AssertionError(f"no {text!r} within {timeout}s:\n{self.stderr}")
+            time.sleep(0.02)
+
+    def finish(self, timeout: float = 180) -> int:
+        code = self.p.wait(timeout)
+        for t in self._threads:
+            t.join(10)
+        return code
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.err)
+
+
+@pytest.fixture(scope="module")
+def exp(tmp_path_factory) -> Path:
+    """The experiment: 2 classes x 200 images, LeNet-5 from scratch, 3 epochs of 80 steps, with
+    augmentation (so the RNG state must be restored too)."""
+    root = tmp_path_factory.mktemp("interrupt")
+    make_dataset(root / "data", n=200, size=24)
+    cfg = {
+        "name": "t", "output_dir": "runs", "seed": 3,
+        "data": {"train": "data", "image_size": 32, "batch_size": 4, "num_workers": 0, "augment": "light"},
+        "model": {"backbone": "lenet5", "weights": "none"},
+        "freeze": {"strategy": "full"},
+        "train": {"epochs": EPOCHS, "device": "cpu", "lr": 0.003},
+    }
+    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return root
+
+
+def metrics_of(run_dir: Path) -> list[tuple[str, ...]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [tuple(row[k] for k in METRICS) for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def baseline(exp: Path) -> dict:
+    """The uninterrupted run, and when its training starts and ends (to spread the kills over)."""
+    proc = Proc(["train", "cfg.yaml", "output_dir=base", "-q"], exp)
+    assert proc.finish() == 0, proc.stderr
+    seconds = time.monotonic() - proc.t0
+    run = exp / "base" / "t"
+    assert summary_of(run)["epochs_completed"] == EPOCHS
+    return {"metrics": metrics_of(run), "seconds": seconds, "train_start": proc.seen["parameters train"],
+            "epochs_at": [proc.seen[f"epoch {e}/"] for e in range(1, EPOCHS + 1)]}
+
+
+def assert_checkpoints_sound(out: Path) -> list[str]:
+    """Every last.pt/best.pt present loads as a cnnft checkpoint; returns leftover temp files."""
+    from cnnft import checkpoint
+
+    leftovers = []
+    for run in run_folders(out):
+        for name in ("last.pt", "best.pt"):
+            p = run / "checkpoints" / name
+            if p.exists():
+                ck = checkpoint.load(p)  # raises on a torn file
+                assert 0 <= ck["epoch"] <= EPOCHS
+        leftovers += [str(p.relative_to(out)) for p in run.rglob("*.tmp")]
+    return leftovers
+
+
+def resume_until_done(exp: Path, out: str, attempts: int = 3) -> Path:
+    """Resume the run in ``out`` (or start it, if the kill came before a run folder had a
+    config) until it completes; return the completed run folder."""
+    for _ in range(attempts):
+        runs = [r for r in run_folders(exp / out) if (r / "config.yaml").is_file()]
+        done = [r for r in runs if (summary_of(r) or {}).get("status") == "completed"]
+        if done:
+            return done[0]
+        argv = ["train", "--resume", str(runs[0].relative_to(exp))] if runs else ["train", "cfg.yaml", f"output_dir={out}"]
+        res = run_subprocess([*argv, "-q"], exp)
+        assert res.code == 0, f"{argv}: exit {res.code}\n{res.err}"
+        assert TRACEBACK not in res.err
+    raise AssertionError(f"{out}: not completed after {attempts} attempts")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_a_resumable_checkpoint(exp: Path, baseline: dict, sig: int, code: int) -> None:
+    from cnnft import checkpoint
+
+    out = f"sig{int(sig)}"
+    proc = Proc(["train", "cfg.yaml", f"output_dir={out}", "-q"], exp)
+    proc.wait_for("parameters train")  # logged just before the stop flag is armed and the first step
+    time.sleep(0.15)  # into the first epoch (80 steps of a few ms each)
+    proc.p.send_signal(sig)
+    assert proc.finish() == code, proc.stderr
+    err = proc.stderr
+    run = exp / out / "t"
+    assert f"stopped by {signal.Signals(sig).name}" in err
+    assert f"resume with: cnnft train --resume {Path(out) / 't'}" in err, err
+    assert TRACEBACK not in err
+    state = checkpoint.load(run / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["step"]) < (EPOCHS, 0), "stopped before the end"
+
+    res = run_subprocess(["train", "--resume", str(run.relative_to(exp)), "-q"], exp)
+    assert res.code == 0, res.err
+    assert "resuming" in res.err
+    s = summary_of(run)
+    assert s["status"] == "completed" and s["epochs_completed"] == EPOCHS
+    assert [p.name for p in run_folders(exp / out)] == ["t"], "resuming must not start a new folder"
+    # a mid-epoch stop resumes the very batch it stopped before: the numbers are unchanged
+    print(f"{signal.Signals(sig).name}: stopped after epoch {state['epoch']}, step {state['step']}")
+    assert metrics_of(run) == baseline["metrics"], f"stopped at epoch {state['epoch']} step {state['step']}"
+
+
+def test_sigkill_at_random_moments_never_corrupts_and_resume_matches(exp: Path, baseline: dict) -> None:
+    rng = random.Random(20_241_122)
+    start, end = baseline["train_start"], baseline["epochs_at"][-1]
+    # one kill while Python/torch are still starting (no run folder, no checkpoint yet), then
+    # one in each quarter of the training (before, between and around the epoch-end saves)
+    quarter = (end - start) / 4
+    delays = [rng.uniform(0.05, 0.6)] + [start + rng.uniform(i * quarter, (i + 1) * quarter) for i in range(4)]
+    report = []
+    for i, delay in enumerate(delays):
+        out = f"kill{i}"
+        proc = Proc(["train", "cfg.yaml", f"output_dir={out}", "-q"], exp)
+        time.sleep(max(0.0, delay - (time.monotonic() - proc.t0)))
+        proc.p.kill()
+        proc.finish()
+        runs = run_folders(exp / out)
+        last = [r / "checkpoints" / "last.pt" for r in runs if (r / "checkpoints" / "last.pt").exists()]
+        leftovers = assert_checkpoints_sound(exp / out)
+        from cnnft import checkpoint
+
+        at = [checkpoint.load(p)["epoch"] for p in last]
+        report.append(f"kill {i} at {delay:.2f}s: run folders {[r.name for r in runs]}, "
+                      f"last.pt epoch {at or 'absent'}, tmp leftovers {leftovers or 'none'}")
+        run = resume_until_done(exp, out)
+        assert summary_of(run)["epochs_completed"] == EPOCHS
+        assert metrics_of(run) == baseline["metrics"], report[-1]
+    print(f"baseline: training {start:.2f}-{end:.2f}s, epochs end at {baseline['epochs_at']}")
+    print("\n".join(report))
+    assert any("absent" in line for line in report[:1]), "the first kill should come before any checkpoint"
