@@ -141,9 +141,14 @@ def _check_writable(output_dir: str) -> None:
                          hint="set output_dir to a writable folder") from None
 
 
-def _resolve_strategy(cfg: Config, n_images: int, n_classes: int) -> tuple[str, str | None]:
+def _resolve_strategy(cfg: Config, n_images: int, n_classes: int, pretrained: bool = True) -> tuple[str, str | None]:
     if cfg.freeze.strategy != "auto":
+        if not pretrained and cfg.freeze.strategy != "full":
+            return cfg.freeze.strategy, (f"warning: freeze.strategy {cfg.freeze.strategy} with model.weights "
+                                         f"{cfg.model.weights}: the frozen layers keep random weights")
         return cfg.freeze.strategy, None
+    if not pretrained:  # nothing learnt to keep: freezing random layers only cripples the model
+        return "full", f"auto: model.weights is {cfg.model.weights}, no pretrained layers to keep -> full"
     size = freeze.size_class(n_images, n_classes)
     strategy = freeze.recommend(size, cfg.freeze.similar)
     return strategy, (f"auto: {n_images} images / {n_classes} classes is '{size}', "
@@ -247,7 +252,7 @@ def train(
     pre = bb.preprocess = bb.preprocess.with_size(d.image_size)  # checkpoints record what was used
 
     # --- plan freeze
-    strategy, why = _resolve_strategy(cfg, len(bundle.train), len(bundle.classes))
+    strategy, why = _resolve_strategy(cfg, len(bundle.train), len(bundle.classes), bb.pretrained)
     if why:
         log(why)
     plan = freeze.make_plan(model, bb.stages, strategy, cfg.train.lr, cfg.train.backbone_lr_scale,
@@ -304,6 +309,9 @@ def train(
     if run_dir is None:
         run_dir = make_run_dir(cfg.output_dir, cfg.name)
     (run_dir / "checkpoints").mkdir(exist_ok=True)
+    if state is not None:  # a killed run may have left a half-written file beside the whole ones
+        for leftover in checkpoint.clean_partial_writes(run_dir) + checkpoint.clean_partial_writes(run_dir / "checkpoints"):
+            log(f"removed a partial write left by the interrupted run: {leftover.name}")
     cfg_dict = cfg.to_dict()
     checkpoint.atomic_write_text(run_dir / "config.yaml", _yaml(cfg_dict))
     checkpoint.atomic_write_json(run_dir / "freeze_plan.json", {

@@ -27,11 +27,29 @@ FORMAT = "cnnft-checkpoint"
 VERSION = 1
 
 
+def _file_mode() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
+def clean_partial_writes(folder: str | Path) -> list[Path]:
+    """Remove temporary files that a killed process left behind (never the files they replace)."""
+    found = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600 files; results are shared like any other file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

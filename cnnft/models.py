@@ -352,7 +352,10 @@ def _kind(name: str) -> tuple[str, str]:
 
 
 def _is_path(weights: str) -> bool:
-    return "/" in weights or "\\" in weights or Path(weights).suffix in (".pt", ".pth", ".safetensors", ".bin")
+    if "/" in weights or "\\" in weights or Path(weights).suffix in (".pt", ".pth", ".safetensors", ".bin"):
+        return True
+    # a weights file in the working folder named without a suffix; DEFAULT and none keep their meaning
+    return weights not in ("DEFAULT", "none", "None", "NONE") and Path(weights).is_file()
 
 
 def _tv_weights(bare: str, weights: str):

@@ -162,9 +162,12 @@ def test_signal_saves_a_resumable_checkpoint(exp: Path, baseline: dict, sig: int
     state = checkpoint.load(run / "checkpoints" / "last.pt")
     assert (state["epoch"], state["step"]) < (EPOCHS, 0), "stopped before the end"
 
+    partial = run / "checkpoints" / ".last.pt.k1ll3d.tmp"  # as a kill during a save leaves it
+    partial.write_bytes(b"half a checkpoint")
     res = run_subprocess(["train", "--resume", str(run.relative_to(exp)), "-q"], exp)
     assert res.code == 0, res.err
     assert "resuming" in res.err
+    assert not partial.exists() and "removed a partial write" in res.err
     s = summary_of(run)
     assert s["status"] == "completed" and s["epochs_completed"] == EPOCHS
     assert [p.name for p in run_folders(exp / out)] == ["t"], "resuming must not start a new folder"

@@ -226,3 +226,26 @@ def test_default_weights_download_failure_is_mapped(monkeypatch, tmp_path) -> No
         models.build("resnet18", "DEFAULT", 3)
     assert str(hub / "checkpoints" / "resnet18-") in str(ei.value)
     assert ei.value.exit_code == 2
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors", "no-suffix"])
+def test_local_weights_file_loads_backbone_strictly_and_replaces_head(fmt, tmp_path, monkeypatch) -> None:
+    import torchvision
+
+    torch.manual_seed(1)
+    source = torchvision.models.resnet18(num_classes=1000).state_dict()  # an ImageNet-shaped file
+    name = {"pth": "w.pth", "safetensors": "w.safetensors", "no-suffix": "resnet18-finetuned"}[fmt]
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(source, tmp_path / name)
+    else:
+        torch.save(source, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    bb = models.build("resnet18", name, NUM_CLASSES)  # a bare file name in the working folder
+    assert bb.pretrained
+    got = bb.model.state_dict()
+    for key, value in source.items():
+        if not key.startswith("fc."):
+            assert torch.equal(got[key], value), key
+    assert got["fc.weight"].shape == (NUM_CLASSES, 512)

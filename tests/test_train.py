@@ -143,6 +143,30 @@ def test_freeze_plan_of_run_matches_strategy(tmp_path, tiny_data):
     assert not torch.equal(ck["model"]["fc.weight"], initial["fc.weight"])
 
 
+def test_auto_strategy_trains_everything_without_pretrained_weights(tmp_path, tiny_data):
+    logged: list[str] = []
+    run = api.train(_config(tmp_path, tiny_data, train__epochs=1, freeze__strategy="auto"), [], log=logged.append)
+    assert run["strategy"] == "full" and run["trainable_params"] == run["total_params"]
+    assert any("no pretrained layers to keep -> full" in m for m in logged), logged
+
+
+def test_freezing_random_layers_is_warned_about(tmp_path, tiny_data):
+    logged: list[str] = []
+    run = api.train(_config(tmp_path, tiny_data, train__epochs=1, freeze__strategy="head_only"), [], log=logged.append)
+    assert run["strategy"] == "head_only"
+    assert any(m.startswith("warning: freeze.strategy head_only with model.weights none") for m in logged), logged
+
+
+def test_run_files_get_ordinary_permissions(tmp_path, tiny_data):
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    run = Path(api.train(_config(tmp_path, tiny_data, train__epochs=1), [], log=lambda m: None)["run_dir"])
+    for name in ("summary.json", "metrics.csv", "checkpoints/last.pt"):
+        assert (run / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
 @pytest.mark.real
 @pytest.mark.slow
 def test_real_head_only_on_hymenoptera_reaches_093(tmp_path, hymenoptera):
