@@ -105,8 +105,9 @@ def freeze_plan(
     trainable_stages: Optional[int] = typer.Option(None, "--trainable-stages", min=0, help="freeze_most: last stages that train."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
-    """Recommend a freeze strategy from dataset size x similarity; with --model, show exactly
-    which stages are frozen, their parameter counts and learning rates.
+    """Recommend a freeze strategy from dataset size x similarity.
+
+    With --model, show exactly which stages are frozen, their parameter counts and learning rates.
 
     Size: "large" means at least 1000 training images per class on average (--images/--classes).
     """
@@ -153,8 +154,11 @@ def train(
     json_out: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar: one plain line per epoch."),
 ) -> None:
-    """Fine-tune a pretrained backbone on your images and write a run folder
-    (config, freeze plan, metrics.csv, summary.json, checkpoints/best.pt and last.pt)."""
+    """Fine-tune a pretrained backbone on your images and write a run folder.
+
+    The run folder holds the resolved config, the freeze plan, metrics.csv, summary.json and
+    checkpoints/best.pt and last.pt; --resume RUN_DIR continues an interrupted run.
+    """
     overrides = list(overrides or [])
     if config is not None and "=" in config and not Path(config).exists():
         overrides.insert(0, config)  # `cnnft train --resume RUN train.epochs=5`
