@@ -25,6 +25,10 @@ from .config import Config
 from .errors import CheckpointError, ConfigError, InputError, Interrupted
 
 # keys that may change when a run is resumed; everything else defines the run
+# metrics.csv column -> TensorBoard tag (train and val share a chart)
+TENSORBOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "accuracy/train",
+                    "val_acc": "accuracy/val", "lr_head": "lr/head", "lr_backbone": "lr/backbone",
+                    "images_per_second": "speed/images_per_second"}
 RESUMABLE_KEYS = ("train.epochs", "train.device", "data.num_workers", "train.tensorboard")
 
 
@@ -374,8 +378,7 @@ def train(
             else:
                 checkpoint.save(ckpt, last_path)
             if writer is not None:
-                for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr_head"):
-                    writer(run_dir, k, row[k], epoch + 1)
+                writer(run_dir, row)
             log(f"epoch {epoch + 1}/{cfg.train.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
                 f"  |  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{'  *' if improved else ''}"
                 f"  |  {row['epoch_seconds']:.1f}s, {row['images_per_second']:.0f} img/s")
@@ -491,9 +494,13 @@ def _tensorboard(enabled: bool):
                          hint="pip install 'cnnft[tensorboard]', or set train.tensorboard=false") from None
     writers: dict = {}
 
-    def write(run_dir: Path, key: str, value: float, step: int) -> None:
-        w = writers.setdefault(run_dir, SummaryWriter(str(run_dir / "tensorboard")))
-        w.add_scalar(key, value, step)
+    def write(run_dir: Path, row: dict) -> None:
+        w = writers.get(run_dir)
+        if w is None:  # one event file per process, opened on the first epoch
+            w = writers[run_dir] = SummaryWriter(str(run_dir / "tensorboard"))
+        for key, tag in TENSORBOARD_TAGS.items():
+            if row.get(key) is not None:
+                w.add_scalar(tag, row[key], row["epoch"])
         w.flush()
 
     return write

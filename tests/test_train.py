@@ -186,3 +186,31 @@ def test_real_head_only_on_hymenoptera_reaches_093(tmp_path, hymenoptera):
     assert summary["val_images"] == 153
     assert summary["strategy"] == "head_only"
     assert summary["best_val_acc"] >= 0.93
+
+
+def test_tensorboard_logs_every_epoch(tmp_path, tiny_data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _config(tmp_path, tiny_data, train__tensorboard=True)
+    run = Path(api.train(cfg, [], log=lambda m: None)["run_dir"])
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1, events
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert set(acc.Tags()["scalars"]) == set(api.TENSORBOARD_TAGS.values())
+    rows = _rows(run)
+    val = acc.Scalars("accuracy/val")
+    assert [e.step for e in val] == [1, 2]
+    assert [e.value for e in val] == pytest.approx([float(r["val_acc"]) for r in rows])
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path, tiny_data, monkeypatch):
+    import sys
+
+    from cnnft.errors import InputError
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    with pytest.raises(InputError, match="tensorboard package is not installed") as info:
+        api.train(_config(tmp_path, tiny_data, train__tensorboard=True), [], log=lambda m: None)
+    assert "cnnft[tensorboard]" in info.value.hint
+    assert not (tmp_path / "runs").exists(), "no run folder for a run that never started"
