@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -472,7 +473,13 @@ def _progress(loader, epoch: int, epochs: int, enabled: bool):
         return loader
     from tqdm.auto import tqdm
 
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr, dynamic_ncols=True)
+    try:  # a terminal that reports no size (some containers, CI pseudo-terminals) gets a fixed width
+        sized = min(os.get_terminal_size(sys.stderr.fileno())) > 0
+    except (OSError, ValueError):
+        sized = False
+    fallback = shutil.get_terminal_size((100, 24))
+    shape = {"dynamic_ncols": True} if sized else {"ncols": fallback.columns, "nrows": fallback.lines}
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr, **shape)
 
     class _Bar:
         def __iter__(self):
