@@ -19,9 +19,24 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__, api
-from . import inference, modelinfo, starter
-from . import report as report_mod
+from . import __version__
+
+
+class _Lazy:
+    """A module imported on first use: `cnnft --help` and argument errors answer at once
+    instead of waiting seconds for torch to import."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        import importlib
+
+        return getattr(importlib.import_module(self._name, __package__), attr)
+
+
+api, inference, modelinfo = _Lazy(".api"), _Lazy(".inference"), _Lazy(".modelinfo")
+starter, report_mod = _Lazy(".starter"), _Lazy(".report")
 from .errors import CnnftError
 
 app = typer.Typer(
@@ -413,7 +428,7 @@ def models_cmd(
 def init_cmd(
     model: Optional[str] = typer.Option(None, "--model", help="Backbone (default: the config default)."),
     data: Optional[str] = typer.Option(None, "--data", help="Folder of class folders, or one with train/ and val/ inside."),
-    out_file: Path = typer.Option(Path(starter.DEFAULT_OUT), "--out", help="Config file to write (never overwritten)."),
+    out_file: Path = typer.Option(Path("experiment.yaml"), "--out", help="Config file to write (never overwritten)."),
 ) -> None:
     """Write an annotated starter config (every key explained); never overwrites a file."""
     path = starter.init(out_file, model=model, data_dir=data)
