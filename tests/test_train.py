@@ -184,6 +184,8 @@ def test_real_head_only_on_hymenoptera_reaches_093(tmp_path, hymenoptera):
     print(f"hymenoptera head_only: best val acc {summary['best_val_acc']:.4f} "
           f"in {time.perf_counter() - t0:.1f}s")
     assert summary["val_images"] == 153
+    # every train image is readable, the placeholder GIF among the ants included (palette -> RGB)
+    assert summary["train_images"] == 245 and summary["skipped_images"] == 0
     assert summary["strategy"] == "head_only"
     assert summary["best_val_acc"] >= 0.93
 
