@@ -473,7 +473,11 @@ def _timm_stages(model: nn.Module) -> list[Stage]:
 
     head_name = model.pretrained_cfg.get("classifier", "head")
     head_names = head_name if isinstance(head_name, (list, tuple)) else [head_name]
-    groups = group_parameters(model, model.group_matcher(coarse=True))
+    matcher = getattr(model, "group_matcher", None)
+    if matcher is None:
+        raise ConfigError(f"model.backbone: timm's {type(model).__name__} does not describe its layer groups "
+                          "(no group_matcher), so cnnft cannot split it into stages; choose another timm model")
+    groups = group_parameters(model, matcher(coarse=True))
     ordered = []
     for _, names in sorted(groups.items()):
         names = [n for n in names if not any(n == h or n.startswith(h + ".") for h in head_names)]

@@ -249,3 +249,15 @@ def test_local_weights_file_loads_backbone_strictly_and_replaces_head(fmt, tmp_p
         if not key.startswith("fc."):
             assert torch.equal(got[key], value), key
     assert got["fc.weight"].shape == (NUM_CLASSES, 512)
+
+
+def test_timm_model_without_layer_groups_is_a_config_error() -> None:
+    class Plain(nn.Module):  # a timm-style model that does not describe its layer groups
+        pretrained_cfg = {"classifier": "head"}
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    with pytest.raises(ConfigError, match="no group_matcher"):
+        models._timm_stages(Plain())
