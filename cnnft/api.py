@@ -241,7 +241,7 @@ def train(
     d = cfg.data
     bundle = data.build_data(train=d.train, val=d.val, dataset=d.dataset, root=d.root, download=d.download,
                              val_split=d.val_split, seed=cfg.seed, on_bad_image=d.on_bad_image,
-                             limit_per_class=d.limit_per_class)
+                             limit_per_class=d.limit_per_class, log=log)
     if cfg.model.num_classes is not None and cfg.model.num_classes != len(bundle.classes):
         raise ConfigError(f"model.num_classes: {cfg.model.num_classes} but the data has "
                           f"{len(bundle.classes)} classes ({', '.join(bundle.classes[:10])}); "

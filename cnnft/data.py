@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -141,6 +142,9 @@ def scan_folder(root: str | Path, key: str) -> tuple[list[str], list[str], list[
             hint=f"add images or remove the folder(s); image types read: {', '.join(sorted(IMAGE_EXTENSIONS))}",
         )
     return classes, paths, labels
+
+
+CHECK_NOTICE_AT = 2000  # images: from here the upfront check takes long enough to announce
 
 
 def verify_images(paths: list[str], on_bad_image: str, key: str) -> list[tuple[str, str]]:
@@ -284,6 +288,7 @@ def build_data(
     seed: int,
     on_bad_image: str,
     limit_per_class: int | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> DataBundle:
     """Resolve the training and validation sets described by the ``data`` config section."""
     if (train is None) == (dataset is None):
@@ -316,7 +321,14 @@ def build_data(
             )
         keep = _limit(v_labels, limit_per_class)
         v_paths, v_labels = [v_paths[i] for i in keep], [v_labels[i] for i in keep]
-    bad = verify_images(paths + (v_paths if val is not None else []), on_bad_image, "data")
+    to_check = paths + (v_paths if val is not None else [])
+    notice = log is not None and len(to_check) >= CHECK_NOTICE_AT
+    if notice:
+        log(f"checking {len(to_check):,} images (each is decoded once before training) ...")
+    t0 = time.perf_counter()
+    bad = verify_images(to_check, on_bad_image, "data")
+    if notice:
+        log(f"checked {len(to_check):,} images in {time.perf_counter() - t0:.0f}s")
     skipped = bad
     bad_set = {p for p, _ in bad}
 

@@ -216,3 +216,15 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, tiny_data, monkeypatch):
         api.train(_config(tmp_path, tiny_data, train__tensorboard=True), [], log=lambda m: None)
     assert "cnnft[tensorboard]" in info.value.hint
     assert not (tmp_path / "runs").exists(), "no run folder for a run that never started"
+
+
+def test_long_image_check_is_announced(tmp_path, tiny_data, monkeypatch):
+    logged: list[str] = []
+    monkeypatch.setattr(data, "CHECK_NOTICE_AT", 12)  # tiny_data has 12 images
+    api.train(_config(tmp_path, tiny_data, train__epochs=1), [], log=logged.append)
+    assert logged[0] == "checking 12 images (each is decoded once before training) ..."
+    assert logged[1].startswith("checked 12 images in ")
+    monkeypatch.setattr(data, "CHECK_NOTICE_AT", 13)
+    logged.clear()
+    api.train(_config(tmp_path, tiny_data, train__epochs=1), [], log=logged.append)
+    assert not any(m.startswith("check") for m in logged), "short checks stay quiet"
