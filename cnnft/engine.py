@@ -58,11 +58,17 @@ def resolve_device(spec: str) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    from .errors import InputError
+
     dev = torch.device(spec)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from .errors import InputError
-
         raise InputError(f"train.device: {spec} requested but CUDA is not available", hint="use train.device=auto or cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise InputError(f"train.device: {spec} requested but this machine has {n} CUDA device(s)",
+                         hint=f"use cuda:0{f' to cuda:{n - 1}' if n > 1 else ''}, or train.device=auto")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError(f"train.device: {spec} requested but Apple MPS is not available", hint="use train.device=auto or cpu")
     return dev
 
 
