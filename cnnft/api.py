@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__, checkpoint, data, engine, freeze, metrics, models, transforms
+from . import __version__, checkpoint, data, engine, freeze, metrics, models, progress, transforms
 from . import config as config_mod
 from .config import Config
 from .errors import CheckpointError, ConfigError, InputError, Interrupted
@@ -471,15 +470,7 @@ def _interrupted(signum: int, run_dir: Path, epoch: int, step: int, steps: int) 
 def _progress(loader, epoch: int, epochs: int, enabled: bool):
     if not enabled:
         return loader
-    from tqdm.auto import tqdm
-
-    try:  # a terminal that reports no size (some containers, CI pseudo-terminals) gets a fixed width
-        sized = min(os.get_terminal_size(sys.stderr.fileno())) > 0
-    except (OSError, ValueError):
-        sized = False
-    fallback = shutil.get_terminal_size((100, 24))
-    shape = {"dynamic_ncols": True} if sized else {"ncols": fallback.columns, "nrows": fallback.lines}
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr, **shape)
+    bar = progress.bar(loader, f"epoch {epoch + 1}/{epochs}", True)
 
     class _Bar:
         def __iter__(self):

@@ -214,7 +214,8 @@ def evaluate_cmd(
 
     Everything comes from the checkpoint (no config needed); results go to RUN/eval/<data>/.
     """
-    res = inference.evaluate(checkpoint, data_dir=data, out_dir=out_dir, device=device, batch_size=batch_size, log=_log)
+    res = inference.evaluate(checkpoint, data_dir=data, out_dir=out_dir, device=device, batch_size=batch_size, log=_log,
+                             show_progress=err.is_terminal and not json_out)
     if json_out:
         _print_json(res)
         return
@@ -271,7 +272,8 @@ def predict_cmd(
     if json_out and csv_out:
         raise typer.BadParameter("choose one of --json and --csv")
     res = inference.predict(checkpoint, [str(p) for p in images], top_k=top_k, batch_size=batch_size,
-                            device=device, num_workers=workers, log=_log)
+                            device=device, num_workers=workers, log=_log,
+                            show_progress=err.is_terminal and not (json_out or csv_out))
     rows, k = res["predictions"], res["top_k"]
     if json_out:
         _print_json(res)
@@ -371,7 +373,8 @@ def extract_cmd(
     The npz holds features (the classifier's input), labels, classes and paths, ready for
     scikit-learn.
     """
-    res = inference.extract(source, data, out_file, batch_size=batch_size, device=device, num_workers=workers, log=_log)
+    res = inference.extract(source, data, out_file, batch_size=batch_size, device=device, num_workers=workers, log=_log,
+                            show_progress=err.is_terminal and not json_out)
     if json_out:
         _print_json(res)
         return

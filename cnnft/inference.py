@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import __version__, checkpoint, data, engine, metrics, models, plots, transforms
+from . import __version__, checkpoint, data, engine, metrics, models, plots, progress, transforms
 from . import config as config_mod
 from .errors import CheckpointError, CnnftError, DataError, InputError
 
@@ -136,13 +136,13 @@ def _autocast(rt: _Runtime):
 
 @torch.inference_mode()
 def _forward_files(model: nn.Module, paths: list[str], pre: models.Preprocess, rt: _Runtime, batch_size: int,
-                   num_workers: int) -> Iterable[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
+                   num_workers: int, show: str | None = None) -> Iterable[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
     """Yield (indices, logits, errors) per batch of files; unreadable files only appear in errors."""
     model.eval()
     ds = _Files(paths, transforms.eval_transform(pre), pre.resize_size)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_as_list,
                         worker_init_fn=_one_thread if num_workers else None)
-    for batch in loader:
+    for batch in progress.bar(loader, show or "", show is not None):
         errors = {i: why for i, _, why in batch if why is not None}
         good = [(i, x) for i, x, why in batch if why is None]
         if not good:
@@ -187,6 +187,7 @@ def evaluate(
     batch_size: int | None = None,
     num_workers: int | None = None,
     log: Log = _stderr,
+    show_progress: bool = False,
 ) -> dict:
     """Evaluate a checkpoint on the run's validation data (or a folder of class folders):
     accuracy, top-5, loss, per-class precision/recall/F1, confusion matrix (CSV + PNG),
@@ -213,7 +214,7 @@ def evaluate(
     loader = data.make_loader(ds, batch_size or d["batch_size"], d["num_workers"] if num_workers is None else num_workers,
                               pin_memory=rt.device.type == "cuda")
     # plain cross-entropy (no label smoothing), as the run's validation loss
-    ev = engine.evaluate(lm.model, loader, rt.device, criterion=nn.CrossEntropyLoss(), amp_dtype=rt.amp_dtype,
+    ev = engine.evaluate(lm.model, progress.bar(loader, "evaluate", show_progress), rt.device, criterion=nn.CrossEntropyLoss(), amp_dtype=rt.amp_dtype,
                          channels_last=rt.channels_last)
 
     classes = lm.classes
@@ -355,6 +356,7 @@ def predict(
     device: str = "auto",
     num_workers: int = 0,
     log: Log = _stderr,
+    show_progress: bool = False,
 ) -> dict:
     """Class probabilities for image files and folders (walked recursively), in batches.
 
@@ -372,7 +374,8 @@ def predict(
         raise InputError("no image files to predict", hint="pass image files or folders that contain images")
     k = min(top_k, len(lm.classes))
     rows: list[dict] = [{"path": p, "class": None, "prob": None, "top_k": [], "error": None} for p in paths]
-    for idx, logits, errors in _forward_files(lm.model, paths, lm.preprocess, rt, batch_size, num_workers):
+    for idx, logits, errors in _forward_files(lm.model, paths, lm.preprocess, rt, batch_size, num_workers,
+                                                 "predict" if show_progress else None):
         for i, why in errors.items():
             rows[i]["error"] = why
             log(f"cannot read {paths[i]}: {why}")
@@ -420,6 +423,7 @@ def extract(
     device: str = "auto",
     num_workers: int = 0,
     log: Log = _stderr,
+    show_progress: bool = False,
 ) -> dict:
     """Penultimate-layer features (the classifier's input) for every image in a folder of
     class folders, saved as ``.npz`` with ``features``, ``labels``, ``classes`` and ``paths``.
@@ -451,7 +455,8 @@ def extract(
     feats, kept, skipped = [], [], []
     t0 = time.perf_counter()
     try:
-        for idx, _logits, errors in _forward_files(model, paths, pre, rt, batch_size, num_workers):
+        for idx, _logits, errors in _forward_files(model, paths, pre, rt, batch_size, num_workers,
+                                                      "extract" if show_progress else None):
             for i, why in errors.items():
                 skipped.append((paths[i], why))
                 log(f"skipping unreadable {paths[i]}: {why}")

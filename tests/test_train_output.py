@@ -93,3 +93,20 @@ def test_json_prints_only_the_summary_on_stdout(tmp_path):
     summary = json.loads(proc.stdout)  # the whole of stdout is one JSON document
     assert summary["status"] == "completed" and summary["epochs_completed"] == EPOCHS
     assert Path(exp / summary["run_dir"]).resolve() == (exp / "runs" / "out").resolve()
+
+
+def test_predict_evaluate_extract_show_a_bar_at_a_terminal_only(tmp_path):
+    exp = _experiment(tmp_path)
+    trained = subprocess.run([sys.executable, "-m", "cnnft", "train", "cfg.yaml", "train.epochs=1", "-q"],
+                             cwd=exp, env=_env(), capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    for argv, desc in ((["predict", "runs/out", "data", "--batch-size", "4"], "predict"),
+                       (["evaluate", "runs/out", "--batch-size", "4"], "evaluate"),
+                       (["extract", "runs/out", "--data", "data", "--out", "f.npz", "--batch-size", "4"], "extract")):
+        code, screen = _run_in_terminal(argv, exp, 120)
+        assert code == 0, screen
+        assert any(part.startswith(f"{desc}: ") and "it/s" in part for part in screen.split("\r")), screen
+        code, screen = _run_in_terminal([*argv, "--json"], exp, 120)
+        assert code == 0, screen
+        assert "it/s" not in screen, "scripted output stays quiet"
+        json.loads(screen[screen.index("{"):])  # the JSON document is all that is printed

@@ -1,0 +1,26 @@
+"""Progress bars for long loops, drawn only at a terminal: logs and pipes get plain lines from
+the caller instead of a bar that floods them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from typing import Iterable, TypeVar
+
+T = TypeVar("T")
+
+
+def bar(iterable: Iterable[T], desc: str, enabled: bool, total: int | None = None) -> Iterable[T]:
+    """``iterable`` wrapped in a tqdm bar on stderr when ``enabled``, else unchanged."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    try:  # a terminal that reports no size (some containers, CI pseudo-terminals) gets a fixed one
+        sized = min(os.get_terminal_size(sys.stderr.fileno())) > 0
+    except (OSError, ValueError):
+        sized = False
+    fallback = shutil.get_terminal_size((100, 24))
+    shape = {"dynamic_ncols": True} if sized else {"ncols": fallback.columns, "nrows": fallback.lines}
+    return tqdm(iterable, desc=desc, total=total, leave=False, file=sys.stderr, **shape)
