@@ -72,10 +72,16 @@ def _data_values(data_dir: str | None) -> tuple[dict, str]:
         return {"data.dataset": "digits", "data.augment": "none", "data.image_size": 64}, "digits"
     root = Path(data_dir).expanduser()
     train, val = root / "train", root / "val"
+    sibling = root.parent / "val"
     if train.is_dir() and val.is_dir():
         data.scan_folder(train, "--data")
         data.scan_folder(val, "--data")
         values = {"data.train": str(Path(data_dir) / "train"), "data.val": str(Path(data_dir) / "val")}
+    elif root.name == "train" and sibling.is_dir():  # given DATA/train: its DATA/val is the validation set
+        data.scan_folder(root, "--data")
+        data.scan_folder(sibling, "--data")
+        values = {"data.train": str(data_dir), "data.val": str(Path(data_dir).parent / "val")}
+        root = root.parent
     else:
         data.scan_folder(root, "--data")
         values = {"data.train": str(data_dir)}

@@ -103,6 +103,9 @@ def test_init_with_a_data_folder(hymenoptera, tmp_path):
     cfg = config_mod.load(path)
     assert cfg.data.train == str(hymenoptera / "train") and cfg.data.val == str(hymenoptera / "val")
     assert cfg.name == "hymenoptera_data"
+    # given the train folder itself, its sibling val folder is found too
+    same = config_mod.load(starter.init(tmp_path / "hym2.yaml", data_dir=str(hymenoptera / "train")))
+    assert (same.data.train, same.data.val, same.name) == (cfg.data.train, cfg.data.val, cfg.name)
     with pytest.raises(ConfigError, match="resnet50"):
         starter.init(tmp_path / "x.yaml", model="resnet5O")
     assert not (tmp_path / "x.yaml").exists()
