@@ -349,13 +349,30 @@ def inspect_cmd(
     t.add_column("lr", justify="right")
     for s in res["stages"]:
         mods = s["modules"]
-        shown = ", ".join(mods[:3]) + (f" +{len(mods) - 3}" if len(mods) > 3 else "")
+        runs = _compact_names(mods)
+        shown = ", ".join(runs[:3]) + (f" +{len(runs) - 3}" if len(runs) > 3 else "")
         t.add_row(s["name"], shown, "-" if s["output_shape"] is None else "x".join(map(str, s["output_shape"])),
                   f"{s['params']:,}", "[blue]frozen[/blue]" if s["frozen"] else "[green]trainable[/green]",
                   "-" if s["lr"] is None else f"{s['lr']:.2g}")
     t.add_section()
     t.add_row("total", "", "", f"{res['total_params']:,}", f"{res['trainable_params']:,} train", "")
     out.print(t)
+
+
+def _compact_names(names: list[str]) -> list[str]:
+    """Runs of numbered siblings shown as one: blocks.0, blocks.1, blocks.2 -> blocks.0..2."""
+    import re
+
+    runs: list[list] = []  # [prefix, first, last] or [name, None, None]
+    for name in names:
+        m = re.fullmatch(r"(.*?)(\d+)", name)
+        if m and runs and runs[-1][0] == m.group(1) and runs[-1][2] == int(m.group(2)) - 1:
+            runs[-1][2] = int(m.group(2))
+        elif m:
+            runs.append([m.group(1), int(m.group(2)), int(m.group(2))])
+        else:
+            runs.append([name, None, None])
+    return [p if a is None else f"{p}{a}" if a == b else f"{p}{a}..{b}" for p, a, b in runs]
 
 
 @app.command("extract")

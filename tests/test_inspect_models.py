@@ -125,3 +125,13 @@ def test_starter_config_explains_every_schema_key():
         for start, key in keys:
             line = next((ln for ln in lines if ln.startswith(start)), None)
             assert line is not None and "  # " in line and line.split("  # ", 1)[1].strip(), key
+
+
+def test_inspect_table_compacts_numbered_blocks():
+    from cnnft.cli import _compact_names
+
+    assert _compact_names(["encoder.layers.encoder_layer_9", "encoder.layers.encoder_layer_10",
+                           "encoder.layers.encoder_layer_11", "encoder.ln"]) == \
+        ["encoder.layers.encoder_layer_9..11", "encoder.ln"]
+    assert _compact_names(["features.0", "features.2", "features.3", "layer4"]) == \
+        ["features.0", "features.2..3", "layer4"]
