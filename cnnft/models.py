@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
+import socket
 import urllib.error
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -442,14 +444,62 @@ def _build_timm(bare: str, weights: str, on_meta: bool):
     if on_meta:
         with empty_init():
             return timm.create_model(bare, pretrained=False)
+    if pretrained:
+        _timm_weights_reachable(bare)
     try:
         return timm.create_model(bare, pretrained=pretrained)
     except Exception as exc:  # noqa: BLE001
         if pretrained and _network_failure(exc):
-            cfg = timm.models.get_pretrained_cfg(bare)
-            url = getattr(cfg, "url", None) or f"https://huggingface.co/{getattr(cfg, 'hf_hub_id', bare)}"
-            raise _download_error(f"timm/{bare}", url, exc) from None
+            raise _timm_download_error(bare, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
         raise
+
+
+def _timm_source(bare: str) -> tuple[str, str | None, str]:
+    """Where timm fetches ``bare``'s weights from: (host, Hugging Face repo or None, direct URL)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(bare)
+    repo = getattr(cfg, "hf_hub_id", None)
+    if repo:
+        try:
+            import huggingface_hub  # noqa: F401 - timm prefers the hub when it is installed
+        except ImportError:
+            repo = None
+    if repo:
+        return "huggingface.co", repo, f"https://huggingface.co/{repo}/resolve/main/model.safetensors"
+    url = getattr(cfg, "url", None) or ""
+    return (urllib.parse.urlparse(url).hostname or "", None, url)
+
+
+def _timm_download_error(bare: str, why: str) -> WeightsUnavailableError:
+    _, repo, url = _timm_source(bare)
+    where = f" (Hugging Face repo {repo})" if repo else ""
+    return WeightsUnavailableError(
+        f"cannot download the pretrained weights for timm/{bare}{where}: {why}",
+        hint=(f"on a machine without network, download {url} elsewhere and pass it as "
+              f"model.weights=path/to/{Path(urllib.parse.urlparse(url).path).name or 'weights.pth'} "
+              f"(loaded strictly except the head); or use model.weights=none (random init), "
+              f"or an offline backbone (model.backbone=efficientnet_lite0)"),
+    )
+
+
+def _timm_weights_reachable(bare: str, timeout: float = 3.0) -> None:
+    """Fail at once, not after a minute of download retries, when timm's weights are neither
+    cached nor reachable."""
+    host, repo, url = _timm_source(bare)
+    if repo:
+        from huggingface_hub import try_to_load_from_cache
+
+        if any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin")):
+            return
+    elif url and (Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name).is_file():
+        return
+    if not host:
+        return  # timm will say what is missing
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as exc:
+        raise _timm_download_error(bare, f"{host} cannot be reached ({exc.strerror or exc})") from None
 
 
 def _timm_preprocess(model: nn.Module) -> Preprocess:

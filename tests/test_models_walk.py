@@ -261,3 +261,48 @@ def test_timm_model_without_layer_groups_is_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match="no group_matcher"):
         models._timm_stages(Plain())
+
+
+def test_timm_default_weights_unreachable_fail_at_once(monkeypatch, tmp_path) -> None:
+    """No minute of download retries: uncached and unreachable weights are refused before timm
+    tries, and the hint names the file to fetch and how to pass it."""
+    import socket
+
+    import timm
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))  # nothing cached
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
+
+    def unreachable(address, *a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    real_create = timm.create_model
+
+    def create(name, pretrained=False, **kw):
+        assert not pretrained, "timm must not be asked to download"
+        return real_create(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(timm, "create_model", create)
+    with pytest.raises(WeightsUnavailableError) as ei:
+        models.build("timm/resnet18", "DEFAULT", 3)
+    err = ei.value
+    assert "huggingface.co cannot be reached (Name or service not known)" in err.message
+    assert "timm/resnet18.a1_in1k/resolve/main/model.safetensors" in err.hint
+    assert "model.weights=path/to/model.safetensors" in err.hint and err.exit_code == 2
+
+
+def test_timm_weights_file_as_the_hint_says(tmp_path) -> None:
+    """The offline route the hint gives: the downloaded file passed as model.weights."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    source = timm.create_model("resnet18", pretrained=False).state_dict()
+    save_file(source, tmp_path / "model.safetensors")
+    bb = models.build("timm/resnet18", str(tmp_path / "model.safetensors"), NUM_CLASSES)
+    got = bb.model.state_dict()
+    assert bb.pretrained and got["fc.weight"].shape == (NUM_CLASSES, 512)
+    for key, value in source.items():
+        if not key.startswith("fc."):
+            assert torch.equal(got[key], value), key
