@@ -189,6 +189,9 @@ def train(
     else:
         out.print(f"[bold]best val acc {summary['best_val_acc']:.4f}[/bold] (epoch {summary['best_epoch']}), "
                   f"final {summary['final_val_acc']:.4f}, {summary['wall_seconds']:.0f}s -> {summary['run_dir']}")
+        run = summary["run_dir"]
+        err.print(f"next: cnnft evaluate {run} | cnnft report {run} | cnnft predict {run} IMAGES...",
+                  highlight=False, markup=False)
 
 
 # ------------------------------------------------------------------ using a trained model

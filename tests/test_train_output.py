@@ -83,6 +83,8 @@ def test_logs_get_one_plain_line_per_epoch(tmp_path):
         epoch_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("epoch ")]
         assert [ln.split()[1] for ln in epoch_lines] == [f"{e}/{EPOCHS}" for e in range(1, EPOCHS + 1)]
         assert all("train loss" in ln and "val loss" in ln for ln in epoch_lines)
+        run = proc.stdout.rsplit("-> ", 1)[1].strip()  # the summary line names the run folder
+        assert f"next: cnnft evaluate {run} | cnnft report {run}" in proc.stderr
 
 
 def test_json_prints_only_the_summary_on_stdout(tmp_path):
