@@ -209,6 +209,12 @@ def _resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, dict | 
     cfg = config_mod.load(cfg_file, overrides)
     last = run_dir / "checkpoints" / "last.pt"
     state = checkpoint.load(last) if last.exists() else None
+    if state is not None and state["step"] == 0 and state["epoch"] >= cfg.train.epochs:
+        done = state["epoch"]
+        raise InputError(
+            f"train.epochs: the run in {run_dir} has already completed {done} epoch(s)"
+            + (f", more than the {cfg.train.epochs} asked for" if done > cfg.train.epochs else ""),
+            hint=f"to train longer, resume with a larger total: cnnft train --resume {run_dir} train.epochs={done + 5}")
     return cfg, state
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,18 @@ def test_resume_extends_epochs_and_matches_uninterrupted_run(tmp_path, tiny_data
     rs, rr = _rows(straight["run_dir"]), _rows(resumed["run_dir"])
     assert [r["epoch"] for r in rr] == ["1", "2", "3"]
     assert [{k: r[k] for k in LOSS_ACC} for r in rs] == [{k: r[k] for k in LOSS_ACC} for r in rr]
+
+
+def test_resuming_a_finished_run_says_how_to_extend_it(tmp_path, tiny_data):
+    from cnnft.errors import InputError
+
+    run = api.train(_config(tmp_path, tiny_data), [], log=lambda m: None)["run_dir"]
+    before = {p.name: p.read_bytes() for p in Path(run).rglob("*") if p.is_file()}
+    for overrides, fragment in (([], "already completed 2 epoch(s)"), (["train.epochs=1"], "more than the 1 asked for")):
+        with pytest.raises(InputError, match=re.escape(fragment)) as info:
+            api.train(None, overrides, resume=run, log=lambda m: None)
+        assert f"--resume {run} train.epochs=7" in info.value.hint
+    assert {p.name: p.read_bytes() for p in Path(run).rglob("*") if p.is_file()} == before, "nothing touched"
 
 
 def test_resume_refuses_changing_the_model(tmp_path, tiny_data):
