@@ -24,11 +24,11 @@ from . import config as config_mod
 from .config import Config
 from .errors import CheckpointError, ConfigError, InputError, Interrupted
 
-# keys that may change when a run is resumed; everything else defines the run
 # metrics.csv column -> TensorBoard tag (train and val share a chart)
 TENSORBOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "accuracy/train",
                     "val_acc": "accuracy/val", "lr_head": "lr/head", "lr_backbone": "lr/backbone",
                     "images_per_second": "speed/images_per_second"}
+# keys that may change when a run is resumed; everything else defines the run
 RESUMABLE_KEYS = ("train.epochs", "train.device", "data.num_workers", "train.tensorboard")
 
 
