@@ -268,9 +268,10 @@ def _packaged(name: str, root: str, download: bool, val_split: float, seed: int)
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - torchvision raises several kinds for missing data
-        action = "could not download" if download else "is not present in"
+        where = Path(root).resolve()
+        what = f"could not download {name} into {where}" if download else f"{name} is not present in {where}"
         raise DataError(
-            f"data.dataset: {name} {action} {Path(root).resolve()} ({type(exc).__name__}: {str(exc)[:200]})",
+            f"data.dataset: {what} ({type(exc).__name__}: {str(exc)[:200]})",
             hint=("check the network connection, or download it elsewhere and copy it into data.root"
                   if download else "set data.download=true to fetch it, or point data.root at a copy"),
         ) from None
