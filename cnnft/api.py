@@ -359,7 +359,9 @@ def train(
                 checkpoint.save(_checkpoint(**ck, epoch=epoch, step=running.steps, running=running,
                                             history=history, best_val_acc=best_val_acc, best_epoch=best_epoch), last_path)
                 raise _interrupted(stop.signum, run_dir, epoch + 1, running.steps, steps_per_epoch)
-            ev = engine.evaluate(model, val_loader, device, criterion=criterion, amp_dtype=amp_dtype,
+            # validation loss is plain cross-entropy: comparable across label_smoothing values and
+            # equal to what `cnnft evaluate` reports
+            ev = engine.evaluate(model, val_loader, device, criterion=nn.CrossEntropyLoss(), amp_dtype=amp_dtype,
                                  channels_last=channels_last)
             row = {
                 "epoch": epoch + 1,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -221,7 +220,3 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], f
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return f
-
-
-def is_tty() -> bool:
-    return sys.stderr.isatty()
