@@ -53,6 +53,19 @@ def test_python_m_help_lists_freeze_plan() -> None:
     assert "Traceback" not in res.stderr
 
 
+def test_console_script_runs_help_and_freeze_plan() -> None:
+    """The installed `cnnft` command (the package's console script, beside this interpreter)."""
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "cnnft"
+    assert script.is_file(), f"console script not installed at {script} (pip install -e .)"
+    res = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "freeze-plan" in res.stdout, res.stderr
+    res = subprocess.run([str(script), "freeze-plan", "--size", "small", "--similar", "yes"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "head_only" in res.stdout, res.stderr
+
+
 def test_python_m_input_error_exit_code() -> None:
     res = _python_m("freeze-plan", "--similar", "yes")
     assert res.returncode == 2
