@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__, checkpoint, data, engine, freeze, metrics, models, progress, transforms
+from . import __version__, checkpoint, data, engine, freeze, metrics, models, progress, runtime, transforms
 from . import config as config_mod
 from .config import Config
 from .errors import CheckpointError, ConfigError, InputError, Interrupted
@@ -66,7 +66,7 @@ def freeze_plan(
                 "say how large and how similar the dataset is: --size small|large (or --images N "
                 "--classes K) and --similar yes|no; or pick --strategy full|freeze_early|freeze_most|head_only"
             )
-        strategy = freeze.recommend(size, similar)
+        strategy = freeze.choose_strategy("auto", size=size, similar=similar)[0]
     result: dict = {
         "strategy": strategy,
         "size": size,
@@ -146,17 +146,10 @@ def _check_writable(output_dir: str) -> None:
 
 
 def _resolve_strategy(cfg: Config, n_images: int, n_classes: int, pretrained: bool = True) -> tuple[str, str | None]:
-    if cfg.freeze.strategy != "auto":
-        if not pretrained and cfg.freeze.strategy != "full":
-            return cfg.freeze.strategy, (f"warning: freeze.strategy {cfg.freeze.strategy} with model.weights "
-                                         f"{cfg.model.weights}: the frozen layers keep random weights")
-        return cfg.freeze.strategy, None
-    if not pretrained:  # nothing learnt to keep: freezing random layers only cripples the model
-        return "full", f"auto: model.weights is {cfg.model.weights}, no pretrained layers to keep -> full"
     size = freeze.size_class(n_images, n_classes)
-    strategy = freeze.recommend(size, cfg.freeze.similar)
-    return strategy, (f"auto: {n_images} images / {n_classes} classes is '{size}', "
-                      f"{'similar' if cfg.freeze.similar else 'different'} -> {strategy}")
+    return freeze.choose_strategy(cfg.freeze.strategy, size=size, similar=cfg.freeze.similar, pretrained=pretrained,
+                                  weights=cfg.model.weights,
+                                  size_reason=f"{n_images} images / {n_classes} classes is '{size}'")
 
 
 def _group_lr(optimizer: torch.optim.Optimizer, role: str) -> float | None:
@@ -239,14 +232,13 @@ def train(
         cfg, state, run_dir = config_mod.load(config_path, overrides), None, None
         _check_writable(cfg.output_dir)
     seed_everything(cfg.seed)
-    device = engine.resolve_device(cfg.train.device)
+    rt = runtime.make_runtime(cfg.train.device, cfg.train.amp, cfg.train.channels_last)
+    device = rt.device
     writer = _tensorboard(cfg.train.tensorboard)
 
     # --- build data
     d = cfg.data
-    bundle = data.build_data(train=d.train, val=d.val, dataset=d.dataset, root=d.root, download=d.download,
-                             val_split=d.val_split, seed=cfg.seed, on_bad_image=d.on_bad_image,
-                             limit_per_class=d.limit_per_class, log=log)
+    bundle = data.build_data(d, cfg.seed, log)
     if cfg.model.num_classes is not None and cfg.model.num_classes != len(bundle.classes):
         raise ConfigError(f"model.num_classes: {cfg.model.num_classes} but the data has "
                           f"{len(bundle.classes)} classes ({', '.join(bundle.classes[:10])}); "
@@ -269,10 +261,7 @@ def train(
                             pretrained=bb.pretrained, frozen_stages=cfg.freeze.frozen_stages,
                             trainable_stages=cfg.freeze.trainable_stages)
     freeze.apply_plan(model, bb.stages, plan)
-    model.to(device)
-    channels_last = cfg.train.channels_last and device.type != "mps"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    rt.prepare(model)
 
     # --- loaders, optimiser, schedule
     draft = pre.resize_size
@@ -280,7 +269,7 @@ def train(
     val_ds = data.ImageDataset(bundle.val, transforms.eval_transform(pre), draft)
     sampler = data.EpochSampler(len(train_ds), cfg.seed, shuffle=True)
     gen = torch.Generator()
-    pin = device.type == "cuda"
+    pin = rt.pin_memory
     train_loader = data.make_loader(train_ds, d.batch_size, d.num_workers, sampler=sampler, generator=gen, pin_memory=pin)
     val_loader = data.make_loader(val_ds, d.batch_size, d.num_workers, pin_memory=pin)
     groups = freeze.param_groups(model, bb.stages, plan, cfg.train.weight_decay)
@@ -294,8 +283,7 @@ def train(
         lam = engine.cosine_with_warmup(cfg.train.epochs * steps_per_epoch,
                                         int(round(cfg.train.warmup_epochs * steps_per_epoch)))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
-    amp_dtype, needs_scaler = engine.amp_settings(device, cfg.train.amp)
-    scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
+    scaler = rt.grad_scaler()
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
 
     # --- restore or create the run folder
@@ -343,17 +331,15 @@ def train(
         for epoch in range(start_epoch, cfg.train.epochs):
             mid = epoch == start_epoch and start_step > 0
             if not mid:
-                epoch_seed = cfg.seed * 1_000_003 + epoch
-                seed_everything(epoch_seed)
+                seed_everything(data.epoch_seed(cfg.seed, epoch))
                 running = None
             gen.manual_seed(cfg.seed * 7_919 + epoch * 104_729 + (start_step if mid else 0))
             sampler.set_epoch(epoch, start=(start_step * d.batch_size) if mid else 0)
             model.train()
             loader = _progress(train_loader, epoch, cfg.train.epochs, progress_bar)
             running = engine.train_one_epoch(
-                model, loader, optimizer, scheduler, criterion, device, epoch=epoch + 1,
-                running=running, amp_dtype=amp_dtype, scaler=scaler, grad_clip=cfg.train.grad_clip,
-                channels_last=channels_last, stop=stop,
+                model, loader, optimizer, scheduler, criterion, rt, epoch=epoch + 1,
+                running=running, scaler=scaler, grad_clip=cfg.train.grad_clip, stop=stop,
                 on_step=getattr(loader, "on_step", None))
             if stop.stopped and running.steps < steps_per_epoch:
                 checkpoint.save(_checkpoint(**ck, epoch=epoch, step=running.steps, running=running,
@@ -361,8 +347,7 @@ def train(
                 raise _interrupted(stop.signum, run_dir, epoch + 1, running.steps, steps_per_epoch)
             # validation loss is plain cross-entropy: comparable across label_smoothing values and
             # equal to what `cnnft evaluate` reports
-            ev = engine.evaluate(model, val_loader, device, criterion=nn.CrossEntropyLoss(), amp_dtype=amp_dtype,
-                                 channels_last=channels_last)
+            ev = engine.evaluate(model, val_loader, rt, criterion=nn.CrossEntropyLoss())
             row = {
                 "epoch": epoch + 1,
                 "lr_head": _group_lr(optimizer, "head") or _group_lr(optimizer, "head_no_decay"),

@@ -144,7 +144,8 @@ def load(path: str | Path) -> dict:
     """Load a cnnft checkpoint (a file, or a run folder whose best checkpoint is used)."""
     p = Path(path)
     if p.is_dir():
-        for cand in (p / "checkpoints" / "best.pt", p / "checkpoints" / "last.pt"):
+        run = RunDir(p)
+        for cand in (run.best, run.last):
             if cand.is_file():
                 p = cand
                 break
@@ -161,6 +162,38 @@ def load(path: str | Path) -> dict:
         raise CheckpointError(f"{p} was written by a newer cnnft (format {obj['version']}); upgrade cnnft")
     obj["path"] = str(p)
     return obj
+
+
+class RunDir:
+    """Every path in a run folder, named once."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    config = property(lambda self: self.root / "config.yaml")
+    freeze_plan = property(lambda self: self.root / "freeze_plan.json")
+    metrics = property(lambda self: self.root / "metrics.csv")
+    summary = property(lambda self: self.root / "summary.json")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    best = property(lambda self: self.root / "checkpoints" / "best.pt")
+    last = property(lambda self: self.root / "checkpoints" / "last.pt")
+    tensorboard = property(lambda self: self.root / "tensorboard")
+    report = property(lambda self: self.root / "report")
+
+    def eval_dir(self, name: str) -> Path:
+        return self.root / "eval" / name
+
+    @classmethod
+    def of_checkpoint(cls, path: str | Path) -> "RunDir | None":
+        """The run folder holding checkpoint ``path`` (RUN/checkpoints/x.pt), if it is in one."""
+        p = Path(path)
+        return cls(p.parent.parent) if p.parent.name == "checkpoints" else None
 
 
 def rng_state() -> dict:

@@ -15,7 +15,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from PIL import Image, ImageFile
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import DataError
+
+if TYPE_CHECKING:
+    from .config import DataConfig
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey stripe
@@ -98,7 +101,6 @@ class Source:
 class DataBundle:
     """Train and validation sources with the class names they share."""
 
-    name: str
     classes: list[str]
     train: Source
     val: Source
@@ -278,20 +280,9 @@ def _packaged(name: str, root: str, download: bool, val_split: float, seed: int)
     return classes, train, val
 
 
-def build_data(
-    *,
-    train: str | None,
-    val: str | None,
-    dataset: str | None,
-    root: str,
-    download: bool,
-    val_split: float,
-    seed: int,
-    on_bad_image: str,
-    limit_per_class: int | None = None,
-    log: Callable[[str], None] | None = None,
-) -> DataBundle:
+def build_data(cfg: "DataConfig", seed: int, log: Callable[[str], None] | None = None) -> DataBundle:
     """Resolve the training and validation sets described by the ``data`` config section."""
+    train, val, dataset, limit_per_class = cfg.train, cfg.val, cfg.dataset, cfg.limit_per_class
     if (train is None) == (dataset is None):
         raise DataError(
             "data: set exactly one of data.train (a folder of class folders) or data.dataset "
@@ -301,10 +292,10 @@ def build_data(
     if dataset is not None:
         if val is not None:
             raise DataError("data.val: not used with data.dataset (packaged sets bring their own split)")
-        classes, tr, va = _packaged(dataset, root, download, val_split, seed)
+        classes, tr, va = _packaged(dataset, cfg.root, cfg.download, cfg.val_split, seed)
         tr = tr.subset(_limit(tr.labels, limit_per_class))
         va = va.subset(_limit(va.labels, limit_per_class))
-        return DataBundle(dataset.lower(), classes, tr, va, skipped)
+        return DataBundle(classes, tr, va, skipped)
 
     classes, paths, labels = scan_folder(train, "data.train")
     keep = _limit(labels, limit_per_class)
@@ -327,7 +318,7 @@ def build_data(
     if notice:
         log(f"checking {len(to_check):,} images (each is decoded once before training) ...")
     t0 = time.perf_counter()
-    bad = verify_images(to_check, on_bad_image, "data")
+    bad = verify_images(to_check, cfg.on_bad_image, "data")
     if notice:
         log(f"checked {len(to_check):,} images in {time.perf_counter() - t0:.0f}s")
     skipped = bad
@@ -352,7 +343,7 @@ def build_data(
         train_src, val_src = _folder_source(paths, labels), _folder_source(v_paths, v_labels)
     else:
         src = _folder_source(paths, labels)
-        tr, va = stratified_split(labels, val_split, seed)
+        tr, va = stratified_split(labels, cfg.val_split, seed)
         train_src, val_src = src.subset(tr), src.subset(va)
     if len(val_src) == 0:
         raise DataError(
@@ -360,7 +351,7 @@ def build_data(
             hint="add readable images to data.val" if val is not None else
             "a validation image is split off per class with at least 2 images; add images or give data.val",
         )
-    return DataBundle(Path(train).name, classes, train_src, val_src, skipped)
+    return DataBundle(classes, train_src, val_src, skipped)
 
 
 class ImageDataset(Dataset):
@@ -377,6 +368,11 @@ class ImageDataset(Dataset):
         return self.transform(img), self.source.labels[i]
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch of a run: its shuffle order and its augmentation draws."""
+    return seed * 1_000_003 + epoch
+
+
 class EpochSampler(Sampler[int]):
     """A permutation fixed by (seed, epoch), optionally starting part-way through, so that a
     resumed epoch sees exactly the batches the interrupted one had left."""
@@ -391,7 +387,7 @@ class EpochSampler(Sampler[int]):
     def _order(self) -> list[int]:
         if not self.shuffle:
             return list(range(self.n))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         return torch.randperm(self.n, generator=g).tolist()
 
     def __iter__(self):

@@ -7,7 +7,6 @@ so the state saved afterwards is consistent.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import time
@@ -19,6 +18,7 @@ from torch import nn
 
 from .errors import TrainingFailed
 from .models import aux_logits_of, logits_of
+from .runtime import Runtime
 
 AUX_LOSS_WEIGHT = 0.4  # GoogLeNet/Inception auxiliary heads, as in their papers
 
@@ -49,38 +49,6 @@ class StopFlag:
         return self.signum is not None
 
 
-def resolve_device(spec: str) -> torch.device:
-    """auto -> CUDA when present, else Apple MPS, else CPU."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    from .errors import InputError
-
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"train.device: {spec} requested but CUDA is not available", hint="use train.device=auto or cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        n = torch.cuda.device_count()
-        raise InputError(f"train.device: {spec} requested but this machine has {n} CUDA device(s)",
-                         hint=f"use cuda:0{f' to cuda:{n - 1}' if n > 1 else ''}, or train.device=auto")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError(f"train.device: {spec} requested but Apple MPS is not available", hint="use train.device=auto or cpu")
-    return dev
-
-
-def amp_settings(device: torch.device, enabled: bool) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype, needs a grad scaler). Mixed precision only on CUDA: on CPU bf16 is
-    far slower than fp32 here, so it is never used."""
-    if not enabled or device.type != "cuda":
-        return None, False
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, False
-    return torch.float16, True
-
-
 @dataclass
 class Running:
     """Sums over an epoch so far (kept in checkpoints for a mid-epoch resume)."""
@@ -100,24 +68,18 @@ class Running:
         return self.correct / max(self.seen, 1)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
     optimizer: torch.optim.Optimizer,
     scheduler,
     criterion: nn.Module,
-    device: torch.device,
+    rt: Runtime,
     *,
     epoch: int,
     running: Running | None = None,
-    amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     grad_clip: float | None = None,
-    channels_last: bool = False,
     stop: StopFlag | None = None,
     on_step: Callable[[Running], None] | None = None,
 ) -> Running:
@@ -126,11 +88,9 @@ def train_one_epoch(
     r = running or Running()
     t0 = time.perf_counter()
     for images, labels in loader:
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
+        images = rt.images(images)
+        labels = labels.to(rt.device, non_blocking=True)
+        with rt.autocast():
             out = model(images)
             logits = logits_of(out)
             loss = criterion(logits, labels)
@@ -182,11 +142,9 @@ class EvalResult:
 def evaluate(
     model: nn.Module,
     loader: Iterable,
-    device: torch.device,
+    rt: Runtime,
     *,
     criterion: nn.Module | None = None,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
 ) -> EvalResult:
     """Loss, accuracy and per-sample probabilities over ``loader`` in eval mode."""
     model.eval()
@@ -194,11 +152,9 @@ def evaluate(
     t0 = time.perf_counter()
     loss_sum, probs, labels_all = 0.0, [], []
     for images, labels in loader:
-        images = images.to(device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device)
-        with _autocast(device, amp_dtype):
+        images = rt.images(images)
+        labels = labels.to(rt.device)
+        with rt.autocast():
             logits = logits_of(model(images)).float()
         loss_sum += criterion(logits, labels).item() * labels.size(0)
         probs.append(logits.softmax(1).cpu())

@@ -63,6 +63,24 @@ def recommend(size: str, similar: bool) -> str:
     return QUADRANTS[(size, similar)]
 
 
+def choose_strategy(requested: str, *, size: str | None, similar: bool | None, pretrained: bool = True,
+                    weights: str = "none", size_reason: str | None = None) -> tuple[str, str | None]:
+    """The strategy to use and why: ``requested`` unless it is ``auto``, which reads the
+    size x similarity table; without pretrained weights there is nothing to keep: ``full``."""
+    if requested != "auto":
+        if not pretrained and requested != "full":
+            return requested, (f"warning: freeze.strategy {requested} with model.weights {weights}: "
+                               "the frozen layers keep random weights")
+        return requested, None
+    if not pretrained:  # nothing learnt to keep: freezing random layers only cripples the model
+        return "full", f"auto: model.weights is {weights}, no pretrained layers to keep -> full"
+    if size is None or similar is None:
+        raise ConfigError("freeze.strategy: auto needs the dataset size (small|large) and whether it is "
+                          "similar to ImageNet (freeze.similar)")
+    strategy = recommend(size, similar)
+    return strategy, f"auto: {size_reason or repr(size)}, {'similar' if similar else 'different'} -> {strategy}"
+
+
 @dataclass
 class StagePlan:
     name: str

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import __version__, checkpoint, data, engine, metrics, models, plots, progress, transforms
+from . import __version__, checkpoint, data, engine, metrics, models, plots, progress, runtime, transforms
 from . import config as config_mod
 from .errors import CheckpointError, CnnftError, DataError, InputError
 
@@ -76,27 +76,12 @@ def load_model(path: str | Path) -> LoadedModel:
     return LoadedModel(bb.model.eval(), ckpt["model_name"], list(ckpt["classes"]), checkpoint_preprocess(ckpt), ckpt)
 
 
-@dataclass
-class _Runtime:
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    channels_last: bool
-
-
-def _runtime(model: nn.Module, device: str, amp: bool, channels_last: bool) -> _Runtime:
-    """Move ``model`` to ``device`` with the memory format and precision training used."""
-    dev = engine.resolve_device(device)
-    amp_dtype, _ = engine.amp_settings(dev, amp)
-    cl = channels_last and dev.type != "mps"
-    model.to(dev)
-    if cl:
-        model.to(memory_format=torch.channels_last)
-    return _Runtime(dev, amp_dtype, cl)
-
-
-def _run_runtime(lm: LoadedModel, device: str) -> _Runtime:
+def _run_runtime(lm: LoadedModel, device: str) -> runtime.Runtime:
+    """The runtime training used (memory format, precision) on ``device``, with the model on it."""
     t = lm.checkpoint["config"]["train"]
-    return _runtime(lm.model, device, t["amp"], t["channels_last"])
+    rt = runtime.make_runtime(device, t["amp"], t["channels_last"])
+    rt.prepare(lm.model)
+    return rt
 
 
 # ------------------------------------------------------------------- files -> batches
@@ -128,14 +113,8 @@ def _one_thread(_worker_id: int) -> None:
     torch.set_num_threads(1)  # workers decode; the main process computes on the cores
 
 
-def _autocast(rt: _Runtime):
-    if rt.amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(rt.device.type, dtype=rt.amp_dtype)
-
-
 @torch.inference_mode()
-def _forward_files(model: nn.Module, paths: list[str], pre: models.Preprocess, rt: _Runtime, batch_size: int,
+def _forward_files(model: nn.Module, paths: list[str], pre: models.Preprocess, rt: runtime.Runtime, batch_size: int,
                    num_workers: int, show: str | None = None) -> Iterable[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
     """Yield (indices, logits, errors) per batch of files; unreadable files only appear in errors."""
     model.eval()
@@ -148,10 +127,8 @@ def _forward_files(model: nn.Module, paths: list[str], pre: models.Preprocess, r
         if not good:
             yield [], None, errors
             continue
-        x = torch.stack([x for _, x in good]).to(rt.device)
-        if rt.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(rt):
+        x = rt.images(torch.stack([x for _, x in good]))
+        with rt.autocast():
             logits = models.logits_of(model(x)).float()
         yield [i for i, _ in good], logits.cpu(), errors
 
@@ -214,8 +191,7 @@ def evaluate(
     loader = data.make_loader(ds, batch_size or d["batch_size"], d["num_workers"] if num_workers is None else num_workers,
                               pin_memory=rt.device.type == "cuda")
     # plain cross-entropy (no label smoothing), as the run's validation loss
-    ev = engine.evaluate(lm.model, progress.bar(loader, "evaluate", show_progress), rt.device, criterion=nn.CrossEntropyLoss(), amp_dtype=rt.amp_dtype,
-                         channels_last=rt.channels_last)
+    ev = engine.evaluate(lm.model, progress.bar(loader, "evaluate", show_progress), rt, criterion=nn.CrossEntropyLoss())
 
     classes = lm.classes
     probs, y = ev.probs.numpy().astype(np.float64), ev.labels.numpy()
@@ -282,9 +258,7 @@ def _row_normalise(cm: np.ndarray) -> np.ndarray:
 def _run_val_data(lm: LoadedModel, d: dict, seed: int) -> tuple[data.Source, str, str, list]:
     """The run's own validation set: the same folders, split and seed as in training."""
     try:
-        bundle = data.build_data(train=d["train"], val=d["val"], dataset=d["dataset"], root=d["root"],
-                                 download=d["download"], val_split=d["val_split"], seed=seed,
-                                 on_bad_image=d["on_bad_image"], limit_per_class=d["limit_per_class"])
+        bundle = data.build_data(config_mod.DataConfig.model_validate(d), seed)
     except DataError as exc:
         raise DataError(f"the run's validation data cannot be loaded: {exc.message}",
                         hint="pass --data DIR (a folder with one sub-folder per class) to evaluate on other images") from None
@@ -442,7 +416,8 @@ def extract(
         bb = models.build(str(source), "DEFAULT", None)
         model, name, pre = bb.model.eval(), bb.name, bb.preprocess
         defaults = config_mod.TrainConfig()
-        rt = _runtime(model, device, defaults.amp, defaults.channels_last)
+        rt = runtime.make_runtime(device, defaults.amp, defaults.channels_last)
+        rt.prepare(model)
     out = Path(out).expanduser()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

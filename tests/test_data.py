@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 from cnnft import api, data
+from cnnft.config import DataConfig
 from cnnft.errors import DataError
 
 
@@ -36,8 +37,7 @@ def _fashion_mnist(root: Path, n_train: int = 40, n_test: int = 20) -> Path:
 
 
 def _build(root: Path, name: str, download: bool) -> data.DataBundle:
-    return data.build_data(train=None, val=None, dataset=name, root=str(root), download=download,
-                           val_split=0.2, seed=0, on_bad_image="skip")
+    return data.build_data(DataConfig(dataset=name, root=str(root), download=download), seed=0)
 
 
 def test_packaged_torchvision_dataset_from_data_root(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from cnnft import engine
+from cnnft import engine, runtime
 from cnnft.errors import InputError
 
 
@@ -22,12 +22,12 @@ def fake_cuda(monkeypatch):
 
 def test_auto_picks_cuda_when_present_else_cpu(fake_cuda, monkeypatch):
     fake_cuda(True)
-    assert engine.resolve_device("auto") == torch.device("cuda")
+    assert runtime.resolve_device("auto") == torch.device("cuda")
     fake_cuda(False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert engine.resolve_device("auto") == torch.device("cpu")
+    assert runtime.resolve_device("auto") == torch.device("cpu")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert engine.resolve_device("auto") == torch.device("mps")
+    assert runtime.resolve_device("auto") == torch.device("mps")
 
 
 @pytest.mark.parametrize("spec, cuda, count, fragment", [
@@ -39,17 +39,17 @@ def test_unavailable_devices_are_input_errors(fake_cuda, monkeypatch, spec, cuda
     fake_cuda(cuda, count)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(InputError, match="train.device: " + spec) as info:
-        engine.resolve_device(spec)
+        runtime.resolve_device(spec)
     assert fragment in info.value.message and info.value.hint
 
 
 def test_mixed_precision_only_on_cuda(fake_cuda):
     fake_cuda(True, bf16=True)
-    assert engine.amp_settings(torch.device("cpu"), True) == (None, False)  # never on a CPU
-    assert engine.amp_settings(torch.device("cuda"), False) == (None, False)
-    assert engine.amp_settings(torch.device("cuda"), True) == (torch.bfloat16, False)
+    assert runtime.amp_settings(torch.device("cpu"), True) == (None, False)  # never on a CPU
+    assert runtime.amp_settings(torch.device("cuda"), False) == (None, False)
+    assert runtime.amp_settings(torch.device("cuda"), True) == (torch.bfloat16, False)
     fake_cuda(True, bf16=False)  # e.g. a T4 or V100: fp16 needs a loss scaler
-    assert engine.amp_settings(torch.device("cuda"), True) == (torch.float16, True)
+    assert runtime.amp_settings(torch.device("cuda"), True) == (torch.float16, True)
 
 
 def _one_epoch(scaler, grad_clip):
@@ -58,7 +58,7 @@ def _one_epoch(scaler, grad_clip):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 3, 2, 2, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(5)]
-    r = engine.train_one_epoch(model, batches, opt, None, nn.CrossEntropyLoss(), torch.device("cpu"),
+    r = engine.train_one_epoch(model, batches, opt, None, nn.CrossEntropyLoss(), runtime.Runtime(torch.device("cpu")),
                                epoch=1, scaler=scaler, grad_clip=grad_clip)
     return model.state_dict(), r
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnft import api, checkpoint, data, engine, models, transforms
+from cnnft import api, checkpoint, data, engine, models, runtime, transforms
+from cnnft.config import DataConfig
 
 LOSS_ACC = ("train_loss", "train_acc", "val_loss", "val_acc")
 
@@ -76,12 +77,10 @@ def test_run_folder_contract_and_best_checkpoint_reloads(tmp_path, tiny_data):
     bb = models.build(ck["model_name"], "none", ck["num_classes"])
     bb.model.load_state_dict(ck["model"])
     cfg = ck["config"]["data"]
-    bundle = data.build_data(train=cfg["train"], val=cfg["val"], dataset=cfg["dataset"], root=cfg["root"],
-                             download=False, val_split=cfg["val_split"], seed=ck["config"]["seed"],
-                             on_bad_image="skip")
+    bundle = data.build_data(DataConfig.model_validate(cfg), seed=ck["config"]["seed"])
     pre = models.Preprocess.from_dict(ck["preprocess"])
     loader = data.make_loader(data.ImageDataset(bundle.val, transforms.eval_transform(pre), pre.resize_size), 8, 0)
-    result = engine.evaluate(bb.model, loader, torch.device("cpu"))
+    result = engine.evaluate(bb.model, loader, runtime.Runtime(torch.device("cpu")))
     assert result.acc == summary["best_val_acc"]
 
 
