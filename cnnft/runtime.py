@@ -77,7 +77,7 @@ class Runtime:
     def images(self, x: torch.Tensor) -> torch.Tensor:
         """A batch of images on the device, in the runtime's memory format."""
         x = x.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def grad_scaler(self) -> "torch.amp.GradScaler | None":
         return torch.amp.GradScaler(self.device.type) if self.needs_scaler else None
