@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnft.lite_weights import LITE_VARIANTS, load_lite_state_dict
+from cnnft.models.lite import LITE_VARIANTS, load_lite_state_dict
 
 IMAGENET_BEE, IMAGENET_ANT = 309, 310
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}

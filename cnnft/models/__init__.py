@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError, WeightsUnavailableError
+from ..errors import CheckpointError, ConfigError, WeightsUnavailableError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -551,7 +551,7 @@ def _load_file(path: str) -> dict[str, torch.Tensor]:
             return load_file(str(p))
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(f"model.weights: {p} is not a valid safetensors file: {exc}") from None
-    from .checkpoint import safe_torch_load
+    from ..checkpoint import safe_torch_load
 
     obj = safe_torch_load(p)
     for key in ("model", "state_dict", "model_state_dict"):
@@ -616,7 +616,7 @@ def build(
         pretrained = weights.upper() == "DEFAULT"
         preprocess = _timm_preprocess(model)
     elif source == "packaged":
-        from . import lite_weights
+        from . import lite as lite_weights
 
         import timm
 
