@@ -51,7 +51,7 @@ class Backbone:
 
     model: nn.Module
     name: str
-    weights: str  # what was loaded: "none", a weights name, a file path
+    weights: str  # what was loaded, as model.weights spells it: none, a weights name, a file path
     pretrained: bool
     num_classes: int
     preprocess: Preprocess
