@@ -35,7 +35,7 @@ class _Lazy:
         return getattr(importlib.import_module(self._name, __package__), attr)
 
 
-api, inference, modelinfo = _Lazy(".api"), _Lazy(".inference"), _Lazy(".modelinfo")
+api, inference, modelinfo = _Lazy(".api"), _Lazy(".inference"), _Lazy(".recipes.inspect")
 starter, report_mod = _Lazy(".starter"), _Lazy(".report")
 from .errors import CnnftError
 

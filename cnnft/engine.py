@@ -17,10 +17,8 @@ import torch
 from torch import nn
 
 from .errors import TrainingFailed
-from .models import aux_logits_of, logits_of
+from .models import AUX_LOSS_WEIGHT, aux_logits_of, logits_of
 from .runtime import Runtime
-
-AUX_LOSS_WEIGHT = 0.4  # GoogLeNet/Inception auxiliary heads, as in their papers
 
 
 class StopFlag:

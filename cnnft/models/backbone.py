@@ -1,0 +1,153 @@
+"""The types every source produces (Backbone, Preprocess, Stage) and the operations that act
+on any built model whatever its source: head replacement, stage lookup, meta-device init."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HEAD_INIT_STD = 0.01  # small so a fresh head starts near uniform predictions
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What the weights expect: eval resize -> centre crop -> normalise."""
+
+    crop_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+    def with_size(self, size: int | None) -> "Preprocess":
+        if size is None or size == self.crop_size:
+            return self
+        ratio = self.resize_size / self.crop_size
+        return Preprocess(size, int(round(size * ratio)), self.mean, self.std, self.interpolation)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A named stage: the parameter-name prefixes that belong to it."""
+
+    name: str
+    prefixes: tuple[str, ...]
+
+
+@dataclass
+class Backbone:
+    """A built model and everything needed to train, save and rebuild it."""
+
+    model: nn.Module
+    name: str
+    weights: str  # what was loaded, as model.weights spells it: none, a weights name, a file path
+    pretrained: bool
+    num_classes: int
+    preprocess: Preprocess
+    stages: list[Stage] = field(default_factory=list)
+    in_features: int = 0  # width of the penultimate layer
+
+
+@contextlib.contextmanager
+def empty_init(enabled: bool = True):
+    """Build modules with parameters and buffers on the meta device: no memory, no init
+    cost, while constructor arithmetic on plain tensors (RegNet's widths) still works."""
+    if not enabled:
+        yield
+        return
+    reg_p, reg_b = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def register_parameter(self, name, param):
+        reg_p(self, name, param)
+        if param is not None and param.device.type != "meta":
+            kw = self._parameters[name].__dict__
+            self._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+            self._parameters[name].__dict__.update(kw)
+
+    def register_buffer(self, name, tensor, persistent=True):
+        reg_b(self, name, tensor, persistent)
+        if tensor is not None:
+            self._buffers[name] = tensor.to("meta")
+
+    nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = reg_p, reg_b
+
+
+def replace_heads(model: nn.Module, heads: tuple[str, ...], num_classes: int) -> int:
+    """Put a fresh, small-initialised classifier with ``num_classes`` outputs at each head
+    path (optional aux heads may be absent); return the main head's input width."""
+    in_features = 0
+    for i, path in enumerate(heads):
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        old = getattr(parent, attr, None)
+        if old is None:
+            if i == 0:
+                raise RuntimeError(f"head {path} not found")
+            continue
+        factory = {"device": old.weight.device, "dtype": old.weight.dtype}
+        if isinstance(old, nn.Conv2d):
+            new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, **factory)
+            width = old.in_channels
+        else:
+            new = nn.Linear(old.in_features, num_classes, **factory)
+            width = old.in_features
+        if new.weight.device.type != "meta":
+            nn.init.trunc_normal_(new.weight, std=HEAD_INIT_STD)
+            nn.init.zeros_(new.bias)
+        setattr(parent, attr, new)
+        if i == 0:
+            in_features = width
+    return in_features
+
+
+def head_out(model: nn.Module, path: str) -> int:
+    """Number of outputs of the classifier layer at ``path``."""
+    m = model.get_submodule(path)
+    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+
+
+def head_in(model: nn.Module, path: str) -> int:
+    """Input width of the classifier layer at ``path`` (the feature width)."""
+    m = model.get_submodule(path)
+    return m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
+
+
+def param_stage_map(model: nn.Module, stages: list[Stage]) -> dict[str, str]:
+    """Map every parameter name to its stage; a parameter in no stage is a table bug."""
+    out: dict[str, str] = {}
+    for pname, _ in model.named_parameters():
+        for st in stages:
+            if any(pname == p or pname.startswith(p + ".") for p in st.prefixes):
+                out[pname] = st.name
+                break
+        else:
+            raise RuntimeError(f"parameter {pname} of {type(model).__name__} is in no stage")
+    return out
+
+
+def module_stage(name: str, stages: list[Stage]) -> str | None:
+    """The stage a module (by dotted name) belongs to, if any."""
+    for st in stages:
+        if any(name == p or name.startswith(p + ".") for p in st.prefixes):
+            return st.name
+    return None
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (works on the meta device too)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,117 @@
+"""``model.weights`` parsed once into a small type, and loading a local weights file into any
+built model (strictly, except for the head, whose shape may differ)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+
+DEFAULT = "DEFAULT"  # the config's spelling of "the source's default pretrained weights"
+NONE = "none"  # random initialisation
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
+
+
+
+class Kind(Enum):
+    DEFAULT = "default"  # the source's default pretrained weights
+    NONE = "none"  # random initialisation
+    NAMED = "named"  # a weights name the source knows (torchvision's IMAGENET1K_V2)
+    FILE = "file"  # a local weights or checkpoint file
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """What ``model.weights`` asks for: the source's default weights, none (random init), a
+    weights name the source knows (torchvision's IMAGENET1K_V2), or a local file."""
+
+    kind: Kind
+    text: str  # as written in the config
+
+    @classmethod
+    def parse(cls, text: str) -> "WeightsSpec":
+        """Read a config value: a path first (a bare name counts when such a file exists in
+        the working folder), then DEFAULT and none in any case, else a weights name."""
+        if _is_path(text):
+            return cls(Kind.FILE, text)
+        if text.lower() == NONE:
+            return cls(Kind.NONE, text)
+        if text.upper() == DEFAULT:
+            return cls(Kind.DEFAULT, text)
+        return cls(Kind.NAMED, text)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.text).expanduser()
+
+
+def _is_path(text: str) -> bool:
+    if "/" in text or "\\" in text or Path(text).suffix in _WEIGHT_SUFFIXES:
+        return True
+    # a weights file in the working folder named without a suffix; these exact spellings keep
+    # their meaning even then
+    return text not in (DEFAULT, NONE, "None", "NONE") and Path(text).is_file()
+
+
+def load_file(path: Path) -> dict[str, torch.Tensor]:
+    """Load a weights/checkpoint file safely (never an arbitrary pickle)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"model.weights: weights file not found: {p}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file as load_safetensors
+
+        try:
+            return load_safetensors(str(p))
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"model.weights: {p} is not a valid safetensors file: {exc}") from None
+    from ..checkpoint import safe_torch_load
+
+    obj = safe_torch_load(p)
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"model.weights: {p} holds no state dict of tensors")
+    return obj
+
+
+def apply_file(model: nn.Module, spec: WeightsSpec, heads: tuple[str, ...]) -> None:
+    """Load ``spec``'s file into ``model``: every layer strictly except the heads, which
+    are taken from the file only where their shapes fit (same number of classes)."""
+    state = load_file(spec.path)
+    _load_except_head(model, state, heads, spec.text)
+    _load_head_if_fits(model, state, heads)
+
+
+def _is_head_key(key: str, heads: tuple[str, ...]) -> bool:
+    return any(key.startswith(h + ".") for h in heads)
+
+
+def _load_except_head(model: nn.Module, state: dict, heads: tuple[str, ...], path: str) -> None:
+    body = {k: v for k, v in state.items() if not _is_head_key(k, heads)}
+    result = model.load_state_dict(body, strict=False)
+    missing = [k for k in result.missing_keys if not _is_head_key(k, heads)]
+    if missing or result.unexpected_keys:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
+        if result.unexpected_keys:
+            parts.append(f"unexpected {len(result.unexpected_keys)} keys (e.g. {', '.join(result.unexpected_keys[:3])})")
+        raise CheckpointError(
+            f"model.weights: {path} does not fit {type(model).__name__}: {'; '.join(parts)}",
+            hint="check model.backbone matches the architecture the file was saved from",
+        )
+
+
+def _load_head_if_fits(model: nn.Module, state: dict, heads: tuple[str, ...]) -> None:
+    head = {k: v for k, v in state.items() if _is_head_key(k, heads)}
+    own = model.state_dict()
+    if head and all(k in own and own[k].shape == v.shape for k, v in head.items()):
+        model.load_state_dict(head, strict=False)
