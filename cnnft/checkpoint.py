@@ -16,12 +16,19 @@ import re
 import tempfile
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
+from . import config as config_mod
+from . import runtime
 from .errors import CheckpointError
+
+if TYPE_CHECKING:  # models imports this module (safe loading of weights files)
+    from .models import Preprocess
 
 FORMAT = "cnnft-checkpoint"
 VERSION = 1
@@ -194,6 +201,52 @@ class RunDir:
         """The run folder holding checkpoint ``path`` (RUN/checkpoints/x.pt), if it is in one."""
         p = Path(path)
         return cls(p.parent.parent) if p.parent.name == "checkpoints" else None
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model rebuilt from a checkpoint, in eval mode on the CPU, with the run's config."""
+
+    model: nn.Module
+    name: str
+    classes: list[str]
+    preprocess: "Preprocess"
+    checkpoint: dict
+    config: config_mod.Config
+
+    @property
+    def path(self) -> Path:
+        return Path(self.checkpoint["path"])
+
+    def to_device(self, device: str) -> runtime.Runtime:
+        """Move the model to ``device`` and return the runtime training used there
+        (the run's precision and memory format)."""
+        rt = runtime.make_runtime(device, self.config.train.amp, self.config.train.channels_last)
+        rt.prepare(self.model)
+        return rt
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Rebuild the model a checkpoint (or run folder) describes and load its weights strictly.
+
+    The run's config is validated again through the schema, so it is read by attribute,
+    and the eval preprocessing is the weights' pipeline at the run's image size.
+    """
+    from . import models
+
+    ckpt = load(path)
+    cfg = config_mod.validate(ckpt["config"], source=ckpt["path"])
+    bb = models.build(ckpt["model_name"], "none", ckpt["num_classes"])
+    try:
+        bb.model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0][:300]
+        raise CheckpointError(
+            f"{ckpt['path']}: the saved weights do not fit {ckpt['model_name']}: {first}",
+            hint="was the checkpoint written with a different torchvision/timm version?",
+        ) from None
+    pre = models.Preprocess.from_dict(ckpt["preprocess"]).with_size(cfg.data.image_size)
+    return LoadedModel(bb.model.eval(), ckpt["model_name"], list(ckpt["classes"]), pre, ckpt, cfg)
 
 
 def rng_state() -> dict:

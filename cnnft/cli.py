@@ -35,8 +35,9 @@ class _Lazy:
         return getattr(importlib.import_module(self._name, __package__), attr)
 
 
-api, inference, modelinfo = _Lazy(".api"), _Lazy(".inference"), _Lazy(".recipes.inspect")
-starter, report_mod = _Lazy(".starter"), _Lazy(".report")
+api, modelinfo, starter = _Lazy(".api"), _Lazy(".recipes.inspect"), _Lazy(".starter")
+evaluate_recipe, predict_recipe = _Lazy(".recipes.evaluate"), _Lazy(".recipes.predict")
+extract_recipe, export_recipe, report_recipe = _Lazy(".recipes.extract"), _Lazy(".recipes.export"), _Lazy(".recipes.report")
 from .errors import CnnftError
 
 app = typer.Typer(
@@ -217,43 +218,43 @@ def evaluate_cmd(
 
     Everything comes from the checkpoint (no config needed); results go to RUN/eval/<data>/.
     """
-    res = inference.evaluate(checkpoint, data_dir=data, out_dir=out_dir, device=device, batch_size=batch_size, log=_log,
-                             show_progress=err.is_terminal and not json_out)
+    res = evaluate_recipe.evaluate(checkpoint, data_dir=data, out_dir=out_dir, device=device, batch_size=batch_size,
+                                   log=_log, show_progress=err.is_terminal and not json_out)
     if json_out:
-        _print_json(res)
+        _print_json(res.to_dict())
         return
-    out.print(f"[bold]{res['model']}[/bold] {Path(res['checkpoint']).name} (epoch {res['epoch']}) on "
-              f"{escape(res['data'])}: {res['images']} images", highlight=False)
-    out.print(f"accuracy [bold]{_pct(res['accuracy'])}[/bold]"
-              + (f"   top-5 {_pct(res['top5_accuracy'])}" if res["top5_accuracy"] is not None else "")
-              + f"   loss {res['loss']:.4f}")
+    out.print(f"[bold]{res.model}[/bold] {Path(res.checkpoint).name} (epoch {res.epoch}) on "
+              f"{escape(res.data)}: {res.images} images", highlight=False)
+    out.print(f"accuracy [bold]{_pct(res.accuracy)}[/bold]"
+              + (f"   top-5 {_pct(res.top5_accuracy)}" if res.top5_accuracy is not None else "")
+              + f"   loss {res.loss:.4f}")
     t = Table(title="per class")
-    for col in ("class", "precision", "recall", "F1", "support"):
+    for col in evaluate_recipe.PER_CLASS_COLUMNS:
         t.add_column(col, justify="left" if col == "class" else "right")
-    for r in res["per_class"]:
-        t.add_row(escape(r["class"]), f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", str(r["support"]))
+    per_class, averages = res.per_class_table()
+    for name, *cells in per_class:
+        t.add_row(escape(name), *cells)
     t.add_section()
-    for key in ("macro_avg", "weighted_avg"):
-        a = res[key]
-        t.add_row(key.replace("_", " "), f"{a['precision']:.4f}", f"{a['recall']:.4f}", f"{a['f1']:.4f}", str(a["support"]))
+    for row in averages:
+        t.add_row(*row)
     out.print(t)
-    classes = res["classes"]
+    classes = res.classes
     if len(classes) <= 12:
         cm = Table(title="confusion matrix (rows: true, columns: predicted)")
         cm.add_column("")
         for c in classes:
             cm.add_column(escape(c), justify="right")
-        for i, (c, row) in enumerate(zip(classes, res["confusion_matrix"])):
+        for i, (c, row) in enumerate(zip(classes, res.confusion_matrix)):
             cm.add_row(escape(c), *(f"[bold]{v}[/bold]" if i == j else str(v) for j, v in enumerate(row)))
         out.print(cm)
-    if res["confident_errors"]:
+    if res.confident_errors:
         e = Table(title="most confidently wrong")
         for col in ("image", "true", "predicted", "prob"):
             e.add_column(col, justify="right" if col == "prob" else "left", overflow="fold")
-        for r in res["confident_errors"][:10]:
+        for r in res.confident_errors[:10]:
             e.add_row(escape(r["path"]), escape(r["true"]), escape(r["pred"]), f"{r['prob']:.3f}")
         out.print(e)
-    out.print(f"results: {res['out_dir']}", highlight=False)
+    out.print(f"results: {res.out_dir}", highlight=False)
 
 
 @app.command("predict")
@@ -274,12 +275,12 @@ def predict_cmd(
     """
     if json_out and csv_out:
         raise typer.BadParameter("choose one of --json and --csv")
-    res = inference.predict(checkpoint, [str(p) for p in images], top_k=top_k, batch_size=batch_size,
-                            device=device, num_workers=workers, log=_log,
-                            show_progress=err.is_terminal and not (json_out or csv_out))
-    rows, k = res["predictions"], res["top_k"]
+    res = predict_recipe.predict(checkpoint, [str(p) for p in images], top_k=top_k, batch_size=batch_size,
+                                 device=device, num_workers=workers, log=_log,
+                                 show_progress=err.is_terminal and not (json_out or csv_out))
+    rows, k = res.predictions, res.top_k
     if json_out:
-        _print_json(res)
+        _print_json(res.to_dict())
     elif csv_out:
         import csv
 
@@ -293,7 +294,7 @@ def predict_cmd(
                 cells += [top["class"], f"{top['prob']:.6f}"] if top else ["", ""]
             w.writerow(cells + [r["error"] or ""])
     else:
-        t = Table(title=f"{res['model']}: top {k}")
+        t = Table(title=f"{res.model}: top {k}")
         t.add_column("image", overflow="fold")
         t.add_column("prediction")
         t.add_column("prob", justify="right")
@@ -306,8 +307,8 @@ def predict_cmd(
             rest = escape(", ".join(f"{p['class']} {p['prob']:.3f}" for p in r["top_k"][1:]))
             t.add_row(escape(r["path"]), escape(r["class"]), f"{r['prob']:.3f}", *([rest] if k > 1 else []))
         out.print(t)
-    if res["failed"]:
-        err.print(f"[yellow]{res['failed']} of {res['images']} file(s) could not be read[/yellow]")
+    if res.failed:
+        err.print(f"[yellow]{res.failed} of {res.images} file(s) could not be read[/yellow]")
 
 
 @app.command("report")
@@ -317,13 +318,13 @@ def report_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the key figures as JSON."),
 ) -> None:
     """Write RUN/report/: loss and accuracy curves, confusion matrix and report.md."""
-    res = report_mod.write_report(run_dir, device=device, log=_log)
+    res = report_recipe.write_report(run_dir, device=device, log=_log)
     if json_out:
-        _print_json(res)
+        _print_json(res.to_dict())
         return
-    out.print(f"best val acc {_pct(res['best_val_acc'])} (epoch {res['best_epoch']}), final {_pct(res['final_val_acc'])}, "
-              f"{res['epochs']} epochs, strategy {res['strategy']}")
-    out.print(f"report: {res['files']['report.md']}", highlight=False)
+    out.print(f"best val acc {_pct(res.best_val_acc)} (epoch {res.best_epoch}), final {_pct(res.final_val_acc)}, "
+              f"{res.epochs} epochs, strategy {res.strategy}")
+    out.print(f"report: {res.files['report.md']}", highlight=False)
 
 
 @app.command("inspect")
@@ -393,13 +394,13 @@ def extract_cmd(
     The npz holds features (the classifier's input), labels, classes and paths, ready for
     scikit-learn.
     """
-    res = inference.extract(source, data, out_file, batch_size=batch_size, device=device, num_workers=workers, log=_log,
-                            show_progress=err.is_terminal and not json_out)
+    res = extract_recipe.extract(source, data, out_file, batch_size=batch_size, device=device, num_workers=workers,
+                                 log=_log, show_progress=err.is_terminal and not json_out)
     if json_out:
-        _print_json(res)
+        _print_json(res.to_dict())
         return
-    out.print(f"{res['images']} images x {res['feature_dim']} features ({res['model']}, {len(res['classes'])} classes) "
-              f"-> {res['out']}", highlight=False)
+    out.print(f"{res.images} images x {res.feature_dim} features ({res.model}, {len(res.classes)} classes) "
+              f"-> {res.out}", highlight=False)
 
 
 class ExportFormat(str, Enum):
@@ -419,12 +420,12 @@ def export_cmd(
     The batch size stays dynamic; the max abs logit difference must be <= 1e-4; classes and
     preprocessing are written to FILE.json beside the export.
     """
-    res = inference.export(checkpoint, fmt.value, out_file)
+    res = export_recipe.export(checkpoint, fmt.value, out_file)
     if json_out:
-        _print_json(res)
+        _print_json(res.to_dict())
         return
-    out.print(f"wrote {res['out']} ({res['export_format']}); max abs logit diff vs checkpoint "
-              f"{res['max_abs_diff']:.2e}; metadata {res['metadata']}", highlight=False)
+    out.print(f"wrote {res.out} ({res.export_format}); max abs logit diff vs checkpoint "
+              f"{res.max_abs_diff:.2e}; metadata {res.metadata_path}", highlight=False)
 
 
 @app.command("models")

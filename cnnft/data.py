@@ -406,11 +406,12 @@ def _worker_init(_worker_id: int) -> None:
 
 def make_loader(
     dataset: Dataset, batch_size: int, num_workers: int, *, sampler: Sampler | None = None,
-    generator: torch.Generator | None = None, pin_memory: bool = False,
+    generator: torch.Generator | None = None, pin_memory: bool = False, collate_fn: Callable | None = None,
 ) -> DataLoader:
-    """A DataLoader with seeded workers that ignore Ctrl-C."""
+    """A DataLoader with seeded workers that ignore Ctrl-C: the one loader policy of
+    training and inference."""
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers else None, generator=generator,
-        pin_memory=pin_memory, drop_last=False, persistent_workers=False,
+        pin_memory=pin_memory, drop_last=False, persistent_workers=False, collate_fn=collate_fn,
     )

@@ -120,9 +120,9 @@ def test_sgd_smoothing_clipping_and_warmup_in_a_run(tmp_path, tiny_data):
     assert lrs == sorted(lrs, reverse=True)
     # label smoothing shapes the training loss only: the logged val loss is plain cross-entropy,
     # the figure `cnnft evaluate` gives for the same checkpoint
-    from cnnft import inference
+    from cnnft.recipes import evaluate
 
-    res = inference.evaluate(run, device="cpu", log=lambda m: None)
+    res = evaluate.evaluate(run, device="cpu", log=lambda m: None).to_dict()
     with open(f"{run}/metrics.csv") as f:
         rows = list(csv.DictReader(f))
     best = max(rows, key=lambda r: float(r["val_acc"]))  # first of equals, as best.pt

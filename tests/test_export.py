@@ -12,7 +12,8 @@ import torch
 
 import _fixtures
 from _fixtures import run_cli
-from cnnft import inference
+from cnnft import checkpoint
+from cnnft.recipes import export
 from cnnft.errors import InputError
 
 
@@ -24,7 +25,7 @@ def tiny_run(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def reference(tiny_run):
     """Checkpoint logits on a batch of a size the export never saw (checks the dynamic batch axis)."""
-    lm = inference.load_model(tiny_run["checkpoints"]["best"])
+    lm = checkpoint.load_model(tiny_run["checkpoints"]["best"])
     size = lm.preprocess.crop_size
     x = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(123))
     with torch.inference_mode():
@@ -65,9 +66,9 @@ def test_onnx_round_trip(tiny_run, reference, tmp_path):
     pytest.importorskip("onnx")
     x, expected, lm = reference
     out = tmp_path / "sub" / "model.onnx"
-    res = inference.export(tiny_run["checkpoints"]["best"], "onnx", out)
+    res = export.export(tiny_run["checkpoints"]["best"], "onnx", out).to_dict()
     meta = _check_metadata(out, "onnx", lm)
-    assert res["max_abs_diff"] == meta["max_abs_diff"] and meta["opset"] == inference.ONNX_OPSET
+    assert res["max_abs_diff"] == meta["max_abs_diff"] and meta["opset"] == export.ONNX_OPSET
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["input"] and [o.name for o in sess.get_outputs()] == ["logits"]
     got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
@@ -79,7 +80,7 @@ def test_onnx_round_trip(tiny_run, reference, tmp_path):
 def test_onnx_without_the_packages_says_what_to_install(tiny_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import now raises ImportError
     with pytest.raises(InputError, match="onnxruntime") as info:
-        inference.export(tiny_run["run_dir"], "onnx", tmp_path / "m.onnx")
+        export.export(tiny_run["run_dir"], "onnx", tmp_path / "m.onnx")
     assert "pip install 'cnnft[onnx]'" in info.value.hint
     code, _, err = run_cli(monkeypatch, capsys, "export", tiny_run["run_dir"], "--format", "onnx",
                            "--out", tmp_path / "m.onnx")

@@ -13,7 +13,7 @@ import pytest
 
 import _fixtures
 from _fixtures import run_cli
-from cnnft import inference
+from cnnft.recipes import evaluate, extract, predict
 from cnnft.errors import DataError
 
 QUIET = dict(log=lambda m: None)
@@ -31,7 +31,7 @@ def tiny_run(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def hym_eval(hym_run) -> dict:
-    return inference.evaluate(hym_run["run_dir"], **QUIET)
+    return evaluate.evaluate(hym_run["run_dir"], **QUIET).to_dict()
 
 
 # ---------------------------------------------------------------------------- evaluate
@@ -84,7 +84,7 @@ def test_evaluate_per_class_metrics_match_sklearn(hym_eval):
 def test_evaluate_lists_confident_errors_and_matrix_csv(hym_eval):
     errors = hym_eval["confident_errors"]
     wrong = int(np.array(hym_eval["confusion_matrix"]).sum() - np.trace(np.array(hym_eval["confusion_matrix"])))
-    assert len(errors) == min(wrong, inference.CONFIDENT_ERRORS)
+    assert len(errors) == min(wrong, evaluate.CONFIDENT_ERRORS)
     assert all(e["true"] != e["pred"] for e in errors)
     probs = [e["prob"] for e in errors]
     assert probs == sorted(probs, reverse=True) and all(0.5 <= p <= 1 for p in probs)
@@ -122,13 +122,13 @@ def test_evaluate_cli_on_a_folder(hym_run, hymenoptera, tmp_path, monkeypatch, c
 def test_evaluate_refuses_a_folder_with_other_classes(tiny_run, tmp_path, monkeypatch, capsys):
     other = _fixtures.random_image_folder(tmp_path / "other", classes=("a", "zebra"), per_class=2)
     with pytest.raises(DataError, match="zebra"):
-        inference.evaluate(tiny_run["run_dir"], data_dir=other, **QUIET)
+        evaluate.evaluate(tiny_run["run_dir"], data_dir=other, **QUIET)
     code, _, err = run_cli(monkeypatch, capsys, "evaluate", tiny_run["run_dir"], "--data", other)
     assert code == 2 and "zebra" in err and "missing: b" in err
 
 
 def test_evaluate_tiny_run_matches_its_summary(tiny_run):
-    res = inference.evaluate(tiny_run["checkpoints"]["best"], **QUIET)
+    res = evaluate.evaluate(tiny_run["checkpoints"]["best"], **QUIET).to_dict()
     assert res["accuracy"] == tiny_run["best_val_acc"]
     assert res["images"] == tiny_run["val_images"]
 
@@ -140,7 +140,7 @@ def test_evaluate_packaged_dataset_run_with_top5(tmp_path):
     summary = api.train(None, ["data.dataset=digits", "model.backbone=lenet5", "train.epochs=1", "train.lr=0.01",
                                "data.num_workers=0", "data.augment=none", "data.batch_size=64",
                                f"output_dir={tmp_path}"], log=lambda m: None)
-    res = inference.evaluate(summary["run_dir"], **QUIET)
+    res = evaluate.evaluate(summary["run_dir"], **QUIET).to_dict()
     assert res["accuracy"] == summary["best_val_acc"] and res["images"] == summary["val_images"]
     assert res["accuracy"] <= res["top5_accuracy"] <= 1.0
     assert res["confident_errors"][0]["path"].startswith("digits:")
@@ -153,7 +153,7 @@ def test_evaluate_packaged_dataset_run_with_top5(tmp_path):
 @pytest.mark.slow
 def test_predict_ants_folder_one_row_per_image_probs_sum_to_one(hym_run, hymenoptera):
     ants = hymenoptera / "val" / "ants"
-    res = inference.predict(hym_run["run_dir"], [ants], top_k=5, **QUIET)
+    res = predict.predict(hym_run["run_dir"], [ants], top_k=5, **QUIET).to_dict()
     files = sorted(p for p in ants.rglob("*") if p.is_file())
     assert res["top_k"] == 2  # clamped to the number of classes
     assert [r["path"] for r in res["predictions"]] == [str(p) for p in files]
@@ -203,7 +203,7 @@ def test_collect_images_walks_folders_and_keeps_explicit_files(tmp_path):
     (root / ".hidden").mkdir()
     (root / ".hidden" / "h.png").write_bytes(b"")
     (root / "readme.md").write_text("x")
-    found = inference.collect_images([root, tmp_path / "missing.jpg", root / "a" / "0.png"])
+    found = predict.collect_images([root, tmp_path / "missing.jpg", root / "a" / "0.png"])
     names = [str(Path(p).relative_to(tmp_path)) for p in found]
     assert names == ["imgs/a/0.png", "imgs/a/1.png", "imgs/a/deep/z.png", "imgs/b/0.png", "imgs/b/1.png",
                      "missing.jpg"]
@@ -219,7 +219,8 @@ def test_extract_pretrained_features_with_logistic_regression(hymenoptera, tmp_p
     code, out, err = run_cli(monkeypatch, capsys, "extract", "efficientnet_lite0", "--data", hymenoptera / "train",
                              "--out", tmp_path / "train.npz", "--workers", "1")
     assert code == 0, err
-    res = inference.extract("efficientnet_lite0", hymenoptera / "val", tmp_path / "val.npz", num_workers=1, **QUIET)
+    res = extract.extract("efficientnet_lite0", hymenoptera / "val", tmp_path / "val.npz", num_workers=1,
+                          **QUIET).to_dict()
     assert res["images"] == 153 and res["feature_dim"] == 1280
 
     train, val = np.load(tmp_path / "train.npz"), np.load(tmp_path / "val.npz")
@@ -236,7 +237,7 @@ def test_extract_pretrained_features_with_logistic_regression(hymenoptera, tmp_p
 def test_extract_from_a_checkpoint_uses_the_head_input(tiny_run, tmp_path):
     data = _fixtures.random_image_folder(tmp_path / "d", per_class=3, seed=1)
     (data / "a" / "bad.png").write_text("nope")
-    res = inference.extract(tiny_run["run_dir"], data, tmp_path / "f" / "feats.npz", batch_size=4, **QUIET)
+    res = extract.extract(tiny_run["run_dir"], data, tmp_path / "f" / "feats.npz", batch_size=4, **QUIET).to_dict()
     npz = np.load(tmp_path / "f" / "feats.npz")
     assert res["feature_dim"] == 512  # resnet18's fc input
     assert npz["features"].shape == (6, 512) and list(npz["labels"]) == [0, 0, 0, 1, 1, 1]

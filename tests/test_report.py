@@ -12,7 +12,7 @@ from PIL import Image
 
 import _fixtures
 from _fixtures import run_cli
-from cnnft import report
+from cnnft.recipes import report
 from cnnft.errors import InputError
 
 PNGS = ("loss.png", "accuracy.png", "confusion_matrix.png", "confusion_matrix_normalized.png")
@@ -64,7 +64,7 @@ def test_report_evaluates_when_no_evaluation_exists(tiny_run, tmp_path):
     run_dir = tmp_path / "tiny"  # a copy: other tests may have evaluated the shared run
     shutil.copytree(tiny_run["run_dir"], run_dir, ignore=shutil.ignore_patterns("eval", "report"))
     messages: list[str] = []
-    res = report.write_report(run_dir, log=messages.append)
+    res = report.write_report(run_dir, log=messages.append).to_dict()
     assert any("evaluating" in m for m in messages)
     assert (run_dir / "eval" / "val" / "confusion_matrix.png").is_file()
     for name in PNGS:

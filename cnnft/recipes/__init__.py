@@ -1,1 +1,1 @@
-"""One module per user job: each reads top to bottom from config to result."""
+"""One module per user job: each reads top to bottom and returns a typed result."""

@@ -7,19 +7,51 @@ the best checkpoint; otherwise the best checkpoint is evaluated on the run's val
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from . import checkpoint, inference, metrics, plots
-from .errors import InputError
-from .inference import Log
+from .. import checkpoint, metrics, plots
+from ..checkpoint import RunDir
+from ..errors import InputError
+from .evaluate import PER_CLASS_COLUMNS, Evaluation, evaluate
 
+Log = Callable[[str], None]
 TOP_ERRORS_SHOWN = 5
 
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class Report:
+    """A run's key figures and the report files written for it."""
+
+    run: str
+    model: str
+    weights: str
+    strategy: str
+    trainable_params: int
+    total_params: int
+    epochs: int
+    best_epoch: int
+    best_val_acc: float
+    final_val_acc: float | None
+    final_val_loss: float | None
+    wall_seconds: float | None
+    eval_accuracy: float
+    eval_loss: float
+    macro_f1: float
+    out_dir: str
+    files: dict[str, str]
+    eval_dir: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def _float(v: str) -> float | None:
@@ -33,35 +65,36 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _existing_eval(run_dir: Path) -> dict | None:
+def _existing_eval(run: RunDir) -> Evaluation | None:
     """The evaluation of this run's best checkpoint on its validation data, if already written."""
-    result = _read_json(run_dir / "eval" / "val" / "metrics.json")
+    result = _read_json(run.eval_dir("val") / "metrics.json")
     if not result:
         return None
-    best = run_dir / "checkpoints" / "best.pt"
     try:
-        same = Path(result["checkpoint"]).resolve() == best.resolve()
-        newer = Path(result["files"]["metrics"]).stat().st_mtime >= best.stat().st_mtime
+        same = Path(result["checkpoint"]).resolve() == run.best.resolve()
+        newer = Path(result["files"]["metrics"]).stat().st_mtime >= run.best.stat().st_mtime
         pngs = all(Path(result["files"][k]).is_file() for k in ("confusion_png", "confusion_normalized_png"))
+        ev = Evaluation.from_dict(result)
     except (KeyError, OSError, TypeError):
         return None
-    return result if same and newer and pngs else None
+    return ev if same and newer and pngs else None
 
 
-def write_report(run_dir: str | Path, *, device: str = "auto", log: Log = _stderr) -> dict:
+def write_report(run_dir: str | Path, *, device: str = "auto", log: Log = _stderr) -> Report:
     """Write ``RUN/report/``: loss.png, accuracy.png, the confusion matrices and report.md.
 
     read metrics.csv -> plot curves -> evaluate best.pt if not done -> write report.md.
     """
     run_dir = Path(run_dir).expanduser()
-    if not (run_dir / "metrics.csv").is_file():
+    run = RunDir(run_dir)
+    if not run.metrics.is_file():
         raise InputError(f"{run_dir} has no metrics.csv; is it a cnnft run folder with at least one finished epoch?",
                          hint="pass the folder `cnnft train` printed (runs/<name>)")
-    history = [{k: _float(v) for k, v in row.items()} for row in metrics.read_csv(run_dir / "metrics.csv")]
+    history = [{k: _float(v) for k, v in row.items()} for row in metrics.read_csv(run.metrics)]
     if not history:
         raise InputError(f"{run_dir}/metrics.csv has no epochs yet")
-    summary = _read_json(run_dir / "summary.json")
-    plan = _read_json(run_dir / "freeze_plan.json")
+    summary = _read_json(run.summary)
+    plan = _read_json(run.freeze_plan)
     if plan is None:
         raise InputError(f"{run_dir} has no readable freeze_plan.json; is it a cnnft run folder?")
     epochs = [int(r["epoch"]) for r in history]
@@ -72,7 +105,7 @@ def write_report(run_dir: str | Path, *, device: str = "auto", log: Log = _stder
         best_acc = max(v for v in val_acc if v is not None)
         best_epoch = epochs[val_acc.index(best_acc)]
 
-    out = run_dir / "report"
+    out = run.report
     out.mkdir(exist_ok=True)
     plots.curve(out / "loss.png", epochs, {"train": [r["train_loss"] for r in history],
                                            "val": [r["val_loss"] for r in history]},
@@ -80,61 +113,51 @@ def write_report(run_dir: str | Path, *, device: str = "auto", log: Log = _stder
     plots.curve(out / "accuracy.png", epochs, {"train": [r["train_acc"] for r in history], "val": val_acc},
                 ylabel="accuracy", title="Accuracy", best_epoch=best_epoch)
 
-    ev = _existing_eval(run_dir)
+    ev = _existing_eval(run)
     if ev is None:
         log("evaluating the best checkpoint on the run's validation data")
-        ev = inference.evaluate(run_dir, device=device, log=log)
+        ev = evaluate(run_dir, device=device, log=log)
     for key, name in (("confusion_png", "confusion_matrix.png"), ("confusion_normalized_png", "confusion_matrix_normalized.png")):
-        checkpoint.atomic_write_bytes(out / name, Path(ev["files"][key]).read_bytes())
+        checkpoint.atomic_write_bytes(out / name, Path(ev.files[key]).read_bytes())
 
-    figures = {
-        "run": run_dir.name,
-        "model": plan["model"],
-        "weights": plan["weights"],
-        "strategy": plan["strategy"],
-        "trainable_params": plan["trainable_params"],
-        "total_params": plan["total_params"],
-        "epochs": len(history),
-        "best_epoch": best_epoch,
-        "best_val_acc": best_acc,
-        "final_val_acc": val_acc[-1],
-        "final_val_loss": history[-1]["val_loss"],
-        "wall_seconds": summary["wall_seconds"] if summary else None,
-        "eval_accuracy": ev["accuracy"],
-        "eval_loss": ev["loss"],
-        "macro_f1": ev["macro_avg"]["f1"],
-    }
-    md = _markdown(figures, ev, summary)
-    checkpoint.atomic_write_text(out / "report.md", md)
     files = {n: str(out / n) for n in ("report.md", "loss.png", "accuracy.png", "confusion_matrix.png",
                                       "confusion_matrix_normalized.png")}
-    return {**figures, "out_dir": str(out), "files": files, "eval_dir": ev["out_dir"]}
+    rep = Report(
+        run=run_dir.name, model=plan["model"], weights=plan["weights"], strategy=plan["strategy"],
+        trainable_params=plan["trainable_params"], total_params=plan["total_params"], epochs=len(history),
+        best_epoch=best_epoch, best_val_acc=best_acc, final_val_acc=val_acc[-1],
+        final_val_loss=history[-1]["val_loss"], wall_seconds=summary["wall_seconds"] if summary else None,
+        eval_accuracy=ev.accuracy, eval_loss=ev.loss, macro_f1=ev.macro_avg["f1"],
+        out_dir=str(out), files=files, eval_dir=ev.out_dir,
+    )
+    checkpoint.atomic_write_text(out / "report.md", _markdown(rep, ev, summary))
+    return rep
 
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.2%}"
 
 
-def _markdown(f: dict, ev: dict, summary: dict | None) -> str:
-    trainable = (f"{f['trainable_params']:,} of {f['total_params']:,} "
-                 f"({f['trainable_params'] / max(f['total_params'], 1):.2%})")
+def _markdown(f: Report, ev: Evaluation, summary: dict | None) -> str:
+    trainable = (f"{f.trainable_params:,} of {f.total_params:,} "
+                 f"({f.trainable_params / max(f.total_params, 1):.2%})")
     lines = [
-        f"# Run report: {f['run']}",
+        f"# Run report: {f.run}",
         "",
         "| | |",
         "|---|---|",
-        f"| model | {f['model']} ({f['weights']}) |",
-        f"| strategy | {f['strategy']} |",
+        f"| model | {f.model} ({f.weights}) |",
+        f"| strategy | {f.strategy} |",
         f"| trainable parameters | {trainable} |",
-        f"| epochs | {f['epochs']} |",
-        f"| best val accuracy | {_pct(f['best_val_acc'])} (epoch {f['best_epoch']}) |",
-        f"| final val accuracy | {_pct(f['final_val_acc'])} |",
-        f"| classes | {len(ev['classes'])}: {', '.join(ev['classes'][:20])}{' ...' if len(ev['classes']) > 20 else ''} |",
+        f"| epochs | {f.epochs} |",
+        f"| best val accuracy | {_pct(f.best_val_acc)} (epoch {f.best_epoch}) |",
+        f"| final val accuracy | {_pct(f.final_val_acc)} |",
+        f"| classes | {len(ev.classes)}: {', '.join(ev.classes[:20])}{' ...' if len(ev.classes) > 20 else ''} |",
     ]
     if summary:
         lines.append(f"| images | {summary['train_images']} train / {summary['val_images']} val |")
-    if f["wall_seconds"] is not None:
-        lines.append(f"| training time | {f['wall_seconds']:.0f} s |")
+    if f.wall_seconds is not None:
+        lines.append(f"| training time | {f.wall_seconds:.0f} s |")
     lines += [
         "",
         "## Training curves",
@@ -143,26 +166,24 @@ def _markdown(f: dict, ev: dict, summary: dict | None) -> str:
         "",
         "![accuracy](accuracy.png)",
         "",
-        f"## Validation: {Path(ev['checkpoint']).name} (epoch {ev['epoch']}) on {ev['data']}",
+        f"## Validation: {Path(ev.checkpoint).name} (epoch {ev.epoch}) on {ev.data}",
         "",
-        f"Accuracy **{_pct(ev['accuracy'])}**"
-        + (f", top-5 {_pct(ev['top5_accuracy'])}" if ev["top5_accuracy"] is not None else "")
-        + f", loss {ev['loss']:.4f}, macro F1 {ev['macro_avg']['f1']:.4f} over {ev['images']} images.",
+        f"Accuracy **{_pct(ev.accuracy)}**"
+        + (f", top-5 {_pct(ev.top5_accuracy)}" if ev.top5_accuracy is not None else "")
+        + f", loss {ev.loss:.4f}, macro F1 {ev.macro_avg['f1']:.4f} over {ev.images} images.",
         "",
-        "| class | precision | recall | F1 | support |",
+        "| " + " | ".join(PER_CLASS_COLUMNS) + " |",
         "|---|---:|---:|---:|---:|",
     ]
-    for r in ev["per_class"]:
-        lines.append(f"| {r['class']} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {r['support']} |")
-    for key in ("macro_avg", "weighted_avg"):
-        a = ev[key]
-        lines.append(f"| *{key.replace('_', ' ')}* | {a['precision']:.4f} | {a['recall']:.4f} | {a['f1']:.4f} | {a['support']} |")
+    per_class, averages = ev.per_class_table()
+    lines += ["| " + " | ".join(cells) + " |" for cells in per_class]
+    lines += ["| " + " | ".join([f"*{name}*", *rest]) + " |" for name, *rest in averages]
     lines += ["", "![confusion matrix](confusion_matrix.png)", "",
               "![confusion matrix, row-normalised](confusion_matrix_normalized.png)", ""]
-    if ev["confident_errors"]:
+    if ev.confident_errors:
         lines += ["### Most confidently wrong", "", "| image | true | predicted | probability |", "|---|---|---|---:|"]
-        for e in ev["confident_errors"][:TOP_ERRORS_SHOWN]:
+        for e in ev.confident_errors[:TOP_ERRORS_SHOWN]:
             lines.append(f"| {e['path']} | {e['true']} | {e['pred']} | {e['prob']:.3f} |")
         lines.append("")
-    lines.append(f"Full results: `{ev['out_dir']}` (metrics.json, predictions.csv, per_class.csv).")
+    lines.append(f"Full results: `{ev.out_dir}` (metrics.json, predictions.csv, per_class.csv).")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,237 @@
+"""Evaluate a checkpoint: accuracy, top-5, loss, per-class results, confusion matrix and the
+most confidently wrong images.
+
+It needs nothing but the checkpoint, which carries the run's resolved config, so the exact
+validation split can be rebuilt. :func:`evaluate` computes an :class:`Evaluation` and
+:func:`write_evaluation` writes its files (under ``RUN/eval/<data>`` by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from torch import nn
+
+from .. import checkpoint, data, engine, metrics, plots, progress, transforms
+from ..checkpoint import RunDir
+from ..config import Config
+from ..errors import DataError, InputError
+
+Log = Callable[[str], None]
+CONFIDENT_ERRORS = 20  # most confidently wrong images listed by evaluate
+PER_CLASS_COLUMNS = ("class", "precision", "recall", "F1", "support")
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A checkpoint's results on one data set; ``to_dict()`` is ``metrics.json`` and ``--json``.
+
+    ``predictions`` (one row per image) goes to ``predictions.csv`` only; ``out_dir`` and
+    ``files`` are set once the files are written.
+    """
+
+    checkpoint: str
+    model: str
+    epoch: int
+    data: str
+    data_name: str
+    images: int
+    skipped: list[dict]
+    accuracy: float
+    top5_accuracy: float | None
+    loss: float
+    classes: list[str]
+    per_class: list[dict]
+    macro_avg: dict
+    weighted_avg: dict
+    confusion_matrix: list[list[int]]
+    confusion_matrix_normalized: list[list[float]]
+    confident_errors: list[dict]
+    seconds: float
+    device: str
+    out_dir: str | None = None
+    files: dict[str, str] | None = None
+    predictions: list[dict] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "predictions"}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Evaluation":
+        """Read back ``metrics.json`` (without the per-image predictions)."""
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name != "predictions"})
+
+    def per_class_table(self) -> tuple[list[list[str]], list[list[str]]]:
+        """The per-class table as text cells (:data:`PER_CLASS_COLUMNS`): one row per class,
+        and the macro and weighted averages; one rendering for the terminal and report.md."""
+        def cells(name: str, r: dict) -> list[str]:
+            return [name, f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", str(r["support"])]
+
+        averages = [cells(key.replace("_", " "), getattr(self, key)) for key in ("macro_avg", "weighted_avg")]
+        return [cells(r["class"], r) for r in self.per_class], averages
+
+
+def evaluate(
+    source: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    log: Log = _stderr,
+    show_progress: bool = False,
+) -> Evaluation:
+    """Evaluate a checkpoint on the run's validation data (or a folder of class folders):
+    accuracy, top-5, loss, per-class precision/recall/F1, confusion matrix (CSV + PNG),
+    the most confidently wrong images, and every prediction, written under the run folder.
+
+    load checkpoint -> rebuild model -> build data -> evaluate -> write results.
+    """
+    lm = checkpoint.load_model(source)
+    d = lm.config.data
+    rt = lm.to_device(device)
+    if data_dir is None:
+        src, data_name, described, skipped = _run_val_data(lm.config, lm.classes)
+    else:
+        src, data_name, described, skipped = _folder_data(data_dir, lm.classes)
+    if skipped:
+        log(f"skipping {len(skipped)} unreadable image(s):")
+        for p, why in skipped:
+            log(f"  {p}: {why}")
+    out = _eval_dir(lm.path, data_name, out_dir)
+
+    pre = lm.preprocess
+    ds = data.ImageDataset(src, transforms.eval_transform(pre), pre.resize_size)
+    loader = data.make_loader(ds, batch_size or d.batch_size, d.num_workers if num_workers is None else num_workers,
+                              pin_memory=rt.pin_memory)
+    # plain cross-entropy (no label smoothing), as the run's validation loss
+    ev = engine.evaluate(lm.model, progress.bar(loader, "evaluate", show_progress), rt, criterion=nn.CrossEntropyLoss())
+
+    classes = lm.classes
+    probs, y = ev.probs.numpy().astype(np.float64), ev.labels.numpy()
+    pred = probs.argmax(1)
+    conf = probs[np.arange(len(y)), pred]
+    cm = metrics.confusion_matrix(y, pred, len(classes))
+    pc = metrics.per_class(cm, classes)
+    rows = [{"path": src.ids[i], "true": classes[y[i]], "pred": classes[pred[i]], "prob": round(float(conf[i]), 6),
+             "prob_true": round(float(probs[i, y[i]]), 6), "correct": int(pred[i] == y[i])} for i in range(len(y))]
+    wrong = sorted((r for r in rows if not r["correct"]), key=lambda r: -r["prob"])[:CONFIDENT_ERRORS]
+    result = Evaluation(
+        checkpoint=str(lm.path), model=lm.name, epoch=lm.checkpoint["epoch"], data=described, data_name=data_name,
+        images=int(len(y)), skipped=[{"path": p, "reason": r} for p, r in skipped], accuracy=ev.acc,
+        top5_accuracy=metrics.topk_accuracy(probs, y, 5) if len(classes) > 5 else None, loss=ev.loss,
+        classes=classes, per_class=pc["per_class"], macro_avg=pc["macro"], weighted_avg=pc["weighted"],
+        confusion_matrix=cm.tolist(),
+        confusion_matrix_normalized=[[round(float(v), 6) for v in r] for r in _row_normalise(cm)],
+        confident_errors=wrong, seconds=round(ev.seconds, 3), device=str(rt.device), predictions=rows,
+    )
+    return write_evaluation(result, out)
+
+
+def write_evaluation(ev: Evaluation, out: Path) -> Evaluation:
+    """Write an evaluation's files into ``out``: metrics.json, predictions.csv, per_class.csv,
+    the confusion matrices (CSV and PNG, counts and row-normalised) and confident_errors.csv.
+    Returns the evaluation with ``out_dir`` and ``files`` set."""
+    files = {
+        "metrics": out / "metrics.json",
+        "predictions": out / "predictions.csv",
+        "per_class": out / "per_class.csv",
+        "confusion_csv": out / "confusion_matrix.csv",
+        "confusion_normalized_csv": out / "confusion_matrix_normalized.csv",
+        "confusion_png": out / "confusion_matrix.png",
+        "confusion_normalized_png": out / "confusion_matrix_normalized.png",
+        "confident_errors": out / "confident_errors.csv",
+    }
+    classes = ev.classes
+    cm = np.asarray(ev.confusion_matrix, dtype=np.int64).reshape(len(classes), len(classes))
+    metrics.write_csv(files["predictions"], ev.predictions, ("path", "true", "pred", "prob", "prob_true", "correct"))
+    averages = [{"class": f"{k} avg", **getattr(ev, f"{k}_avg")} for k in ("macro", "weighted")]
+    metrics.write_csv(files["per_class"], ev.per_class + averages, ("class", "precision", "recall", "f1", "support"))
+    metrics.write_matrix_csv(files["confusion_csv"], cm, classes)
+    metrics.write_matrix_csv(files["confusion_normalized_csv"], _row_normalise(cm), classes, fmt="{:.6f}")
+    plots.confusion(files["confusion_png"], cm, classes, normalize=False)
+    plots.confusion(files["confusion_normalized_png"], cm, classes, normalize=True)
+    metrics.write_csv(files["confident_errors"], ev.confident_errors, ("path", "true", "pred", "prob", "prob_true"))
+    ev = dataclasses.replace(ev, out_dir=str(out), files={k: str(v) for k, v in files.items()})
+    checkpoint.atomic_write_json(files["metrics"], ev.to_dict())
+    return ev
+
+
+def _row_normalise(cm: np.ndarray) -> np.ndarray:
+    rows = cm.sum(1, keepdims=True).astype(float)
+    return np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
+
+
+def _run_val_data(cfg: Config, classes: list[str]) -> tuple[data.Source, str, str, list]:
+    """The run's own validation set: the same folders, split and seed as in training."""
+    d = cfg.data
+    try:
+        bundle = data.build_data(d, cfg.seed)
+    except DataError as exc:
+        raise DataError(f"the run's validation data cannot be loaded: {exc.message}",
+                        hint="pass --data DIR (a folder with one sub-folder per class) to evaluate on other images") from None
+    if bundle.classes != classes:
+        raise DataError(
+            f"the run's data now has classes {bundle.classes[:10]}, the checkpoint {classes[:10]}",
+            hint="the data folders changed since training; pass --data DIR to evaluate on a folder")
+    if d.val is not None:
+        described = str(d.val)
+    elif d.dataset is not None:
+        described = f"{d.dataset} validation split"
+    else:
+        described = f"{d.train} (validation split {d.val_split}, seed {cfg.seed})"
+    skipped = bundle.skipped  # with a split, a skipped file may have belonged to either side
+    if d.val is not None:
+        val_root = str(Path(d.val).expanduser())
+        skipped = [(p, r) for p, r in skipped if p.startswith(val_root)]
+    return bundle.val, "val", described, skipped
+
+
+def _folder_data(root: str | Path, classes: list[str]) -> tuple[data.Source, str, str, list]:
+    """A folder of class folders whose names match the checkpoint's classes."""
+    f_classes, paths, labels = data.scan_folder(root, "--data")
+    if set(f_classes) != set(classes):
+        only_d = sorted(set(f_classes) - set(classes))
+        only_c = sorted(set(classes) - set(f_classes))
+        raise DataError(
+            f"--data: the class folders in {root} do not match the checkpoint's classes"
+            + (f"; not known to the model: {', '.join(only_d[:10])}" if only_d else "")
+            + (f"; missing: {', '.join(only_c[:10])}" if only_c else ""),
+            hint=f"give --data one sub-folder per class the model knows: {', '.join(classes[:20])}",
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index[f_classes[y]] for y in labels]
+    bad = data.verify_images(paths, "skip", "--data")
+    bad_set = {p for p, _ in bad}
+    kept = [(p, y) for p, y in zip(paths, labels) if p not in bad_set]
+    if not kept:
+        raise DataError(f"--data: none of the {len(paths)} image(s) in {root} could be read")
+    ps, ys = [p for p, _ in kept], [y for _, y in kept]
+    src = data.Source(ps, ys, lambda i, draft=None: data.open_image(ps[i], draft))
+    return src, Path(root).expanduser().resolve().name, str(root), bad
+
+
+def _eval_dir(ckpt_path: Path, data_name: str, out_dir: str | Path | None) -> Path:
+    """``RUN/eval/<data>`` for a run's best checkpoint (``<data>-<stem>`` for any other);
+    a checkpoint outside a run folder gets ``eval/`` beside it."""
+    if out_dir is not None:
+        out = Path(out_dir).expanduser()
+    else:
+        run = RunDir.of_checkpoint(ckpt_path) or RunDir(ckpt_path.parent)
+        out = run.eval_dir(data_name if ckpt_path.stem == "best" else f"{data_name}-{ckpt_path.stem}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the output folder {out}: {exc.strerror or exc}",
+                         hint="pass --out DIR with a writable folder") from None
+    return out

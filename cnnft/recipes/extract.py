@@ -1,0 +1,134 @@
+"""Penultimate-layer features of a folder of class folders, saved as ``.npz`` for
+scikit-learn and the like.
+
+load a checkpoint (or a backbone's pretrained weights) -> hook the classifier's input ->
+forward the files in batches -> write features, labels, classes and paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import checkpoint, data, models, runtime
+from ..config import TrainConfig
+from ..errors import CheckpointError, CnnftError, DataError, InputError
+from ..imagefiles import forward_files
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """What an extraction wrote: the .npz path, the model, and the images kept and skipped."""
+
+    out: str
+    model: str
+    images: int
+    feature_dim: int
+    classes: list[str]
+    skipped: list[dict]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _is_checkpoint_arg(source: str | Path) -> bool:
+    p = Path(source).expanduser()
+    if p.exists():
+        return True
+    if p.suffix in (".pt", ".pth", ".ckpt"):
+        raise CheckpointError(f"checkpoint not found: {p}")
+    return False
+
+
+def head_module(model: nn.Module) -> nn.Module:
+    """The main classifier layer, whose input is the penultimate (feature) layer."""
+    fam = models.family_of(model)
+    if fam is not None:
+        return model.get_submodule(fam.heads[0])
+    if hasattr(model, "get_classifier"):  # timm
+        return model.get_classifier()
+    raise CnnftError(f"cannot find the classifier layer of {type(model).__name__}")
+
+
+def _model_for(source: str | Path, device: str) -> tuple[nn.Module, str, models.Preprocess, runtime.Runtime]:
+    """A checkpoint's model and runtime, or a backbone's pretrained one with the default runtime."""
+    if _is_checkpoint_arg(source):
+        lm = checkpoint.load_model(source)
+        return lm.model, lm.name, lm.preprocess, lm.to_device(device)
+    bb = models.build(str(source), "DEFAULT", None)
+    defaults = TrainConfig()
+    rt = runtime.make_runtime(device, defaults.amp, defaults.channels_last)
+    rt.prepare(bb.model.eval())
+    return bb.model, bb.name, bb.preprocess, rt
+
+
+def extract(
+    source: str | Path,
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    batch_size: int = 32,
+    device: str = "auto",
+    num_workers: int = 0,
+    log: Log = _stderr,
+    show_progress: bool = False,
+) -> Extraction:
+    """Penultimate-layer features (the classifier's input) for every image in a folder of
+    class folders, saved as ``.npz`` with ``features``, ``labels``, ``classes`` and ``paths``.
+
+    ``source`` is a checkpoint/run folder, or a backbone name (its pretrained weights and
+    their preprocessing, e.g. ``efficientnet_lite0`` offline).
+    """
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
+    classes, paths, labels = data.scan_folder(data_dir, "--data")
+    model, name, pre, rt = _model_for(source, device)
+    out = Path(out).expanduser()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out: cannot create {out.parent}: {exc.strerror or exc}") from None
+
+    captured: list[torch.Tensor] = []
+    hook = head_module(model).register_forward_pre_hook(
+        lambda _m, inputs: captured.append(inputs[0].detach().float().flatten(1).cpu()))
+    feats, kept, skipped = [], [], []
+    t0 = time.perf_counter()
+    try:
+        for idx, _logits, errors in forward_files(model, paths, pre, rt, batch_size, num_workers,
+                                                  "extract" if show_progress else None):
+            for i, why in errors.items():
+                skipped.append((paths[i], why))
+                log(f"skipping unreadable {paths[i]}: {why}")
+            if idx:
+                feats.append(captured.pop())
+                kept += idx
+            captured.clear()
+    finally:
+        hook.remove()
+    if not kept:
+        raise DataError(f"--data: none of the {len(paths)} image(s) in {data_dir} could be read")
+    features = torch.cat(feats).numpy().astype(np.float32)
+    buf = io.BytesIO()
+    np.savez(buf, features=features, labels=np.asarray([labels[i] for i in kept], dtype=np.int64),
+             classes=np.asarray(classes, dtype=str), paths=np.asarray([paths[i] for i in kept], dtype=str),
+             model=np.asarray(name, dtype=str))
+    checkpoint.atomic_write_bytes(out, buf.getvalue())
+    return Extraction(str(out), name, len(kept), int(features.shape[1]), classes,
+                      [{"path": p, "reason": r} for p, r in skipped], round(time.perf_counter() - t0, 3))

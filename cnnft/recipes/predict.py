@@ -1,0 +1,105 @@
+"""Predict the classes of image files and folders with a trained model.
+
+load checkpoint -> collect the files -> forward them in batches -> top-k per file. An
+unreadable file is a row with an error, not a failure of the whole command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .. import checkpoint, data
+from ..errors import DataError, InputError
+from ..imagefiles import forward_files
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Top-k classes per image; ``predictions`` rows hold path, class, prob, top_k and error."""
+
+    checkpoint: str
+    model: str
+    classes: list[str]
+    top_k: int
+    images: int
+    predicted: int
+    failed: int
+    predictions: list[dict]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def collect_images(inputs: Iterable[str | Path], log: Log = _stderr) -> list[str]:
+    """Files as given, and image files found by walking folders recursively (sorted, no
+    hidden files); a path that does not exist is kept so that it is reported per file."""
+    seen: dict[str, None] = {}
+    for raw in inputs:
+        p = Path(raw).expanduser()
+        if p.is_dir():
+            found = sorted(
+                str(f) for f in p.rglob("*")
+                if f.is_file() and f.suffix.lower() in data.IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
+            if not found:
+                log(f"{p}: no image files in this folder (looked for {', '.join(sorted(data.IMAGE_EXTENSIONS))})")
+            seen.update(dict.fromkeys(found))
+        else:
+            seen[str(p)] = None
+    return list(seen)
+
+
+def predict(
+    source: str | Path,
+    inputs: list[str | Path],
+    *,
+    top_k: int = 5,
+    batch_size: int = 32,
+    device: str = "auto",
+    num_workers: int = 0,
+    log: Log = _stderr,
+    show_progress: bool = False,
+) -> Predictions:
+    """Class probabilities for image files and folders (walked recursively), in batches.
+
+    An unreadable file gets a row with an ``error`` and a line on ``log``; it is fatal only
+    when no file at all could be read (DataError, exit code 2).
+    """
+    if top_k < 1:
+        raise InputError(f"--top-k must be at least 1 (got {top_k})")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
+    lm = checkpoint.load_model(source)
+    rt = lm.to_device(device)
+    paths = collect_images(inputs, log)
+    if not paths:
+        raise InputError("no image files to predict", hint="pass image files or folders that contain images")
+    k = min(top_k, len(lm.classes))
+    rows: list[dict] = [{"path": p, "class": None, "prob": None, "top_k": [], "error": None} for p in paths]
+    for idx, logits, errors in forward_files(lm.model, paths, lm.preprocess, rt, batch_size, num_workers,
+                                             "predict" if show_progress else None):
+        for i, why in errors.items():
+            rows[i]["error"] = why
+            log(f"cannot read {paths[i]}: {why}")
+        if logits is None:
+            continue
+        p, c = logits.softmax(1).topk(k, dim=1)
+        for row_i, ps, cs in zip(idx, p.tolist(), c.tolist()):
+            top = [{"class": lm.classes[ci], "prob": float(pi)} for pi, ci in zip(ps, cs)]
+            rows[row_i].update({"class": top[0]["class"], "prob": top[0]["prob"], "top_k": top})
+    failed = sum(r["error"] is not None for r in rows)
+    if failed == len(rows):
+        raise DataError(f"none of the {len(rows)} file(s) could be read as an image",
+                        hint="check the paths; readable types: " + ", ".join(sorted(data.IMAGE_EXTENSIONS)))
+    return Predictions(str(lm.path), lm.name, lm.classes, k, len(rows), len(rows) - failed, failed, rows)
