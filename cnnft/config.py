@@ -201,7 +201,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not all(p.strip() for p in parts):
         raise ConfigError(f"override {text!r}: expected KEY.SUB=VALUE, e.g. train.lr=0.01")
     try:
-        parsed = parse_yaml(value) if value.strip() else ""
+        parsed = parse_yaml(value, at=key.strip()) if value.strip() else ""
     except DuplicateKeys as exc:
         raise ConfigError([f"override {text!r}: {p}" for p in exc.problems]) from None
     except yaml.YAMLError:
@@ -271,11 +271,11 @@ class DuplicateKeys(yaml.YAMLError):
         self.problems = problems
 
 
-def _duplicate_keys(root: yaml.Node) -> list[str]:
+def _duplicate_keys(root: yaml.Node, at: str = "") -> list[str]:
     """Every key given twice in one mapping, with its path and both line numbers."""
     found: list[tuple[int, str]] = []
     visited: set[int] = set()  # aliases share nodes: walk each once (a billion-laughs stays cheap)
-    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    stack: list[tuple[yaml.Node, str]] = [(root, at)]
     while stack:
         node, path = stack.pop()
         if id(node) in visited:
@@ -301,14 +301,15 @@ def _duplicate_keys(root: yaml.Node) -> list[str]:
     return [msg for _, msg in sorted(found)]
 
 
-def parse_yaml(text: str) -> Any:
-    """Parse one YAML document safely (no Python object tags), refusing duplicate keys."""
+def parse_yaml(text: str, at: str = "") -> Any:
+    """Parse one YAML document safely (no Python object tags), refusing duplicate keys;
+    ``at``: the key path of the document (an override's key) for messages."""
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
-        dups = _duplicate_keys(node)
+        dups = _duplicate_keys(node, at)
         if dups:
             raise DuplicateKeys(dups)
         return loader.construct_document(node)
