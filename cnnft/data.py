@@ -11,6 +11,7 @@ import errno
 import os
 import signal
 import stat
+import threading
 import time
 import warnings
 from collections import Counter
@@ -458,10 +459,33 @@ class EpochSampler(Sampler[int]):
         return self.n - self.start
 
 
+def _sigterm_only_from_parent() -> None:
+    """In a loader worker: let SIGTERM from the main process (DataLoader shutdown, Python's
+    exit) end the worker as usual, and ignore it from anyone else. `timeout`, `kill --
+    -PGID` and Slurm signal every process of the job at once; a worker that died of it
+    would crash the main process ("DataLoader worker is killed by signal") before it could
+    save. A plain SIG_IGN is not enough: at exit Python terminates leftover workers with
+    SIGTERM and then waits for them, forever."""
+    if not (hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask")):  # macOS, Windows
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    parent = os.getppid()
+    # blocked here, the signal stays pending for sigwaitinfo; threads started later inherit the mask
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)  # what torch's own worker handler does for its parent's SIGTERM
+
+    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
+
+
 def _worker_init(_worker_id: int) -> None:
-    # The main process handles Ctrl-C and stops the workers itself; one thread per worker
-    # avoids oversubscribing the cores the main process computes on.
+    # The main process handles Ctrl-C and SIGTERM (it saves, then stops the workers itself);
+    # one thread per worker avoids oversubscribing the cores the main process computes on.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _sigterm_only_from_parent()
     torch.set_num_threads(1)
 
 
@@ -469,7 +493,7 @@ def make_loader(
     dataset: Dataset, batch_size: int, num_workers: int, *, sampler: Sampler | None = None,
     generator: torch.Generator | None = None, pin_memory: bool = False,
 ) -> DataLoader:
-    """A DataLoader with seeded workers that ignore Ctrl-C.
+    """A DataLoader with seeded workers that leave Ctrl-C and SIGTERM to the main process.
 
     A loader with a ``sampler`` is a training loader: when its last batch would hold a single
     image, that image is left out of the epoch (the shuffle picks another one each epoch),
