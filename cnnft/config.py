@@ -8,18 +8,35 @@ silent default), every problem in a file is reported at once with its key path, 
 
 from __future__ import annotations
 
+import copy
 import difflib
+import re
 import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 
 Strategy = Literal["auto", "full", "freeze_early", "freeze_most", "head_only"]
 Augment = Literal["none", "light", "standard", "strong"]
+
+
+def _number(v: Any) -> Any:
+    # Python's bool is an int, so `epochs: true` would silently become 1
+    if isinstance(v, bool):
+        raise PydanticCustomError("float_type", "Input should be a valid number")
+    return v
+
+
+# Strict: true/false are not numbers and 2.0 or "2" is not an integer.
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+# Floats take ints, and numeric strings because YAML 1.1 reads `1e-3` (no dot) as a string.
+Float = Annotated[float, BeforeValidator(_number)]
 
 
 class _Section(BaseModel):
@@ -44,16 +61,16 @@ class DataConfig(_Section):
         None, description="a packaged dataset instead of folders: digits, cifar10, flowers102, ..."
     )
     root: str = Field("data", description="where packaged datasets are stored/downloaded")
-    download: bool = Field(False, description="allow downloading a packaged dataset")
-    val_split: float = Field(0.2, gt=0, lt=1, description="fraction held out when `val` is absent")
-    image_size: int | None = Field(
+    download: Bool = Field(False, description="allow downloading a packaged dataset")
+    val_split: Float = Field(0.2, gt=0, lt=1, description="fraction held out when `val` is absent")
+    image_size: Int | None = Field(
         None, ge=16, le=1024, description="input size; default: the weights' own"
     )
     augment: Augment = "standard"
-    batch_size: int = Field(32, ge=1, le=1_000_000)
-    num_workers: int = Field(2, ge=0, le=1024)
+    batch_size: Int = Field(32, ge=1, le=1_000_000)
+    num_workers: Int = Field(2, ge=0, le=1024)
     on_bad_image: Literal["skip", "error"] = "skip"
-    limit_per_class: int | None = Field(
+    limit_per_class: Int | None = Field(
         None, ge=1, description="use at most N images per class (quick trials)"
     )
 
@@ -63,7 +80,7 @@ class ModelConfig(_Section):
 
     backbone: str = Field("resnet18", description="torchvision name, timm/<name>, efficientnet_lite0/1, lenet5")
     weights: str = Field("DEFAULT", description="DEFAULT, a weights name (IMAGENET1K_V2), none, or a file path")
-    num_classes: int | None = Field(None, ge=2, description="default: number of class folders")
+    num_classes: Int | None = Field(None, ge=2, description="default: number of class folders")
 
     @field_validator("backbone", "weights")
     @classmethod
@@ -77,30 +94,30 @@ class FreezeConfig(_Section):
     """Which stages learn; see `cnnft freeze-plan` for the four strategies."""
 
     strategy: Strategy = Field("auto", description="auto picks from dataset size and `similar`")
-    similar: bool = Field(True, description="is the data similar to ImageNet? (used by auto)")
-    frozen_stages: int | None = Field(
+    similar: Bool = Field(True, description="is the data similar to ImageNet? (used by auto)")
+    frozen_stages: Int | None = Field(
         None, ge=0, description="freeze_early: stages after the stem to freeze (default: half)"
     )
-    trainable_stages: int = Field(1, ge=0, description="freeze_most: last stages to train with the head")
+    trainable_stages: Int = Field(1, ge=0, description="freeze_most: last stages to train with the head")
 
 
 class TrainConfig(_Section):
     """Optimisation and hardware."""
 
-    epochs: int = Field(10, ge=1, le=100_000)
-    lr: float = Field(1e-3, gt=0, le=10, description="learning rate of the new head")
-    backbone_lr_scale: float = Field(0.1, gt=0, le=1, description="pretrained layers get lr x this")
+    epochs: Int = Field(10, ge=1, le=100_000)
+    lr: Float = Field(1e-3, gt=0, le=10, description="learning rate of the new head")
+    backbone_lr_scale: Float = Field(0.1, gt=0, le=1, description="pretrained layers get lr x this")
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.01, ge=0)
+    momentum: Float = Field(0.9, ge=0, lt=1)
+    weight_decay: Float = Field(0.01, ge=0)
     scheduler: Literal["cosine", "none"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    grad_clip: float | None = Field(None, gt=0)
+    warmup_epochs: Float = Field(0.0, ge=0)
+    label_smoothing: Float = Field(0.0, ge=0, lt=1)
+    grad_clip: Float | None = Field(None, gt=0)
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
-    amp: bool = Field(True, description="mixed precision on CUDA (never on CPU)")
-    channels_last: bool = True
-    tensorboard: bool = False
+    amp: Bool = Field(True, description="mixed precision on CUDA (never on CPU)")
+    channels_last: Bool = True
+    tensorboard: Bool = False
 
 
 class Config(_Section):
@@ -108,7 +125,7 @@ class Config(_Section):
 
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     output_dir: str = "runs"
-    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's seed range; torch overflows above 2**63
+    seed: Int = Field(0, ge=0, le=2**32 - 1)  # numpy's seed range; torch overflows above 2**63
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
@@ -152,6 +169,12 @@ def _describe(err: dict) -> str:
     msg = err["msg"]
     if err["type"] == "model_type":
         msg = "must be a mapping of keys to values"
+    elif err["type"] == "bool_type":
+        msg += "; write true or false (yes/no/on/off and quoted words are not booleans)"
+    elif err["type"] in ("int_type", "float_type") and isinstance(got, bool):
+        msg += "; true/false is not a number"
+    elif err["type"] == "int_type" and isinstance(got, (float, str)):
+        msg += ", written without a decimal point or quotes"
     return f"{key}: {msg}{shown}"
 
 
@@ -178,16 +201,27 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not all(p.strip() for p in parts):
         raise ConfigError(f"override {text!r}: expected KEY.SUB=VALUE, e.g. train.lr=0.01")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = parse_yaml(value, at=key.strip()) if value.strip() else ""
+    except DuplicateKeys as exc:
+        raise ConfigError([f"override {text!r}: {p}" for p in exc.problems]) from None
     except yaml.YAMLError:
         parsed = value
     return [p.strip() for p in parts], parsed
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Set each ``key.sub=value`` in a copy of ``raw``; the schema checks the keys afterwards."""
-    import copy
+def _merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
 
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each ``key.sub=value`` in a copy of ``raw``; the schema checks the keys afterwards.
+
+    A mapping given for a section (``train={epochs: 2}``) is merged into it: the keys it
+    does not name keep their values from the file, as with ``train.epochs=2``."""
     out = copy.deepcopy(raw)
     problems = []
     for text in overrides:
@@ -206,10 +240,81 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 break
             node = child
         else:
-            node[parts[-1]] = value
+            if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+                _merge(node[parts[-1]], copy.deepcopy(value))
+            else:
+                node[parts[-1]] = value
     if problems:
         raise ConfigError(problems, source="command-line overrides")
     return out
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML where only true/false are booleans and dates stay text (as in YAML 1.2):
+    YAML 1.1 would turn `amp: yes`, `download: off` or a folder named 2024-05-01 into
+    something else without a word."""
+
+
+_BOOL, _TIMESTAMP = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _TIMESTAMP)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+class DuplicateKeys(yaml.YAMLError):
+    """A mapping names the same key twice; YAML itself would silently keep the last."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def _duplicate_keys(root: yaml.Node, at: str = "") -> list[str]:
+    """Every key given twice in one mapping, with its path and both line numbers."""
+    found: list[tuple[int, str]] = []
+    visited: set[int] = set()  # aliases share nodes: walk each once (a billion-laughs stays cheap)
+    stack: list[tuple[yaml.Node, str]] = [(root, at)]
+    while stack:
+        node, path = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack += [(child, f"{path}[{i}]") for i, child in enumerate(node.value)]
+        elif isinstance(node, yaml.MappingNode):
+            first_line: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    stack.append((value_node, path))
+                    continue
+                name, line = key_node.value, key_node.start_mark.line + 1
+                where = f"{path}.{name}" if path else name
+                if name in first_line:
+                    found.append((line, f"{where if len(where) <= 80 else where[:77] + '...'}: duplicate key at line {line} (first at line "
+                                        f"{first_line[name]}); YAML would silently keep only the last one, "
+                                        f"so merge them into one"))
+                else:
+                    first_line[name] = line
+                stack.append((value_node, where))
+    return [msg for _, msg in sorted(found)]
+
+
+def parse_yaml(text: str, at: str = "") -> Any:
+    """Parse one YAML document safely (no Python object tags), refusing duplicate keys;
+    ``at``: the key path of the document (an override's key) for messages."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        dups = _duplicate_keys(node, at)
+        if dups:
+            raise DuplicateKeys(dups)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -225,7 +330,9 @@ def read_yaml(path: str | Path) -> Any:
         what = "it is not UTF-8 text; save it as a UTF-8 YAML file" if isinstance(exc, UnicodeDecodeError) else exc
         raise ConfigError(f"cannot read config file {p}: {what}") from None
     try:
-        return yaml.safe_load(text)
+        return parse_yaml(text)
+    except DuplicateKeys as exc:
+        raise ConfigError(exc.problems, source=str(p)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

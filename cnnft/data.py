@@ -7,8 +7,11 @@ front, so a corrupt file is found before training starts, not in epoch 7.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import stat
+import threading
 import time
 import warnings
 from collections import Counter
@@ -75,6 +78,10 @@ def check_image(path: str) -> str | None:
         return None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return f"image too large: over PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} pixels"
+    except PermissionError:
+        return "cannot read: permission denied (give your user read access to the file)"
+    except FileNotFoundError:
+        return "cannot read: the file disappeared (deleted or moved while cnnft ran)"
     except Exception as exc:  # noqa: BLE001 - any decoder failure means an unusable file
         return f"cannot decode: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}"
 
@@ -111,16 +118,74 @@ def _folder_source(paths: list[str], labels: list[int]) -> Source:
     return Source(paths, labels, lambda i, draft=None: open_image(paths[i], draft))
 
 
-def scan_folder(root: str | Path, key: str) -> tuple[list[str], list[str], list[int]]:
-    """List a class-per-folder dataset: (classes, file paths, labels)."""
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise DataError(f"{key}: folder not found: {root}", hint="check the path (relative paths are from the current directory)")
-    if not root.is_dir():
+def _hidden(name: str) -> bool:
+    # .ipynb_checkpoints, .DS_Store, ._photo.jpg (macOS resource forks), .git ...
+    return name.startswith(".")
+
+
+def _unreadable_folder(key: str, folder: str | Path, exc: OSError) -> DataError:
+    return DataError(f"{key}: cannot read folder {folder}: {exc.strerror or exc}",
+                     hint=f"give your user read access to it (chmod -R u+rX {folder}), or move it out of the dataset")
+
+
+def _entries(folder: Path, key: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted((e for e in it if not _hidden(e.name)), key=lambda e: e.name)
+    except OSError as exc:
+        raise _unreadable_folder(key, folder, exc) from None
+
+
+def _is_dir(entry: os.DirEntry, follow_symlinks: bool = True) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=follow_symlinks)
+    except OSError:
+        return False  # cannot even be examined: not a folder to descend into
+
+
+def image_files(folder: str | Path, key: str) -> list[str]:
+    """Image files under ``folder`` at any depth, sorted; hidden files and folders (a name
+    starting with '.') are skipped at every level. A folder that cannot be listed is a
+    DataError naming it; a file that cannot be examined is listed, so that the image check
+    reports it like any other unreadable image."""
+    found, todo = [], [Path(folder)]
+    while todo:
+        for e in _entries(todo.pop(), key):
+            if _is_dir(e, follow_symlinks=False):
+                todo.append(Path(e.path))
+                continue
+            if Path(e.name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                ok = e.is_file()  # follows symlinks: a dangling one is no image
+            except OSError:
+                ok = True
+            if ok:
+                found.append(e.path)
+    return sorted(found)
+
+
+def _check_root(root: Path, key: str) -> None:
+    try:
+        st = root.stat()
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise DataError(f"{key}: folder not found: {root}",
+                            hint="check the path (relative paths are from the current directory)") from None
+        raise _unreadable_folder(key, root, exc) from None
+    if not stat.S_ISDIR(st.st_mode):
         raise DataError(f"{key}: not a folder: {root}", hint="point it at a folder with one sub-folder per class")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def scan_folder(root: str | Path, key: str) -> tuple[list[str], list[str], list[int]]:
+    """List a class-per-folder dataset: (classes, file paths, labels). Hidden folders and
+    files are not part of it."""
+    root = Path(root).expanduser()
+    _check_root(root, key)
+    entries = _entries(root, key)
+    classes = [e.name for e in entries if _is_dir(e)]
     if not classes:
-        loose = any(f.suffix.lower() in IMAGE_EXTENSIONS for f in root.iterdir())
+        loose = any(Path(e.name).suffix.lower() in IMAGE_EXTENSIONS for e in entries)
         raise DataError(
             f"{key}: {root} has no class sub-folders",
             hint="lay images out as ROOT/<class>/<image>" + (" (images found directly in ROOT)" if loose else ""),
@@ -130,10 +195,7 @@ def scan_folder(root: str | Path, key: str) -> tuple[list[str], list[str], list[
                         hint="add a folder for each other class: ROOT/<class>/<image>")
     paths, labels, empty = [], [], []
     for label, cls in enumerate(classes):
-        files = sorted(
-            str(f) for f in (root / cls).rglob("*")
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
-        )
+        files = image_files(root / cls, key)
         if not files:
             empty.append(cls)
         paths += files
@@ -397,10 +459,33 @@ class EpochSampler(Sampler[int]):
         return self.n - self.start
 
 
+def _sigterm_only_from_parent() -> None:
+    """In a loader worker: let SIGTERM from the main process (DataLoader shutdown, Python's
+    exit) end the worker as usual, and ignore it from anyone else. `timeout`, `kill --
+    -PGID` and Slurm signal every process of the job at once; a worker that died of it
+    would crash the main process ("DataLoader worker is killed by signal") before it could
+    save. A plain SIG_IGN is not enough: at exit Python terminates leftover workers with
+    SIGTERM and then waits for them, forever."""
+    if not (hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask")):  # macOS, Windows
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    parent = os.getppid()
+    # blocked here, the signal stays pending for sigwaitinfo; threads started later inherit the mask
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)  # what torch's own worker handler does for its parent's SIGTERM
+
+    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
+
+
 def _worker_init(_worker_id: int) -> None:
-    # The main process handles Ctrl-C and stops the workers itself; one thread per worker
-    # avoids oversubscribing the cores the main process computes on.
+    # The main process handles Ctrl-C and SIGTERM (it saves, then stops the workers itself);
+    # one thread per worker avoids oversubscribing the cores the main process computes on.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _sigterm_only_from_parent()
     torch.set_num_threads(1)
 
 
@@ -408,10 +493,16 @@ def make_loader(
     dataset: Dataset, batch_size: int, num_workers: int, *, sampler: Sampler | None = None,
     generator: torch.Generator | None = None, pin_memory: bool = False, collate_fn: Callable | None = None,
 ) -> DataLoader:
-    """A DataLoader with seeded workers that ignore Ctrl-C: the one loader policy of
-    training and inference."""
+    """A DataLoader with seeded workers that leave Ctrl-C and SIGTERM to the main process: the
+    one loader policy of training and inference.
+
+    A loader with a ``sampler`` is a training loader: when its last batch would hold a single
+    image, that image is left out of the epoch (the shuffle picks another one each epoch),
+    because BatchNorm cannot train on a batch of one ("Expected more than 1 value per
+    channel") and a dataset of 4k+1 images would crash the run at the end of epoch 1."""
+    lone_last = sampler is not None and batch_size > 1 and len(sampler) % batch_size == 1
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers else None, generator=generator,
-        pin_memory=pin_memory, drop_last=False, persistent_workers=False, collate_fn=collate_fn,
+        pin_memory=pin_memory, drop_last=lone_last, persistent_workers=False, collate_fn=collate_fn,
     )

@@ -3,6 +3,8 @@ running the real CLI in-process (fast) or as ``python -m cnnft`` (the true entry
 
 from __future__ import annotations
 
+import builtins
+import errno
 import io
 import json
 import os
@@ -103,6 +105,36 @@ def png_bomb(path: Path, width: int, height: int) -> Path:
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
     return path
+
+
+def deny_access(monkeypatch, *paths: Path) -> None:
+    """Make ``paths`` behave as they do with mode 000 for a normal user, in this process:
+    a folder cannot be listed and nothing inside it can be examined or opened; a file cannot
+    be opened (its size and type can still be read). The tests run as root, for whom chmod
+    000 blocks nothing, so the operating system's EACCES is simulated at the os/open layer
+    that pathlib, os.walk, PIL and torch all go through."""
+    denied = [os.path.abspath(p) for p in paths]
+
+    def hit(path, inside_only: bool) -> bool:
+        if isinstance(path, int):
+            return False  # a file descriptor: already open
+        a = os.path.abspath(os.fsdecode(os.fspath(path)))
+        return any(a.startswith(d + os.sep) or (a == d and not inside_only) for d in denied)
+
+    def refuse(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(os.fspath(path)))
+
+    def guard(fn, inside_only: bool):
+        def wrapped(path=".", *args, **kwargs):
+            if hit(path, inside_only):
+                refuse(path)
+            return fn(path, *args, **kwargs)
+        return wrapped
+
+    for mod, name, inside_only in [(os, "scandir", False), (os, "listdir", False), (os, "open", False),
+                                   (os, "stat", True), (os, "lstat", True),
+                                   (builtins, "open", False), (io, "open", False)]:
+        monkeypatch.setattr(mod, name, guard(getattr(mod, name), inside_only))
 
 
 @dataclass

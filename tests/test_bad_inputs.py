@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from _robust import (TRACEBACK, Result, flat, make_dataset, odd_mode_images, png_bomb, run_folders,
+from _robust import (TRACEBACK, Result, deny_access, flat, make_dataset, odd_mode_images, png_bomb, run_folders,
                      run_inprocess, run_subprocess, summary_of, text_as_jpeg, truncated_jpeg)
 
 BASE: dict = {
@@ -153,6 +153,47 @@ def many_bad(tmp: Path) -> None:
     fake_jpeg(tmp)
 
 
+def hidden_subfolders(tmp: Path) -> None:
+    """What Jupyter, git and macOS leave inside class folders: copies and metadata, never data."""
+    for c in ("a", "b"):
+        make_dataset(tmp / "hidden" / c, classes=(".ipynb_checkpoints", ".git"), n=2, seed=9)
+        for d in (tmp / "hidden" / c).iterdir():
+            d.rename(tmp / "data" / c / d.name)
+        (tmp / "data" / c / f"._000.png").write_bytes(b"\0\5\26\7 macOS resource fork")
+    (tmp / "data" / "a" / "sub").mkdir()
+    (tmp / "data" / "a" / "sub" / ".cache").mkdir()
+    (tmp / "data" / "a" / "sub" / ".cache" / "x.png").write_bytes(b"not even an image")
+
+
+def nested_subfolder(tmp: Path) -> None:
+    make_dataset(tmp / "more", classes=("deeper",), n=2, seed=4)
+    (tmp / "more" / "deeper").rename(tmp / "data" / "a" / "deeper")
+
+
+def symlinks(tmp: Path) -> None:
+    (tmp / "data" / "a" / "gone.png").symlink_to(tmp / "nowhere.png")  # dangling: not an image
+    make_dataset(tmp / "elsewhere", classes=("c",), n=4, seed=6)
+    (tmp / "data" / "c").symlink_to(tmp / "elsewhere" / "c", target_is_directory=True)
+
+
+def rename_data(to: str) -> Callable[[Path], None]:
+    def prep(tmp: Path) -> None:
+        (tmp / to).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / "data").rename(tmp / to)
+    return prep
+
+
+def two_sections(tmp: Path) -> None:
+    (tmp / "cfg.yaml").write_text(yaml.safe_dump(BASE, sort_keys=False) + "train:\n  epochs: 2\n")
+
+
+def deny(*rels: str) -> Callable[[Path, pytest.MonkeyPatch], None]:
+    """As mode 000 on these paths (simulated: the tests run as root, whom chmod does not stop)."""
+    def patch(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        deny_access(monkeypatch, *(tmp / r for r in rels))
+    return patch
+
+
 def lenet_state(num_classes: int = 2, scale: float = 1.0) -> dict:
     from cnnft.models import LeNet5
 
@@ -228,6 +269,7 @@ class Case:
     run: str = "none"  # the run folder afterwards: none (none created), failed (marked), ok (completed)
     check: Callable[[Path, Result], None] | None = None
     marks: tuple = ()
+    patch: tuple[Callable[[Path, pytest.MonkeyPatch], None], ...] = ()  # in-process only, after prep
 
 
 def _skipped(n: int, *names: str) -> Callable[[Path, Result], None]:
@@ -245,6 +287,18 @@ def _all_used(n: int) -> Callable[[Path, Result], None]:
         s = summary_of(run_folders(tmp / "runs")[0])
         assert s["skipped_images"] == 0, s["skipped"]
         assert s["train_images"] + s["val_images"] == n
+    return check
+
+
+def _resolved(**expected) -> Callable[[Path, Result], None]:
+    """The run folder's config.yaml holds these values (``train__lr=0.1`` for train.lr)."""
+    def check(tmp: Path, res: Result) -> None:
+        (run,) = run_folders(tmp / "runs")
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        for key, want in expected.items():
+            section, _, name = key.partition("__")
+            got = cfg[section][name] if name else cfg[section]
+            assert got == want and type(got) is type(want), f"{key}: {got!r}"
     return check
 
 
@@ -331,6 +385,42 @@ CASES = [
     Case("train-and-dataset", 2, ("set exactly one of data.train", "data.dataset"), ov=("data.dataset=digits",)),
     Case("unknown-dataset", 2, ("unknown dataset 'imagenet9'", "packaged datasets: digits"),
          ov=("data.train=null", "data.dataset=imagenet9")),
+    # --- YAML that would silently mean something else
+    Case("config-duplicate-section", 2, ("train: duplicate key at line", "first at line", "merge them into one"),
+         prep=(two_sections,)),
+    Case("config-duplicate-key", 2, ("data.batch_size: duplicate key at line 3 (first at line 2)",),
+         cfg="data:\n  batch_size: 4\n  batch_size: 8\n  train: data\n"),
+    Case("config-duplicate-key-in-flow", 2, ("model.weights: duplicate key at line 2",),
+         cfg="data: {train: data}\nmodel: {weights: none, weights: DEFAULT}\n"),
+    Case("override-duplicate-key", 2, ("override 'train={epochs: 1, epochs: 2}'", "train.epochs: duplicate key"),
+         ov=("train={epochs: 1, epochs: 2}",)),
+    Case("epochs-true", 2, ("train.epochs: Input should be a valid integer", "true/false is not a number"),
+         cfg={"train": {"epochs": True}}),
+    Case("lr-true", 2, ("train.lr: Input should be a valid number", "true/false is not a number"),
+         cfg={"train": {"lr": True}}),
+    Case("seed-false", 2, ("seed: Input should be a valid integer", "(got False)"), cfg={"seed": False}),
+    Case("epochs-float", 2, ("train.epochs: Input should be a valid integer", "without a decimal point", "2.0"),
+         cfg={"train": {"epochs": 2.0}}),
+    Case("batch-size-quoted", 2, ("data.batch_size: Input should be a valid integer", "'4'"),
+         cfg={"data": {"batch_size": "4"}}),
+    Case("amp-yes-in-file", 2, ("train.amp: Input should be a valid boolean", "write true or false", "'yes'"),
+         cfg="data: {train: data}\ntrain:\n  amp: yes\n"),
+    Case("download-on-in-file", 2, ("data.download: Input should be a valid boolean", "'on'"),
+         cfg="data:\n  train: data\n  download: on\n"),
+    Case("amp-yes-override", 2, ("train.amp: Input should be a valid boolean", "write true or false", "'yes'"),
+         ov=("train.amp=yes",)),
+    Case("amp-quoted-true", 2, ("train.amp: Input should be a valid boolean", "'true'"), cfg={"train": {"amp": "true"}}),
+    Case("amp-one", 2, ("train.amp: Input should be a valid boolean", "(got 1)"), ov=("train.amp=1",)),
+    Case("amp-false-override-ok", 0, (), ov=("train.amp=false", "model.backbone=lenet5"), run="ok",
+         check=_resolved(train__amp=False)),
+    Case("lr-exponent-ok", 0, (), ov=("train.lr=1e-3", "model.backbone=lenet5"), run="ok", check=_resolved(train__lr=0.001)),
+    Case("section-override-merges", 0, (), ov=("train={epochs: 1, lr: 0.01}", "model={backbone: lenet5}"), run="ok",
+         check=_resolved(train__device="cpu", train__lr=0.01, model__weights="none", model__backbone="lenet5")),
+    Case("folder-named-like-a-date", 0, (), ov=("data.train=2024-05-01", "model.backbone=lenet5"),
+         prep=(rename_data("2024-05-01"),), run="ok", check=_resolved(data__train="2024-05-01")),
+    Case("folder-named-no", 0, (), cfg="data: {train: no, image_size: 32, batch_size: 4, num_workers: 0}\n"
+         "model: {backbone: lenet5, weights: none}\ntrain: {epochs: 1, device: cpu}\n", prep=(rename_data("no"),),
+         run="ok", check=_resolved(data__train="no")),
     # --- command line
     Case("no-config-no-resume", 2, ("give a CONFIG file, or --resume RUN_DIR",), argv=("train",)),
     Case("config-and-resume", 2, ("give either CONFIG or --resume RUN_DIR",), argv=("train", "cfg.yaml", "--resume", "runs/t")),
@@ -347,6 +437,7 @@ CASES = [
                                    "give both folders the same class sub-folders"),
          ov=("data.val=val",), prep=(val_with_other_classes,)),
     Case("val-missing", 2, ("data.val: folder not found",), ov=("data.val=nope",)),
+    Case("last-batch-of-one", 0, (), ov=("data.batch_size=5",), run="ok", check=_all_used(8)),  # 6 train: 5 + 1
     Case("no-validation-images", 2, ("the validation set is empty", "add images or give data.val"),
          prep=(one_image_per_class,)),
     Case("non-image-files-ignored", 0, (), prep=(junk_files,), run="ok", check=_all_used(8)),
@@ -368,6 +459,22 @@ CASES = [
          prep=(bomb(20_000, 20_000),), run="ok", check=_skipped(1, "bomb.png")),
     Case("bomb-over-limit-error", 2, ("image too large", "decompression-bomb limit", "data.on_bad_image=skip"),
          prep=(bomb(10_000, 10_000),), ov=("data.on_bad_image=error",)),
+    Case("hidden-subfolders-ignored", 0, (), prep=(hidden_subfolders,), run="ok", check=_all_used(8)),
+    Case("nested-subfolder-used", 0, (), prep=(nested_subfolder,), run="ok", check=_all_used(10)),
+    Case("symlinks-followed-dangling-ignored", 0, (), prep=(symlinks,), run="ok", check=_all_used(12)),
+    Case("unreadable-class-folder", 2, ("data.train: cannot read folder", "data/b: Permission denied",
+                                        "give your user read access to it"), patch=(deny("data/b"),)),
+    Case("unreadable-nested-folder", 2, ("data.train: cannot read folder", "data/a/deeper: Permission denied"),
+         prep=(nested_subfolder,), patch=(deny("data/a/deeper"),)),
+    Case("unreadable-data-folder", 2, ("data.train: cannot read folder", "Permission denied"), patch=(deny("data"),)),
+    Case("data-folder-inside-unreadable", 2, ("data.train: cannot read folder", "Permission denied"),
+         ov=("data.train=locked/data",), prep=(rename_data("locked/data"),), patch=(deny("locked"),)),
+    Case("unreadable-val-class-folder", 2, ("data.val: cannot read folder", "val/a: Permission denied"),
+         ov=("data.val=val",), prep=(lambda tmp: make_dataset(tmp / "val", n=2, seed=3),), patch=(deny("val/a"),)),
+    Case("unreadable-image-skipped", 0, ("skipping 1 unreadable image", "001.png: cannot read: permission denied"),
+         patch=(deny("data/a/001.png"),), run="ok", check=_skipped(1, "001.png")),
+    Case("unreadable-image-error", 2, ("1 unreadable image", "cannot read: permission denied", "data.on_bad_image=skip"),
+         ov=("data.on_bad_image=error",), patch=(deny("data/b/002.png"),)),
     Case("class-all-broken", 2, ("class 'b' has no readable images", "replace the broken files"), prep=(class_all_broken,)),
     # --- weights and checkpoints
     Case("weights-missing", 2, ("weights file not found", "missing.pt"), ov=("model.weights=missing.pt",)),
@@ -464,6 +571,8 @@ def _check(case: Case, tmp: Path, res: Result, before: set[str]) -> None:
 @pytest.mark.parametrize("case", _params())
 def test_bad_input(case: Case, tmp_path: Path, monkeypatch, capfd) -> None:
     argv, before = _setup(case, tmp_path)
+    for patch in case.patch:
+        patch(tmp_path, monkeypatch)
     res = run_inprocess(argv, monkeypatch, capfd, tmp_path)
     _check(case, tmp_path, res, before)
 
@@ -481,7 +590,7 @@ def test_real_entry_point_agrees(case: Case, tmp_path: Path) -> None:
 
 
 def test_table_is_large_enough() -> None:
-    assert len(CASES) >= 40
+    assert len(CASES) >= 110
     assert len({c.id for c in CASES}) == len(CASES)
 
 

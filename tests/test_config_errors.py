@@ -68,6 +68,20 @@ BAD = {
     ),
     "bad-device": ("train:\n  device: gpu\n", [], ["train.device", "'gpu'"]),
     "bad-name": ("name: 'my run/1'\n", [], ["name", "should match pattern"]),
+    # YAML that would otherwise silently mean something else
+    "duplicate-section": ("train:\n  lr: 0.1\ndata:\n  val_split: 0.3\ntrain:\n  epochs: 2\n", [],
+                          ["train: duplicate key at line 5 (first at line 1)", "merge them into one"]),
+    "duplicate-key": ("train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n", [], ["train.lr: duplicate key at line 4 (first at line 2)"]),
+    "two-duplicates-together": ("seed: 1\nseed: 2\ntrain: {lr: 0.1, lr: 0.2}\n", [],
+                                ["2 problem(s)", "seed: duplicate key at line 2", "train.lr: duplicate key at line 3"]),
+    "bool-as-int": ("train:\n  epochs: true\n", [], ["train.epochs", "valid integer", "true/false is not a number"]),
+    "bool-as-float": ("train:\n  lr: false\n", [], ["train.lr", "valid number", "true/false is not a number"]),
+    "float-as-int": ("data:\n  batch_size: 32.5\n", [], ["data.batch_size", "valid integer", "32.5"]),
+    "yes-is-not-a-bool": ("train:\n  amp: yes\n", [], ["train.amp", "valid boolean", "write true or false", "'yes'"]),
+    "off-is-not-a-bool": ("freeze:\n  similar: off\n", [], ["freeze.similar", "valid boolean", "'off'"]),
+    "int-is-not-a-bool": ("train:\n  channels_last: 0\n", [], ["train.channels_last", "valid boolean", "got 0"]),
+    "override-yes-is-not-a-bool": (OK, ["train.amp=yes"], ["train.amp", "valid boolean", "write true or false"]),
+    "override-duplicate-key": (OK, ["train={lr: 1, lr: 2}"], ["override 'train={lr: 1, lr: 2}'", "train.lr: duplicate key"]),
 }
 
 
@@ -120,3 +134,27 @@ def test_config_load_is_safe_yaml(monkeypatch, tmp_path) -> None:
         cfgmod.load(p)
     assert "not valid YAML" in str(ei.value)
     assert not (tmp_path / "X").exists()
+
+
+def test_yaml_reads_what_it_shows(tmp_path) -> None:
+    """Only true/false are booleans, dates and yes/no stay text, 1e-3 is a number, merge keys work."""
+    p = tmp_path / "c.yaml"
+    p.write_text("name: 2024-05-01\nbase: &base {train: no, val: off}\n", encoding="utf-8")
+    assert cfgmod.read_yaml(p) == {"name": "2024-05-01", "base": {"train": "no", "val": "off"}}
+    p.write_text("data:\n  train: 2024-05-01\n  download: TRUE\ntrain:\n  lr: 1e-3\n  amp: False\n", encoding="utf-8")
+    c = cfgmod.load(p)
+    assert (c.data.train, c.data.download, c.train.lr, c.train.amp) == ("2024-05-01", True, 0.001, False)
+    assert type(cfgmod.load(p, ["train.lr=1"]).train.lr) is float
+    p.write_text("x: &x {lr: 0.1, epochs: 2}\ntrain:\n  <<: *x\n  lr: 0.5\n", encoding="utf-8")
+    assert cfgmod.read_yaml(p)["train"] == {"lr": 0.5, "epochs": 2}  # a merge key may be overridden
+
+
+def test_section_override_merges_into_the_section(tmp_path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 0.1\n  device: cpu\n  epochs: 4\n", encoding="utf-8")
+    c = cfgmod.load(p, ["train={epochs: 2, optimizer: sgd}"])
+    assert (c.train.lr, c.train.device, c.train.epochs, c.train.optimizer) == (0.1, "cpu", 2, "sgd")
+    with pytest.raises(ConfigError, match="train.lrr: unknown key"):
+        cfgmod.load(p, ["train={lrr: 2}"])
+    with pytest.raises(ConfigError, match="train: must be a mapping"):
+        cfgmod.load(p, ["train=5"])

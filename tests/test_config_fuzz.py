@@ -141,6 +141,7 @@ def _only_config_or_config_error(fn) -> None:
     # a config that validates must survive the round trip through the run folder's config.yaml
     dumped = yaml.safe_dump(result.to_dict(), sort_keys=False)
     assert cfgmod.validate(yaml.safe_load(dumped)) == result
+    assert cfgmod.validate(cfgmod.parse_yaml(dumped)) == result  # as `--resume` reads it back
     # values that validate must also be usable by the recipe
     for f in ("lr", "backbone_lr_scale", "momentum", "weight_decay", "warmup_epochs", "label_smoothing"):
         assert math.isfinite(getattr(result.train, f)), f"train.{f} must be finite"

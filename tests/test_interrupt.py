@@ -14,6 +14,7 @@ Each run is the real ``python -m cnnft train`` on a small generated dataset with
 from __future__ import annotations
 
 import csv
+import os
 import random
 import signal
 import subprocess
@@ -34,12 +35,14 @@ METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 
 
 class Proc:
-    """``python -m cnnft ARGV`` in the background, its output collected line by line."""
+    """``python -m cnnft ARGV`` in the background, its output collected line by line;
+    ``group``: in a process group of its own, as `setsid`, `timeout` and Slurm start it."""
 
-    def __init__(self, argv: list[str], cwd: Path) -> None:
+    def __init__(self, argv: list[str], cwd: Path, group: bool = False) -> None:
         self.t0 = time.monotonic()
         self.p = subprocess.Popen([sys.executable, "-m", "cnnft", *argv], cwd=cwd, env=subprocess_env(),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  start_new_session=group)
         self.err: list[str] = []
         self.out: list[str] = []
         self.seen = {}
@@ -55,6 +58,10 @@ class Proc:
                 if marker in line:
                     self.seen.setdefault(marker, time.monotonic() - self.t0)
             buf.append(line)
+
+    def since(self, marker: str) -> float:
+        """Seconds from ``marker``'s first appearance until now."""
+        return time.monotonic() - self.t0 - self.seen[marker]
 
     def wait_for(self, text: str, timeout: float = 120) -> None:
         end = time.monotonic() + timeout
@@ -151,7 +158,9 @@ def test_signal_saves_a_resumable_checkpoint(exp: Path, baseline: dict, sig: int
     out = f"sig{int(sig)}"
     proc = Proc(["train", "cfg.yaml", f"output_dir={out}", "-q"], exp)
     proc.wait_for("parameters train")  # logged just before the stop flag is armed and the first step
-    time.sleep(0.15)  # into the first epoch (80 steps of a few ms each)
+    # a third into the first epoch (80 steps of a few ms each): the stop must come mid-epoch,
+    # where resuming needs the saved RNG state to draw the same augmentations
+    time.sleep(max(0.15, (baseline["epochs_at"][0] - baseline["train_start"]) / 3))
     proc.p.send_signal(sig)
     assert proc.finish() == code, proc.stderr
     err = proc.stderr
@@ -160,7 +169,9 @@ def test_signal_saves_a_resumable_checkpoint(exp: Path, baseline: dict, sig: int
     assert f"resume with: cnnft train --resume {Path(out) / 't'}" in err, err
     assert TRACEBACK not in err
     state = checkpoint.load(run / "checkpoints" / "last.pt")
-    assert (state["epoch"], state["step"]) < (EPOCHS, 0), "stopped before the end"
+    assert state["epoch"] < EPOCHS and state["step"] > 0, f"not a mid-epoch stop: {state['epoch']}, {state['step']}"
+    assert state["running"]["steps"] == state["step"]
+    assert {"python", "numpy", "torch"} <= set(state["rng"]), "the RNG state must be saved for the resume"
 
     partial = run / "checkpoints" / ".last.pt.k1ll3d.tmp"  # as a kill during a save leaves it
     partial.write_bytes(b"half a checkpoint")
@@ -181,22 +192,30 @@ def test_sigkill_at_random_moments_never_corrupts_and_resume_matches(exp: Path, 
     start, end = baseline["train_start"], baseline["epochs_at"][-1]
     # one kill while Python/torch are still starting (no run folder, no checkpoint yet), then
     # one in each quarter of the training (before, between and around the epoch-end saves)
+    # (the later kills are timed from the run's own start of training, and the last quarter
+    # stops short of the end, so that a slower or faster start cannot move a kill past the run)
     quarter = (end - start) / 4
-    delays = [rng.uniform(0.05, 0.6)] + [start + rng.uniform(i * quarter, (i + 1) * quarter) for i in range(4)]
+    delays = [rng.uniform(0.05, 0.6)] + [rng.uniform(i * quarter, (i + 1) * quarter) * 0.95 for i in range(4)]
     report = []
     for i, delay in enumerate(delays):
         out = f"kill{i}"
         proc = Proc(["train", "cfg.yaml", f"output_dir={out}", "-q"], exp)
-        time.sleep(max(0.0, delay - (time.monotonic() - proc.t0)))
+        if i == 0:
+            time.sleep(max(0.0, delay - (time.monotonic() - proc.t0)))
+        else:
+            proc.wait_for("parameters train")
+            time.sleep(max(0.0, delay - proc.since("parameters train")))
         proc.p.kill()
-        proc.finish()
+        # the kill must land while the run is alive: a run that had already finished would
+        # pass everything below without testing anything
+        assert proc.finish() == -signal.SIGKILL, f"kill {i} at {delay:.2f}s came after the run ended:\n{proc.stderr}"
         runs = run_folders(exp / out)
         last = [r / "checkpoints" / "last.pt" for r in runs if (r / "checkpoints" / "last.pt").exists()]
         leftovers = assert_checkpoints_sound(exp / out)
         from cnnft import checkpoint
 
         at = [checkpoint.load(p)["epoch"] for p in last]
-        report.append(f"kill {i} at {delay:.2f}s: run folders {[r.name for r in runs]}, "
+        report.append(f"kill {i} at {delay:.2f}s{' into training' if i else ''}: run folders {[r.name for r in runs]}, "
                       f"last.pt epoch {at or 'absent'}, tmp leftovers {leftovers or 'none'}")
         run = resume_until_done(exp, out)
         assert summary_of(run)["epochs_completed"] == EPOCHS
@@ -204,3 +223,38 @@ def test_sigkill_at_random_moments_never_corrupts_and_resume_matches(exp: Path, 
     print(f"baseline: training {start:.2f}-{end:.2f}s, epochs end at {baseline['epochs_at']}")
     print("\n".join(report))
     assert any("absent" in line for line in report[:1]), "the first kill should come before any checkpoint"
+
+
+GROUP_TRIALS = 5
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_saves(exp: Path, baseline: dict) -> None:
+    """`timeout`, `kill -- -PGID` and Slurm's scancel signal every process of the job, the
+    DataLoader workers too. The workers must leave SIGTERM to the main process, which saves
+    a resumable checkpoint and exits 143; a worker that died of it used to crash the run
+    ("DataLoader worker (pid N) is killed by signal: Terminated", exit 1) in 3 trials of 4."""
+    from cnnft import checkpoint
+
+    rng = random.Random(143)
+    epoch = baseline["epochs_at"][0] - baseline["train_start"]
+    report = []
+    for i in range(GROUP_TRIALS):
+        out = f"group{i}"
+        proc = Proc(["train", "cfg.yaml", f"output_dir={out}", "data.num_workers=2", "-q"], exp, group=True)
+        proc.wait_for("parameters train")
+        delay = rng.uniform(0.1, 1.5) * epoch  # anywhere in the first two epochs, validation included
+        time.sleep(max(0.0, delay - proc.since("parameters train")))
+        os.killpg(proc.p.pid, signal.SIGTERM)  # the whole group, sent from outside it
+        code = proc.finish()
+        report.append(f"trial {i}: SIGTERM at {delay:.2f}s into training -> exit {code}")
+        assert code == 143, "\n".join(report) + "\n" + proc.stderr
+        err = proc.stderr
+        assert "stopped by SIGTERM" in err and "internal error" not in err and TRACEBACK not in err, err
+        run = exp / out / "t"
+        state = checkpoint.load(run / "checkpoints" / "last.pt")
+        assert (state["epoch"], state["step"]) < (EPOCHS, 0) and {"optimizer", "rng"} <= set(state)
+        res = run_subprocess(["train", "--resume", str(run.relative_to(exp)), "-q"], exp)
+        assert res.code == 0 and TRACEBACK not in res.err, res.err
+        s = summary_of(run)
+        assert s["status"] == "completed" and s["epochs_completed"] == EPOCHS
+    print("\n".join(report))

@@ -56,16 +56,6 @@ def _is_checkpoint_arg(source: str | Path) -> bool:
     return False
 
 
-def head_module(model: nn.Module) -> nn.Module:
-    """The main classifier layer, whose input is the penultimate (feature) layer."""
-    fam = models.family_of(model)
-    if fam is not None:
-        return model.get_submodule(fam.heads[0])
-    if hasattr(model, "get_classifier"):  # timm
-        return model.get_classifier()
-    raise CnnftError(f"cannot find the classifier layer of {type(model).__name__}")
-
-
 def _model_for(source: str | Path, device: str) -> tuple[nn.Module, str, models.Preprocess, runtime.Runtime]:
     """A checkpoint's model and runtime, or a backbone's pretrained one with the default runtime."""
     if _is_checkpoint_arg(source):
@@ -106,7 +96,7 @@ def extract(
         raise InputError(f"--out: cannot create {out.parent}: {exc.strerror or exc}") from None
 
     captured: list[torch.Tensor] = []
-    hook = head_module(model).register_forward_pre_hook(
+    hook = models.head_module(model).register_forward_pre_hook(
         lambda _m, inputs: captured.append(inputs[0].detach().float().flatten(1).cpu()))
     feats, kept, skipped = [], [], []
     t0 = time.perf_counter()

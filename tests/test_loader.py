@@ -1,0 +1,95 @@
+"""Loaders and folder listing: loader workers leave signals to the main process, a training
+loader never ends on a batch of one, and hidden files and folders are never data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from _robust import make_dataset, subprocess_env
+from cnnft import data
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _Pids(Dataset):
+    """Item i -> the pid of the process that loaded it (slowly, so the loader is mid-epoch)."""
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int) -> int:
+        time.sleep(0.01)
+        return os.getpid()
+
+
+def test_workers_ignore_sigterm_from_others_and_the_loader_finishes() -> None:
+    """`kill -- -PGID`, `timeout` or Slurm signal the workers too; they must keep serving
+    batches and leave the decision to the main process."""
+    loader = data.make_loader(_Pids(), batch_size=2, num_workers=2)
+    seen: list[int] = []
+    for i, batch in enumerate(loader):
+        seen += batch.tolist()
+        if i == 2:
+            workers = sorted(set(seen) - {os.getpid()})
+            assert len(workers) == 2
+            for pid in workers:  # sent by another process, as a group signal is
+                subprocess.run(["kill", "-TERM", str(pid)], check=True)
+            time.sleep(0.2)
+    assert len(seen) == 40
+
+
+def test_exit_with_a_live_loader_iterator_does_not_hang(tmp_path: Path) -> None:
+    """At exit Python ends leftover loader workers with SIGTERM from the main process and waits
+    for them: a worker that ignored every SIGTERM would hang the exit forever."""
+    script = tmp_path / "live.py"
+    script.write_text(textwrap.dedent("""
+        from cnnft import data
+        loader = data.make_loader(list(range(100)), batch_size=2, num_workers=2)
+        LIVE = iter(loader)
+        next(LIVE)
+        print("leaving with workers alive", flush=True)
+    """))
+    env = subprocess_env(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "leaving with workers alive" in res.stdout, res.stderr
+    assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.parametrize("n, sampler, sizes", [
+    (9, True, [4, 4]),  # training: a lone last image is left out (BatchNorm cannot train on 1)
+    (10, True, [4, 4, 2]),
+    (9, False, [4, 4, 1]),  # evaluation sees every image
+])
+def test_training_loader_never_ends_on_a_batch_of_one(n: int, sampler: bool, sizes: list[int]) -> None:
+    s = data.EpochSampler(n, seed=0, shuffle=True) if sampler else None
+    loader = data.make_loader(torch.arange(n), batch_size=4, num_workers=0, sampler=s)
+    assert [len(b) for b in loader] == sizes and len(loader) == len(sizes)
+    if sampler:  # a resumed epoch (starting after whole batches) keeps the same batches
+        s.set_epoch(0, start=4)
+        assert [len(b) for b in loader] == sizes[1:]
+
+
+def test_hidden_files_and_folders_are_never_data(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "d", n=2)
+    make_dataset(root / "a" / ".ipynb_checkpoints", classes=("x",), n=2)
+    make_dataset(root / "b" / "sub", classes=(".git",), n=1)
+    make_dataset(root / "b" / "sub", classes=("deep",), n=1)
+    (root / "a" / ".hidden.png").write_bytes((root / "a" / "000.png").read_bytes())
+    make_dataset(root, classes=(".trash",), n=1)
+    classes, paths, labels = data.scan_folder(root, "data.train")
+    rel = [str(Path(p).relative_to(root)) for p in paths]
+    assert classes == ["a", "b"]
+    assert rel == ["a/000.png", "a/001.png", "b/000.png", "b/001.png", "b/sub/deep/000.png"]
+    assert labels == [0, 0, 1, 1, 1]
+    assert data.image_files(root / "a", "x") == [str(root / "a" / "000.png"), str(root / "a" / "001.png")]
