@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import checkpoint, data, models, runtime
 from ..config import TrainConfig
-from ..errors import CheckpointError, CnnftError, DataError, InputError
+from ..errors import CheckpointError, DataError, InputError
 from ..imagefiles import forward_files
 
 Log = Callable[[str], None]

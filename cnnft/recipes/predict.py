@@ -46,12 +46,12 @@ def collect_images(inputs: Iterable[str | Path], log: Log = _stderr) -> list[str
     seen: dict[str, None] = {}
     for raw in inputs:
         p = Path(raw).expanduser()
-        if p.is_dir():
-            found = sorted(
-                str(f) for f in p.rglob("*")
-                if f.is_file() and f.suffix.lower() in data.IMAGE_EXTENSIONS
-                and not any(part.startswith(".") for part in f.relative_to(p).parts)
-            )
+        try:
+            is_dir = p.is_dir()
+        except OSError:  # unreadable: reported per file below
+            is_dir = False
+        if is_dir:
+            found = data.image_files(p, str(p))
             if not found:
                 log(f"{p}: no image files in this folder (looked for {', '.join(sorted(data.IMAGE_EXTENSIONS))})")
             seen.update(dict.fromkeys(found))
