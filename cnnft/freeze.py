@@ -189,6 +189,18 @@ def _keep_eval(module: nn.Module, _inputs) -> None:
     module.training = False
 
 
+def _owner_stage(name: str, module: nn.Module, owner: dict[str, str], stages: list[Stage]) -> str | None:
+    """The stage a module belongs to by the parameters it owns (stage prefixes may name
+    parameters, as timm's do, or modules, as the family table's do)."""
+    own = [f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)]
+    if own:
+        return owner[own[0]]
+    for st in stages:  # a BatchNorm without affine parameters: its module name or a prefix below it
+        if any(name == p or name.startswith(p + ".") or p.startswith(name + ".") for p in st.prefixes):
+            return st.name
+    return None
+
+
 def apply_plan(model: nn.Module, stages: list[Stage], plan: FreezePlan) -> list[nn.Module]:
     """Set ``requires_grad`` per the plan and pin BatchNorm in frozen stages to eval mode.
     Returns the pinned BatchNorm modules."""
@@ -198,7 +210,7 @@ def apply_plan(model: nn.Module, stages: list[Stage], plan: FreezePlan) -> list[
         p.requires_grad_(owner[name] not in frozen)
     pinned = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and module_stage(name, stages) in frozen:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and _owner_stage(name, m, owner, stages) in frozen:
             if not getattr(m, "_cnnft_pinned", False):
                 m.register_forward_pre_hook(_keep_eval)
                 m._cnnft_pinned = True

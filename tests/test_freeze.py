@@ -144,3 +144,36 @@ def test_stage_count_limits(name: str) -> None:
     assert freeze.frozen_stage_names(stages, "freeze_early", frozen_stages=0) == {"stem"}
     assert freeze.frozen_stage_names(stages, "freeze_most", trainable_stages=k) == {"stem"}
     assert freeze.frozen_stage_names(stages, "freeze_most", trainable_stages=0) == {"stem", *body}
+
+
+@pytest.mark.parametrize("strategy", ["head_only", "freeze_most"])
+@pytest.mark.parametrize("source", ["timm/resnet18", "efficientnet_lite0", "file"])
+def test_frozen_batchnorm_is_pinned_for_every_source(tmp_path, source, strategy):
+    """BatchNorm ownership by parameters holds where stage prefixes name parameters (timm, the
+    packaged Lite weights) as well as modules (torchvision, and a local weights file)."""
+    torch.manual_seed(0)
+    if source == "file":
+        path = tmp_path / "w.pth"
+        torch.save(models.build("resnet18", "none", 5).model.state_dict(), path)
+        bb = models.build("resnet18", str(path), 3)
+    else:
+        bb = models.build(source, "none", 3)
+    m, stages = bb.model, bb.stages
+    plan = freeze.make_plan(m, stages, strategy, lr=HEAD_LR, pretrained=True)
+    pinned = freeze.apply_plan(m, stages, plan)
+    owner = models.param_stage_map(m, stages)
+    bns = _bns(m)
+    frozen_bns = {n for n, b in bns.items() if owner[f"{n}.weight"] in plan.frozen}
+    assert frozen_bns and {id(bns[n]) for n in frozen_bns} == {id(b) for b in pinned}
+    before = {n: [t.clone() for t in (bns[n].running_mean, bns[n].running_var, bns[n].num_batches_tracked)]
+              for n in bns}
+    opt = torch.optim.SGD(freeze.param_groups(m, stages, plan, weight_decay=0.0), lr=0.1)
+    m.train()
+    for _ in range(2):  # an "epoch" of two steps in training mode
+        loss = F.cross_entropy(models.logits_of(m(torch.randn(4, 3, 64, 64))), torch.randint(0, 3, (4,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for n, b in bns.items():
+        same = all(torch.equal(x, y) for x, y in zip(before[n], (b.running_mean, b.running_var, b.num_batches_tracked)))
+        assert same == (n in frozen_bns), n
