@@ -35,8 +35,9 @@ class _Lazy:
         return getattr(importlib.import_module(self._name, __package__), attr)
 
 
-api, inference, modelinfo = _Lazy(".api"), _Lazy(".inference"), _Lazy(".modelinfo")
-starter, report_mod = _Lazy(".starter"), _Lazy(".report")
+train_recipe, plan_recipe = _Lazy(".recipes.train"), _Lazy(".recipes.freeze_plan")
+inference, modelinfo = _Lazy(".inference"), _Lazy(".modelinfo")
+starter, report_mod = _Lazy(".recipes.init"), _Lazy(".report")
 from .errors import CnnftError
 
 app = typer.Typer(
@@ -97,7 +98,7 @@ def validate(
     json_out: bool = typer.Option(False, "--json", help="Print the resolved config as JSON."),
 ) -> None:
     """Check a config and print it fully resolved (defaults filled in), or every error in it."""
-    resolved = api.resolve_config(config, overrides or [])
+    resolved = plan_recipe.resolve_config(config, overrides or [])
     if json_out:
         _print_json(resolved)
     else:
@@ -126,7 +127,7 @@ def freeze_plan(
 
     Size: "large" means at least 1000 training images per class on average (--images/--classes).
     """
-    plan = api.freeze_plan(
+    plan = plan_recipe.freeze_plan(
         size=size.value if size else None,
         similar=None if similar is None else similar == YesNo.yes,
         images=images,
@@ -182,14 +183,14 @@ def train(
         raise typer.BadParameter("give a CONFIG file, or --resume RUN_DIR", param_hint="CONFIG")
     if config is not None and resume is not None:
         raise typer.BadParameter("give either CONFIG or --resume RUN_DIR (the run keeps its own config)")
-    summary = api.train(config, overrides, resume=resume, log=lambda m: err.print(m, highlight=False, markup=False),
-                        progress_bar=err.is_terminal and not quiet and not json_out)
+    summary = train_recipe.train(config, overrides, resume=resume, log=lambda m: err.print(m, highlight=False, markup=False),
+                                 progress_bar=err.is_terminal and not quiet and not json_out)
     if json_out:
-        _print_json(summary)
+        _print_json(summary.to_dict())
     else:
-        out.print(f"[bold]best val acc {summary['best_val_acc']:.4f}[/bold] (epoch {summary['best_epoch']}), "
-                  f"final {summary['final_val_acc']:.4f}, {summary['wall_seconds']:.0f}s -> {summary['run_dir']}")
-        run = summary["run_dir"]
+        out.print(f"[bold]best val acc {summary.best_val_acc:.4f}[/bold] (epoch {summary.best_epoch}), "
+                  f"final {summary.final_val_acc:.4f}, {summary.wall_seconds:.0f}s -> {summary.run_dir}")
+        run = summary.run_dir
         err.print(f"next: cnnft evaluate {run} | cnnft report {run} | cnnft predict {run} IMAGES...",
                   highlight=False, markup=False)
 

@@ -10,7 +10,8 @@ import yaml
 
 from _fixtures import run_cli
 from cnnft import config as config_mod
-from cnnft import modelinfo, starter
+from cnnft import modelinfo
+from cnnft.recipes import init as starter
 from cnnft.errors import ConfigError, InputError
 
 # one model per entry of models.FAMILIES, plus the timm-based packaged backbone
