@@ -127,7 +127,7 @@ def freeze_plan(
 
     Size: "large" means at least 1000 training images per class on average (--images/--classes).
     """
-    plan = plan_recipe.freeze_plan(
+    advice = plan_recipe.freeze_plan(
         size=size.value if size else None,
         similar=None if similar is None else similar == YesNo.yes,
         images=images,
@@ -139,25 +139,25 @@ def freeze_plan(
         trainable_stages=trainable_stages,
     )
     if json_out:
-        _print_json(plan)
+        _print_json(advice.to_dict())
         return
-    quadrant = f"{plan['size'] or '?'} dataset, {'similar to' if plan['similar'] else 'different from'} ImageNet" \
-        if plan["similar"] is not None else f"{plan['size'] or '?'} dataset"
-    out.print(f"[bold]{quadrant}[/bold] -> strategy [bold cyan]{plan['strategy']}[/bold cyan]")
-    out.print(plan["rationale"])
-    if plan.get("size_rule"):
-        out.print(f"[dim]{plan['size_rule']}[/dim]")
-    if "stages" in plan:
-        t = Table(title=f"{plan['model']} ({plan['num_classes']} classes)")
+    quadrant = f"{advice.size or '?'} dataset, {'similar to' if advice.similar else 'different from'} ImageNet" \
+        if advice.similar is not None else f"{advice.size or '?'} dataset"
+    out.print(f"[bold]{quadrant}[/bold] -> strategy [bold cyan]{advice.strategy}[/bold cyan]")
+    out.print(advice.rationale)
+    if advice.size_rule:
+        out.print(f"[dim]{advice.size_rule}[/dim]")
+    if advice.plan is not None:
+        t = Table(title=f"{advice.model} ({advice.num_classes} classes)")
         t.add_column("stage")
         t.add_column("state")
         t.add_column("params", justify="right")
         t.add_column("lr", justify="right")
-        for s in plan["stages"]:
-            t.add_row(s["name"], "[blue]frozen[/blue]" if s["frozen"] else "[green]trainable[/green]",
-                      f"{s['params']:,}", "-" if s["lr"] is None else f"{s['lr']:.2g}")
+        for s in advice.plan.stages:
+            t.add_row(s.name, "[blue]frozen[/blue]" if s.frozen else "[green]trainable[/green]",
+                      f"{s.params:,}", "-" if s.lr is None else f"{s.lr:.2g}")
         t.add_section()
-        t.add_row("total", f"{plan['trainable_params']:,} trainable", f"{plan['total_params']:,}", "")
+        t.add_row("total", f"{advice.plan.trainable_params:,} trainable", f"{advice.plan.total_params:,}", "")
         out.print(t)
         out.print("[dim]BatchNorm in frozen stages stays in eval mode (running statistics unchanged).[/dim]")
 

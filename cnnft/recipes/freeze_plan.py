@@ -3,11 +3,35 @@ model, and a config with every default filled in; nothing is trained or written.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import config as config_mod
 from .. import freeze, models
 from ..errors import InputError
+from ..freeze import FreezePlan
+
+
+@dataclass(frozen=True)
+class FreezeAdvice:
+    """The strategy for a dataset quadrant, why, and (given a model) its per-stage plan."""
+
+    strategy: str
+    size: str | None
+    similar: bool | None
+    rationale: str
+    size_rule: str | None  # how --images/--classes gave the size, when they did
+    model: str | None = None
+    num_classes: int | None = None
+    plan: FreezePlan | None = None
+
+    def to_dict(self) -> dict:
+        """The ``--json`` form: the advice, then the model and its plan's fields when planned."""
+        d: dict = {"strategy": self.strategy, "size": self.size, "similar": self.similar,
+                   "rationale": self.rationale, "size_rule": self.size_rule}
+        if self.plan is not None:
+            d.update(model=self.model, num_classes=self.num_classes, **self.plan.to_dict())
+        return d
 
 
 def resolve_config(path: str | Path | None, overrides: list[str]) -> dict:
@@ -26,7 +50,7 @@ def freeze_plan(
     lr: float | None = None,
     frozen_stages: int | None = None,
     trainable_stages: int | None = None,
-) -> dict:
+) -> FreezeAdvice:
     """Recommend a strategy for a quadrant and, given a model, plan it stage by stage."""
     size_rule = None
     if images is not None:
@@ -45,15 +69,9 @@ def freeze_plan(
                 "--classes K) and --similar yes|no; or pick --strategy full|freeze_early|freeze_most|head_only"
             )
         strategy = freeze.choose_strategy("auto", size=size, similar=similar)[0]
-    result: dict = {
-        "strategy": strategy,
-        "size": size,
-        "similar": similar,
-        "rationale": freeze.RATIONALE[strategy],
-        "size_rule": size_rule,
-    }
+    advice = FreezeAdvice(strategy, size, similar, freeze.RATIONALE[strategy], size_rule)
     if model is None:
-        return result
+        return advice
     defaults_train = config_mod.TrainConfig()
     defaults_freeze = config_mod.FreezeConfig()
     lr = defaults_train.lr if lr is None else lr
@@ -66,5 +84,4 @@ def freeze_plan(
         frozen_stages=frozen_stages,
         trainable_stages=defaults_freeze.trainable_stages if trainable_stages is None else trainable_stages,
     )
-    result.update(model=model, num_classes=bb.num_classes, **plan.to_dict())
-    return result
+    return replace(advice, model=model, num_classes=bb.num_classes, plan=plan)
