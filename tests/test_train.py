@@ -194,7 +194,7 @@ def test_real_head_only_on_hymenoptera_reaches_093(tmp_path, hymenoptera):
     )
     t0 = time.perf_counter()
     summary = train_recipe.train(cfg, [], log=lambda m: None)
-    print(f"hymenoptera head_only: best val acc {summary['best_val_acc']:.4f} "
+    print(f"hymenoptera head_only: best val acc {summary.best_val_acc:.4f} "
           f"in {time.perf_counter() - t0:.1f}s")
     assert summary.val_images == 153
     # every train image is readable, the placeholder GIF among the ants included (palette -> RGB)
