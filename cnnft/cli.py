@@ -35,7 +35,8 @@ class _Lazy:
         return getattr(importlib.import_module(self._name, __package__), attr)
 
 
-api, modelinfo, starter = _Lazy(".api"), _Lazy(".recipes.inspect"), _Lazy(".starter")
+train_recipe, plan_recipe = _Lazy(".recipes.train"), _Lazy(".recipes.freeze_plan")
+modelinfo, starter = _Lazy(".recipes.inspect"), _Lazy(".recipes.init")
 evaluate_recipe, predict_recipe = _Lazy(".recipes.evaluate"), _Lazy(".recipes.predict")
 extract_recipe, export_recipe, report_recipe = _Lazy(".recipes.extract"), _Lazy(".recipes.export"), _Lazy(".recipes.report")
 from .errors import CnnftError
@@ -98,7 +99,7 @@ def validate(
     json_out: bool = typer.Option(False, "--json", help="Print the resolved config as JSON."),
 ) -> None:
     """Check a config and print it fully resolved (defaults filled in), or every error in it."""
-    resolved = api.resolve_config(config, overrides or [])
+    resolved = plan_recipe.resolve_config(config, overrides or [])
     if json_out:
         _print_json(resolved)
     else:
@@ -127,7 +128,7 @@ def freeze_plan(
 
     Size: "large" means at least 1000 training images per class on average (--images/--classes).
     """
-    plan = api.freeze_plan(
+    advice = plan_recipe.freeze_plan(
         size=size.value if size else None,
         similar=None if similar is None else similar == YesNo.yes,
         images=images,
@@ -139,25 +140,25 @@ def freeze_plan(
         trainable_stages=trainable_stages,
     )
     if json_out:
-        _print_json(plan)
+        _print_json(advice.to_dict())
         return
-    quadrant = f"{plan['size'] or '?'} dataset, {'similar to' if plan['similar'] else 'different from'} ImageNet" \
-        if plan["similar"] is not None else f"{plan['size'] or '?'} dataset"
-    out.print(f"[bold]{quadrant}[/bold] -> strategy [bold cyan]{plan['strategy']}[/bold cyan]")
-    out.print(plan["rationale"])
-    if plan.get("size_rule"):
-        out.print(f"[dim]{plan['size_rule']}[/dim]")
-    if "stages" in plan:
-        t = Table(title=f"{plan['model']} ({plan['num_classes']} classes)")
+    quadrant = f"{advice.size or '?'} dataset, {'similar to' if advice.similar else 'different from'} ImageNet" \
+        if advice.similar is not None else f"{advice.size or '?'} dataset"
+    out.print(f"[bold]{quadrant}[/bold] -> strategy [bold cyan]{advice.strategy}[/bold cyan]")
+    out.print(advice.rationale)
+    if advice.size_rule:
+        out.print(f"[dim]{advice.size_rule}[/dim]")
+    if advice.plan is not None:
+        t = Table(title=f"{advice.model} ({advice.num_classes} classes)")
         t.add_column("stage")
         t.add_column("state")
         t.add_column("params", justify="right")
         t.add_column("lr", justify="right")
-        for s in plan["stages"]:
-            t.add_row(s["name"], "[blue]frozen[/blue]" if s["frozen"] else "[green]trainable[/green]",
-                      f"{s['params']:,}", "-" if s["lr"] is None else f"{s['lr']:.2g}")
+        for s in advice.plan.stages:
+            t.add_row(s.name, "[blue]frozen[/blue]" if s.frozen else "[green]trainable[/green]",
+                      f"{s.params:,}", "-" if s.lr is None else f"{s.lr:.2g}")
         t.add_section()
-        t.add_row("total", f"{plan['trainable_params']:,} trainable", f"{plan['total_params']:,}", "")
+        t.add_row("total", f"{advice.plan.trainable_params:,} trainable", f"{advice.plan.total_params:,}", "")
         out.print(t)
         out.print("[dim]BatchNorm in frozen stages stays in eval mode (running statistics unchanged).[/dim]")
 
@@ -183,14 +184,14 @@ def train(
         raise typer.BadParameter("give a CONFIG file, or --resume RUN_DIR", param_hint="CONFIG")
     if config is not None and resume is not None:
         raise typer.BadParameter("give either CONFIG or --resume RUN_DIR (the run keeps its own config)")
-    summary = api.train(config, overrides, resume=resume, log=lambda m: err.print(m, highlight=False, markup=False),
-                        progress_bar=err.is_terminal and not quiet and not json_out)
+    summary = train_recipe.train(config, overrides, resume=resume, log=lambda m: err.print(m, highlight=False, markup=False),
+                                 progress_bar=err.is_terminal and not quiet and not json_out)
     if json_out:
-        _print_json(summary)
+        _print_json(summary.to_dict())
     else:
-        out.print(f"[bold]best val acc {summary['best_val_acc']:.4f}[/bold] (epoch {summary['best_epoch']}), "
-                  f"final {summary['final_val_acc']:.4f}, {summary['wall_seconds']:.0f}s -> {summary['run_dir']}")
-        run = summary["run_dir"]
+        out.print(f"[bold]best val acc {summary.best_val_acc:.4f}[/bold] (epoch {summary.best_epoch}), "
+                  f"final {summary.final_val_acc:.4f}, {summary.wall_seconds:.0f}s -> {summary.run_dir}")
+        run = summary.run_dir
         err.print(f"next: cnnft evaluate {run} | cnnft report {run} | cnnft predict {run} IMAGES...",
                   highlight=False, markup=False)
 

@@ -1,8 +1,8 @@
-"""One training epoch, evaluation and the epoch loop, with explicit arguments.
+"""One training epoch, evaluation, the loop's state and its optimizer and schedule.
 
-Functions take the values they need (model, loader, optimizer, device...), never the
-config. Stopping early (Ctrl-C, SIGTERM) is cooperative: a flag checked between steps,
-so the state saved afterwards is consistent.
+Functions take the values they need (model, loader, optimizer, device...) or their own
+typed config section, never the whole config. Stopping early (Ctrl-C, SIGTERM) is
+cooperative: a flag checked between steps, so the state saved afterwards is consistent.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+from .config import TrainConfig
 from .errors import TrainingFailed
 from .models import AUX_LOSS_WEIGHT, aux_logits_of, logits_of
 from .runtime import Runtime
@@ -162,6 +163,84 @@ def evaluate(
     n = max(len(y), 1)
     acc = float((p.argmax(1) == y).sum()) / n if len(y) else 0.0
     return EvalResult(loss_sum / n, acc, time.perf_counter() - t0, p, y)
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: the loop's counters, its history and its best epoch so far.
+
+    ``state_dict()`` is stored at the top level of a checkpoint; ``load_state_dict`` reads it
+    back, so a resumed run continues from the very step it stopped before."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # batches done in epoch+1 (0 at an epoch boundary)
+    running: Running | None = None  # sums over the unfinished epoch
+    history: list[dict] = field(default_factory=list)  # one metrics row per completed epoch
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    wall_before: float = 0.0  # wall seconds spent by earlier processes of the same run
+    started: float = field(default_factory=time.perf_counter, repr=False)
+
+    @property
+    def wall_seconds(self) -> float:
+        """Wall time of the whole run so far, earlier processes included."""
+        return self.wall_before + time.perf_counter() - self.started
+
+    def end_epoch(self, row: dict) -> bool:
+        """Record a finished epoch's metrics row; True when it is the best so far."""
+        self.history.append(row)
+        self.epoch, self.step, self.running = row["epoch"], 0, None
+        improved = row["val_acc"] > self.best_val_acc
+        if improved:
+            self.best_val_acc, self.best_epoch = row["val_acc"], row["epoch"]
+        return improved
+
+    def state_dict(self) -> dict:
+        """The checkpoint entries that restore this state."""
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "running": asdict(self.running) if self.running else None,
+            "history": self.history,
+            "best_val_acc": self.best_val_acc,
+            "best_epoch": self.best_epoch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint (the entries ``state_dict`` wrote)."""
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.running = Running(**state["running"]) if state["running"] else None
+        self.history = state["history"]
+        self.best_val_acc, self.best_epoch = state["best_val_acc"], state["best_epoch"]
+        self.wall_before = self.history[-1]["wall_seconds"] if self.history else 0.0
+
+
+def build_optimizer(groups: list[dict], cfg: TrainConfig, state: dict | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``train.optimizer`` names over parameter ``groups``; ``state``, from a
+    checkpoint, continues it (moments, momentum buffers, learning rates)."""
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    if state is not None:
+        optimizer.load_state_dict(state)
+    return optimizer
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
+                    state: dict | None = None) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The per-step schedule ``train.scheduler`` names (None: a constant rate); ``state``, from
+    a checkpoint, continues it at the step it had reached."""
+    if cfg.scheduler != "cosine":
+        return None
+    lam = cosine_with_warmup(cfg.epochs * steps_per_epoch, int(round(cfg.warmup_epochs * steps_per_epoch)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
+    if state is not None:
+        scheduler.load_state_dict(state)
+        # the constructor applied step 0's factor to the optimizer: put back the rate reached
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+    return scheduler
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:

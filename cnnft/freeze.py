@@ -122,10 +122,6 @@ class FreezePlan:
             "total_params": self.total_params,
         }
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "FreezePlan":
-        return cls(d["strategy"], [StagePlan(**s) for s in d["stages"]], d["lr"], d["backbone_lr"])
-
 
 def frozen_stage_names(
     stages: list[Stage], strategy: str, frozen_stages: int | None = None, trainable_stages: int = 1

@@ -11,7 +11,7 @@ from typing import Iterable, TypeVar
 T = TypeVar("T")
 
 
-def bar(iterable: Iterable[T], desc: str, enabled: bool, total: int | None = None) -> Iterable[T]:
+def bar(iterable: Iterable[T], desc: str, enabled: bool) -> Iterable[T]:
     """``iterable`` wrapped in a tqdm bar on stderr when ``enabled``, else unchanged."""
     if not enabled:
         return iterable
@@ -23,4 +23,4 @@ def bar(iterable: Iterable[T], desc: str, enabled: bool, total: int | None = Non
         sized = False
     fallback = shutil.get_terminal_size((100, 24))
     shape = {"dynamic_ncols": True} if sized else {"ncols": fallback.columns, "nrows": fallback.lines}
-    return tqdm(iterable, desc=desc, total=total, leave=False, file=sys.stderr, **shape)
+    return tqdm(iterable, desc=desc, leave=False, file=sys.stderr, **shape)

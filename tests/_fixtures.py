@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from cnnft import api
+from cnnft.recipes import train as train_recipe
 
 _cache: dict[str, object] = {}
 
@@ -52,7 +52,7 @@ def hymenoptera_run(tmp_path_factory, hymenoptera: Path) -> dict:
             "  epochs: 2\n"
             "  lr: 0.01\n"
         )
-        return api.train(cfg, [f"output_dir={base / 'runs'}"], log=lambda m: None)
+        return train_recipe.train(cfg, [f"output_dir={base / 'runs'}"], log=lambda m: None).to_dict()
 
     return _once("hymenoptera", make)
 
@@ -75,7 +75,7 @@ def tiny_run(tmp_path_factory) -> dict:
         overrides = [f"data.train={data}", "data.image_size=32", "data.num_workers=0", "data.batch_size=4",
                      "model.backbone=resnet18", "model.weights=none", "train.epochs=1",
                      f"output_dir={base / 'runs'}", "name=tiny"]
-        return api.train(None, overrides, log=lambda m: None)
+        return train_recipe.train(None, overrides, log=lambda m: None).to_dict()
 
     return _once("tiny", make)
 

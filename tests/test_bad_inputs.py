@@ -231,12 +231,12 @@ def evil_pickle(tmp: Path) -> None:
 def prior_run(backbone: str = "lenet5", epochs: int = 1) -> Callable[[Path], None]:
     """A finished run in runs/t (trained in-process, quietly) to resume or evaluate."""
     def prep(tmp: Path) -> None:
-        from cnnft import api
+        from cnnft.recipes import train as train_recipe
 
         cfg = merged(BASE, {"model": {"backbone": backbone}, "train": {"epochs": epochs},
                             "data": {"train": str(tmp / "data")}, "output_dir": str(tmp / "runs")})
         (tmp / "prior.yaml").write_text(yaml.safe_dump(cfg))
-        api.train(tmp / "prior.yaml", [], log=lambda m: None)
+        train_recipe.train(tmp / "prior.yaml", [], log=lambda m: None)
     return prep
 
 

@@ -13,7 +13,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from cnnft import api, data
+from cnnft import data
+from cnnft.recipes import train as train_recipe
 from cnnft.config import DataConfig
 from cnnft.errors import DataError
 
@@ -56,7 +57,7 @@ def test_training_on_a_packaged_torchvision_dataset(tmp_path):
                     "augment": "none", "batch_size": 8, "num_workers": 0},
            "model": {"backbone": "resnet18", "weights": "none"}, "train": {"epochs": 1, "lr": 0.01}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    summary = api.train(tmp_path / "cfg.yaml", [], log=lambda m: None)
+    summary = train_recipe.train(tmp_path / "cfg.yaml", [], log=lambda m: None).to_dict()
     assert (summary["train_images"], summary["val_images"], summary["epochs_completed"]) == (40, 20, 1)
     assert summary["classes"][1] == "Trouser"
 

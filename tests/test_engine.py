@@ -92,7 +92,8 @@ def test_sgd_smoothing_clipping_and_warmup_in_a_run(tmp_path, tiny_data):
 
     import yaml
 
-    from cnnft import api, checkpoint
+    from cnnft import checkpoint
+    from cnnft.recipes import train as train_recipe
 
     cfg = {"name": "opt", "output_dir": str(tmp_path / "runs"), "seed": 0,
            "data": {"train": str(tiny_data), "val_split": 0.34, "image_size": 32, "batch_size": 4,
@@ -101,7 +102,7 @@ def test_sgd_smoothing_clipping_and_warmup_in_a_run(tmp_path, tiny_data):
            "train": {"epochs": 4, "lr": 0.02, "optimizer": "sgd", "momentum": 0.8, "weight_decay": 0.001,
                      "label_smoothing": 0.1, "grad_clip": 1.0, "warmup_epochs": 1}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    run = api.train(tmp_path / "cfg.yaml", [], log=lambda m: None)["run_dir"]
+    run = train_recipe.train(tmp_path / "cfg.yaml", [], log=lambda m: None).run_dir
     ck = checkpoint.load(f"{run}/checkpoints/last.pt")
     groups = ck["optimizer"]["param_groups"]
     assert all(g["momentum"] == 0.8 and g["nesterov"] for g in groups)

@@ -135,11 +135,11 @@ def test_evaluate_tiny_run_matches_its_summary(tiny_run):
 
 @pytest.mark.slow
 def test_evaluate_packaged_dataset_run_with_top5(tmp_path):
-    from cnnft import api
+    from cnnft.recipes import train as train_recipe
 
-    summary = api.train(None, ["data.dataset=digits", "model.backbone=lenet5", "train.epochs=1", "train.lr=0.01",
+    summary = train_recipe.train(None, ["data.dataset=digits", "model.backbone=lenet5", "train.epochs=1", "train.lr=0.01",
                                "data.num_workers=0", "data.augment=none", "data.batch_size=64",
-                               f"output_dir={tmp_path}"], log=lambda m: None)
+                               f"output_dir={tmp_path}"], log=lambda m: None).to_dict()
     res = evaluate.evaluate(summary["run_dir"], **QUIET).to_dict()
     assert res["accuracy"] == summary["best_val_acc"] and res["images"] == summary["val_images"]
     assert res["accuracy"] <= res["top5_accuracy"] <= 1.0

@@ -10,7 +10,7 @@ import yaml
 
 from _fixtures import run_cli
 from cnnft import config as config_mod
-from cnnft import starter
+from cnnft.recipes import init as starter
 from cnnft.errors import ConfigError, InputError
 from cnnft.recipes import inspect as modelinfo
 

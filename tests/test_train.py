@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnft import api, checkpoint, data, engine, models, runtime, transforms
+from cnnft import checkpoint, data, engine, models, runtime, transforms
 from cnnft.config import DataConfig
+from cnnft.recipes import train as train_recipe
 
 LOSS_ACC = ("train_loss", "train_acc", "val_loss", "val_acc")
 
@@ -43,8 +44,8 @@ def _rows(run_dir: str | Path) -> list[dict]:
 
 
 def test_run_folder_contract_and_best_checkpoint_reloads(tmp_path, tiny_data):
-    summary = api.train(_config(tmp_path, tiny_data), [], log=lambda m: None)
-    run = Path(summary["run_dir"])
+    summary = train_recipe.train(_config(tmp_path, tiny_data), [], log=lambda m: None)
+    run = Path(summary.run_dir)
     for name in ("config.yaml", "freeze_plan.json", "metrics.csv", "summary.json",
                  "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (run / name).is_file(), name
@@ -54,13 +55,13 @@ def test_run_folder_contract_and_best_checkpoint_reloads(tmp_path, tiny_data):
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert set(rows[0]) >= {"epoch", "lr_head", "lr_backbone", *LOSS_ACC, "epoch_seconds", "images_per_second"}
     on_disk = json.loads((run / "summary.json").read_text())
-    assert on_disk == summary
+    assert on_disk == summary.to_dict()
     for key in ("best_val_acc", "best_epoch", "final_val_acc", "epochs_completed", "wall_seconds", "run_dir"):
-        assert key in summary
-    assert summary["epochs_completed"] == 2
-    assert summary["best_val_acc"] == max(float(r["val_acc"]) for r in rows)
-    assert summary["final_val_acc"] == float(rows[-1]["val_acc"])
-    assert Path(summary["checkpoints"]["best"]).is_file()
+        assert key in summary.to_dict()
+    assert summary.epochs_completed == 2
+    assert summary.best_val_acc == max(float(r["val_acc"]) for r in rows)
+    assert summary.final_val_acc == float(rows[-1]["val_acc"])
+    assert Path(summary.checkpoints["best"]).is_file()
     plan = json.loads((run / "freeze_plan.json").read_text())
     assert plan["strategy"] == "full" and plan["trainable_params"] == plan["total_params"]
 
@@ -69,7 +70,7 @@ def test_run_folder_contract_and_best_checkpoint_reloads(tmp_path, tiny_data):
     assert ck["classes"] == ["cats", "dogs"]
     assert ck["preprocess"]["crop_size"] == 32
     assert ck["freeze_plan"]["strategy"] == "full"
-    assert ck["epoch"] == summary["best_epoch"]
+    assert ck["epoch"] == summary.best_epoch
     for key in ("optimizer", "scheduler", "rng", "config", "history"):
         assert ck[key] is not None, key
 
@@ -81,38 +82,38 @@ def test_run_folder_contract_and_best_checkpoint_reloads(tmp_path, tiny_data):
     pre = models.Preprocess.from_dict(ck["preprocess"])
     loader = data.make_loader(data.ImageDataset(bundle.val, transforms.eval_transform(pre), pre.resize_size), 8, 0)
     result = engine.evaluate(bb.model, loader, runtime.Runtime(torch.device("cpu")))
-    assert result.acc == summary["best_val_acc"]
+    assert result.acc == summary.best_val_acc
 
 
 def test_existing_run_folder_is_never_overwritten(tmp_path, tiny_data):
     cfg = _config(tmp_path, tiny_data, train__epochs=1)
-    first = api.train(cfg, [], log=lambda m: None)
-    second = api.train(cfg, [], log=lambda m: None)
-    assert first["run_dir"] != second["run_dir"]
-    assert Path(second["run_dir"]).name == "t-2"
-    assert (Path(first["run_dir"]) / "checkpoints" / "last.pt").is_file()
+    first = train_recipe.train(cfg, [], log=lambda m: None)
+    second = train_recipe.train(cfg, [], log=lambda m: None)
+    assert first.run_dir != second.run_dir
+    assert Path(second.run_dir).name == "t-2"
+    assert (Path(first.run_dir) / "checkpoints" / "last.pt").is_file()
 
 
 def test_same_seed_gives_identical_metrics(tmp_path, tiny_data):
     cfg = _config(tmp_path, tiny_data, data__num_workers=1, data__augment="strong")
-    a = api.train(cfg, [], log=lambda m: None)
-    b = api.train(cfg, [], log=lambda m: None)
-    ra, rb = _rows(a["run_dir"]), _rows(b["run_dir"])
+    a = train_recipe.train(cfg, [], log=lambda m: None)
+    b = train_recipe.train(cfg, [], log=lambda m: None)
+    ra, rb = _rows(a.run_dir), _rows(b.run_dir)
     assert [{k: r[k] for k in LOSS_ACC} for r in ra] == [{k: r[k] for k in LOSS_ACC} for r in rb]
-    c = api.train(cfg, ["seed=4"], log=lambda m: None)
-    assert [r["train_loss"] for r in _rows(c["run_dir"])] != [r["train_loss"] for r in ra]
+    c = train_recipe.train(cfg, ["seed=4"], log=lambda m: None)
+    assert [r["train_loss"] for r in _rows(c.run_dir)] != [r["train_loss"] for r in ra]
 
 
 def test_resume_extends_epochs_and_matches_uninterrupted_run(tmp_path, tiny_data):
     # a constant LR so that "train 1 epoch, then extend to 3" is the same run as "train 3"
     cfg = _config(tmp_path, tiny_data, train__scheduler="none", train__epochs=3)
-    straight = api.train(cfg, [], log=lambda m: None)
-    short = api.train(cfg, ["train.epochs=1"], log=lambda m: None)
-    assert len(_rows(short["run_dir"])) == 1
-    resumed = api.train(None, ["train.epochs=3"], resume=short["run_dir"], log=lambda m: None)
-    assert resumed["run_dir"] == short["run_dir"]
-    assert resumed["epochs_completed"] == 3
-    rs, rr = _rows(straight["run_dir"]), _rows(resumed["run_dir"])
+    straight = train_recipe.train(cfg, [], log=lambda m: None)
+    short = train_recipe.train(cfg, ["train.epochs=1"], log=lambda m: None)
+    assert len(_rows(short.run_dir)) == 1
+    resumed = train_recipe.train(None, ["train.epochs=3"], resume=short.run_dir, log=lambda m: None)
+    assert resumed.run_dir == short.run_dir
+    assert resumed.epochs_completed == 3
+    rs, rr = _rows(straight.run_dir), _rows(resumed.run_dir)
     assert [r["epoch"] for r in rr] == ["1", "2", "3"]
     assert [{k: r[k] for k in LOSS_ACC} for r in rs] == [{k: r[k] for k in LOSS_ACC} for r in rr]
 
@@ -120,11 +121,11 @@ def test_resume_extends_epochs_and_matches_uninterrupted_run(tmp_path, tiny_data
 def test_resuming_a_finished_run_says_how_to_extend_it(tmp_path, tiny_data):
     from cnnft.errors import InputError
 
-    run = api.train(_config(tmp_path, tiny_data), [], log=lambda m: None)["run_dir"]
+    run = train_recipe.train(_config(tmp_path, tiny_data), [], log=lambda m: None).run_dir
     before = {p.name: p.read_bytes() for p in Path(run).rglob("*") if p.is_file()}
     for overrides, fragment in (([], "already completed 2 epoch(s)"), (["train.epochs=1"], "more than the 1 asked for")):
         with pytest.raises(InputError, match=re.escape(fragment)) as info:
-            api.train(None, overrides, resume=run, log=lambda m: None)
+            train_recipe.train(None, overrides, resume=run, log=lambda m: None)
         assert f"--resume {run} train.epochs=7" in info.value.hint
     assert {p.name: p.read_bytes() for p in Path(run).rglob("*") if p.is_file()} == before, "nothing touched"
 
@@ -132,15 +133,15 @@ def test_resuming_a_finished_run_says_how_to_extend_it(tmp_path, tiny_data):
 def test_resume_refuses_changing_the_model(tmp_path, tiny_data):
     from cnnft.errors import ConfigError
 
-    run = api.train(_config(tmp_path, tiny_data, train__epochs=1), [], log=lambda m: None)
+    run = train_recipe.train(_config(tmp_path, tiny_data, train__epochs=1), [], log=lambda m: None)
     with pytest.raises(ConfigError, match="model.backbone: cannot be changed"):
-        api.train(None, ["model.backbone=vgg11"], resume=run["run_dir"], log=lambda m: None)
+        train_recipe.train(None, ["model.backbone=vgg11"], resume=run.run_dir, log=lambda m: None)
 
 
 def test_freeze_plan_of_run_matches_strategy(tmp_path, tiny_data):
     cfg = _config(tmp_path, tiny_data, train__epochs=1, freeze__strategy="freeze_most",
                   model__weights="none")
-    run = Path(api.train(cfg, [], log=lambda m: None)["run_dir"])
+    run = Path(train_recipe.train(cfg, [], log=lambda m: None).run_dir)
     plan = json.loads((run / "freeze_plan.json").read_text())
     frozen = [s["name"] for s in plan["stages"] if s["frozen"]]
     assert frozen == ["stem", "stage1", "stage2", "stage3"]
@@ -157,15 +158,15 @@ def test_freeze_plan_of_run_matches_strategy(tmp_path, tiny_data):
 
 def test_auto_strategy_trains_everything_without_pretrained_weights(tmp_path, tiny_data):
     logged: list[str] = []
-    run = api.train(_config(tmp_path, tiny_data, train__epochs=1, freeze__strategy="auto"), [], log=logged.append)
-    assert run["strategy"] == "full" and run["trainable_params"] == run["total_params"]
+    run = train_recipe.train(_config(tmp_path, tiny_data, train__epochs=1, freeze__strategy="auto"), [], log=logged.append)
+    assert run.strategy == "full" and run.trainable_params == run.total_params
     assert any("no pretrained layers to keep -> full" in m for m in logged), logged
 
 
 def test_freezing_random_layers_is_warned_about(tmp_path, tiny_data):
     logged: list[str] = []
-    run = api.train(_config(tmp_path, tiny_data, train__epochs=1, freeze__strategy="head_only"), [], log=logged.append)
-    assert run["strategy"] == "head_only"
+    run = train_recipe.train(_config(tmp_path, tiny_data, train__epochs=1, freeze__strategy="head_only"), [], log=logged.append)
+    assert run.strategy == "head_only"
     assert any(m.startswith("warning: freeze.strategy head_only with model.weights none") for m in logged), logged
 
 
@@ -174,7 +175,7 @@ def test_run_files_get_ordinary_permissions(tmp_path, tiny_data):
 
     umask = os.umask(0o022)
     os.umask(umask)
-    run = Path(api.train(_config(tmp_path, tiny_data, train__epochs=1), [], log=lambda m: None)["run_dir"])
+    run = Path(train_recipe.train(_config(tmp_path, tiny_data, train__epochs=1), [], log=lambda m: None).run_dir)
     for name in ("summary.json", "metrics.csv", "checkpoints/last.pt"):
         assert (run / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
@@ -192,26 +193,26 @@ def test_real_head_only_on_hymenoptera_reaches_093(tmp_path, hymenoptera):
         "train: {epochs: 3, lr: 0.01}\n"
     )
     t0 = time.perf_counter()
-    summary = api.train(cfg, [], log=lambda m: None)
-    print(f"hymenoptera head_only: best val acc {summary['best_val_acc']:.4f} "
+    summary = train_recipe.train(cfg, [], log=lambda m: None)
+    print(f"hymenoptera head_only: best val acc {summary.best_val_acc:.4f} "
           f"in {time.perf_counter() - t0:.1f}s")
-    assert summary["val_images"] == 153
+    assert summary.val_images == 153
     # every train image is readable, the placeholder GIF among the ants included (palette -> RGB)
-    assert summary["train_images"] == 245 and summary["skipped_images"] == 0
-    assert summary["strategy"] == "head_only"
-    assert summary["best_val_acc"] >= 0.93
+    assert summary.train_images == 245 and summary.skipped_images == 0
+    assert summary.strategy == "head_only"
+    assert summary.best_val_acc >= 0.93
 
 
 def test_tensorboard_logs_every_epoch(tmp_path, tiny_data):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = _config(tmp_path, tiny_data, train__tensorboard=True)
-    run = Path(api.train(cfg, [], log=lambda m: None)["run_dir"])
+    run = Path(train_recipe.train(cfg, [], log=lambda m: None).run_dir)
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1, events
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
-    assert set(acc.Tags()["scalars"]) == set(api.TENSORBOARD_TAGS.values())
+    assert set(acc.Tags()["scalars"]) == set(train_recipe.TENSORBOARD_TAGS.values())
     rows = _rows(run)
     val = acc.Scalars("accuracy/val")
     assert [e.step for e in val] == [1, 2]
@@ -225,7 +226,7 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, tiny_data, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
     with pytest.raises(InputError, match="tensorboard package is not installed") as info:
-        api.train(_config(tmp_path, tiny_data, train__tensorboard=True), [], log=lambda m: None)
+        train_recipe.train(_config(tmp_path, tiny_data, train__tensorboard=True), [], log=lambda m: None)
     assert "cnnft[tensorboard]" in info.value.hint
     assert not (tmp_path / "runs").exists(), "no run folder for a run that never started"
 
@@ -233,10 +234,10 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, tiny_data, monkeypatch):
 def test_long_image_check_is_announced(tmp_path, tiny_data, monkeypatch):
     logged: list[str] = []
     monkeypatch.setattr(data, "CHECK_NOTICE_AT", 12)  # tiny_data has 12 images
-    api.train(_config(tmp_path, tiny_data, train__epochs=1), [], log=logged.append)
+    train_recipe.train(_config(tmp_path, tiny_data, train__epochs=1), [], log=logged.append)
     assert logged[0] == "checking 12 images (each is decoded once before training) ..."
     assert logged[1].startswith("checked 12 images in ")
     monkeypatch.setattr(data, "CHECK_NOTICE_AT", 13)
     logged.clear()
-    api.train(_config(tmp_path, tiny_data, train__epochs=1), [], log=logged.append)
+    train_recipe.train(_config(tmp_path, tiny_data, train__epochs=1), [], log=logged.append)
     assert not any(m.startswith("check") for m in logged), "short checks stay quiet"

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from . import config as config_mod
-from . import data, models
-from .errors import InputError
+from .. import config as config_mod
+from .. import data, models
+from ..errors import InputError
 
 DEFAULT_OUT = "experiment.yaml"
 

@@ -1,0 +1,176 @@
+"""The run folder of a training run: creating or resuming it, what it must hold, how it ends.
+
+A new run never reuses a folder (``name-2``, ``name-3``...); ``--resume`` continues one and
+may change only the keys in RESUMABLE_KEYS. A run that fails or is stopped says so, and
+keeps what it had saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .. import checkpoint, models
+from .. import config as config_mod
+from ..checkpoint import RunDir
+from ..config import Config
+from ..errors import CheckpointError, ConfigError, InputError, Interrupted
+from ..freeze import FreezePlan
+
+# keys that may change when a run is resumed; everything else defines the run
+RESUMABLE_KEYS = ("train.epochs", "train.device", "data.num_workers", "train.tensorboard")
+
+
+def resolve(config_path: str | Path | None, overrides: list[str],
+            resume: str | Path | None) -> tuple[Config, dict | None]:
+    """The run's config and, when resuming, its last checkpoint (None: a new run, whose
+    output folder is checked before any work)."""
+    if resume is not None:
+        return resume_config(Path(resume), overrides)
+    cfg = config_mod.load(config_path, overrides)
+    check_writable(cfg.output_dir)
+    return cfg, None
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, dict | None]:
+    """The config saved in ``run_dir`` with the allowed overrides, and its last checkpoint."""
+    if not run_dir.is_dir():
+        raise InputError(f"--resume: run folder not found: {run_dir}",
+                         hint="pass the folder `cnnft train` printed as 'run folder: ...' (OUTPUT_DIR/NAME)")
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        raise InputError(f"--resume: {run_dir} has no config.yaml; is it a cnnft run folder?")
+    for o in overrides:
+        key = o.partition("=")[0].strip()
+        if key not in RESUMABLE_KEYS:
+            raise ConfigError(f"{key}: cannot be changed when resuming (only {', '.join(RESUMABLE_KEYS)})")
+    cfg = config_mod.load(run.config, overrides)
+    state = checkpoint.load(run.last) if run.last.exists() else None
+    if state is not None and state["step"] == 0 and state["epoch"] >= cfg.train.epochs:
+        done = state["epoch"]
+        raise InputError(
+            f"train.epochs: the run in {run_dir} has already completed {done} epoch(s)"
+            + (f", more than the {cfg.train.epochs} asked for" if done > cfg.train.epochs else ""),
+            hint=f"to train longer, resume with a larger total: cnnft train --resume {run_dir} train.epochs={done + 5}")
+    return cfg, state
+
+
+def check_writable(output_dir: str) -> None:
+    """Fail before any work if the run folder could not be created."""
+    p = Path(output_dir).expanduser()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"output_dir: {probe} is a file, not a folder", hint="set output_dir to a folder path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"output_dir: {probe} is not writable", hint="set output_dir to a writable folder")
+    # os.access says yes to root everywhere; /proc, /sys and read-only mounts refuse only a real try
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cnnft-probe-", dir=probe))
+    except OSError as exc:
+        raise InputError(f"output_dir: cannot create folders in {probe}: {exc.strerror or exc}",
+                         hint="set output_dir to a writable folder") from None
+
+
+def make_run_dir(output_dir: str, name: str) -> Path:
+    """Create a fresh run folder ``output_dir/name``; an existing one is never reused
+    (``name-2``, ``name-3``... instead)."""
+    parent = Path(output_dir).expanduser()
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for i in range(1, 10_000):
+            cand = parent / (name if i == 1 else f"{name}-{i}")
+            try:
+                cand.mkdir()
+            except FileExistsError:
+                continue
+            RunDir(cand).checkpoints.mkdir()
+            return cand
+    except (NotADirectoryError, FileExistsError):
+        raise InputError(f"output_dir: {parent} exists and is not a folder",
+                         hint="set output_dir to a folder path (output_dir=runs)") from None
+    except PermissionError:
+        raise InputError(f"output_dir: cannot create a run folder in {parent}: permission denied",
+                         hint="set output_dir to a writable folder") from None
+    except OSError as exc:
+        raise InputError(f"output_dir: cannot create a run folder in {parent}: {exc.strerror}",
+                         hint="set output_dir to a writable folder") from None
+    raise InputError(f"output_dir: too many runs named {name} in {parent}; choose another name")
+
+
+def open_run_dir(cfg: Config, resume: str | Path | None, freeze_plan: dict,
+                 log: Callable[[str], None]) -> RunDir:
+    """The run folder, new or resumed, holding the resolved config and the freeze plan."""
+    if resume is None:
+        run = RunDir(make_run_dir(cfg.output_dir, cfg.name))
+    else:
+        run = RunDir(resume)
+        run.checkpoints.mkdir(exist_ok=True)
+        # a killed run may have left a half-written file beside the whole ones
+        for leftover in checkpoint.clean_partial_writes(run.root) + checkpoint.clean_partial_writes(run.checkpoints):
+            log(f"removed a partial write left by the interrupted run: {leftover.name}")
+    checkpoint.atomic_write_text(run.config, _yaml(cfg.to_dict()))
+    checkpoint.atomic_write_json(run.freeze_plan, freeze_plan)
+    log(f"run folder: {run}")
+    return run
+
+
+def check_resumable(state: dict, bb: models.Backbone, classes: list[str], plan: FreezePlan) -> None:
+    """Refuse to continue a checkpoint with another model, other classes or another strategy."""
+    if state["model_name"] != bb.name or state["classes"] != list(classes):
+        raise CheckpointError(
+            f"the run's checkpoint is for {state['model_name']} with classes {state['classes'][:5]}..., "
+            f"but the config now gives {bb.name} with {list(classes)[:5]}...",
+            hint="resume with the same data and model, or start a new run")
+    if state["freeze_plan"]["strategy"] != plan.strategy:
+        raise CheckpointError(f"the run used strategy {state['freeze_plan']['strategy']}, the config now gives {plan.strategy}")
+
+
+@contextlib.contextmanager
+def failed_summary(run: RunDir, history: list[dict], log: Callable[[str], None]) -> Iterator[None]:
+    """A run that dies of an error (NaN loss, a bug) says so in summary.json; what it saved
+    (metrics.csv, best.pt, last.pt of the last finished epoch) is kept."""
+    try:
+        yield
+    except Interrupted:
+        raise
+    except Exception as exc:
+        best = max(history, key=lambda r: r["val_acc"]) if history else None  # first of equals, as in fit
+        kept = {"best": run.best, "last": run.last}
+        summary = {
+            "status": "failed",
+            "error": getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}",
+            "hint": getattr(exc, "hint", None),
+            "run_dir": str(run),
+            "best_val_acc": best["val_acc"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "final_val_acc": history[-1]["val_acc"] if history else None,
+            "epochs_completed": len(history),
+            "wall_seconds": history[-1]["wall_seconds"] if history else None,
+            "checkpoints": {k: str(p) for k, p in kept.items() if p.exists()},
+        }
+        with contextlib.suppress(OSError):  # the original error matters more
+            checkpoint.atomic_write_json(run.summary, summary)
+            n = len(history)
+            saved = f"; metrics.csv and checkpoints of epoch{'s 1-' if n > 1 else ' '}{n} are kept" if n else ""
+            log(f"run marked failed in {run.summary}{saved}")
+        raise
+
+
+def interrupted(signum: int, run: RunDir, epoch: int, step: int, steps: int) -> Interrupted:
+    """The error that ends a run stopped by a signal: where it stopped and how to resume."""
+    name = signal.Signals(signum).name
+    where = f"epoch {epoch}, step {step}/{steps}" if step else f"the end of epoch {epoch}"
+    return Interrupted(f"stopped by {name} at {where}; checkpoint saved in {run.last}",
+                       signum=signum, hint=f"resume with: cnnft train --resume {run}")
+
+
+def _yaml(d: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(d, sort_keys=False)
