@@ -9,36 +9,25 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
+from . import __version__, tables
+from .strategies import STRATEGIES
+
+try:  # typer >= 0.20 vendors click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_errors
 
 
-class _Lazy:
-    """A module imported on first use: `cnnft --help` and argument errors answer at once
-    instead of waiting seconds for torch to import."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def __getattr__(self, attr: str):
-        import importlib
-
-        return getattr(importlib.import_module(self._name, __package__), attr)
-
-
-train_recipe, plan_recipe = _Lazy(".recipes.train"), _Lazy(".recipes.freeze_plan")
-modelinfo, starter = _Lazy(".recipes.inspect"), _Lazy(".recipes.init")
-evaluate_recipe, predict_recipe = _Lazy(".recipes.evaluate"), _Lazy(".recipes.predict")
-extract_recipe, export_recipe, report_recipe = _Lazy(".recipes.extract"), _Lazy(".recipes.export"), _Lazy(".recipes.report")
 from .errors import CnnftError
 
 app = typer.Typer(
@@ -52,7 +41,13 @@ app = typer.Typer(
 )
 out = Console(soft_wrap=True)  # results (stdout)
 err = Console(stderr=True, soft_wrap=True)  # messages (stderr)
-_state = {"debug": bool(os.environ.get("CNNFT_DEBUG"))}
+
+
+@dataclass
+class Settings:
+    """Options of the root command, kept on Typer's context (``ctx.obj``)."""
+
+    debug: bool = False
 
 
 def _print_json(obj) -> None:
@@ -68,11 +63,12 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    if debug:
-        _state["debug"] = True
+    if debug and isinstance(ctx.obj, Settings):
+        ctx.obj.debug = True
 
 
 class Size(str, Enum):
@@ -85,11 +81,7 @@ class YesNo(str, Enum):
     no = "no"
 
 
-class StrategyChoice(str, Enum):
-    full = "full"
-    freeze_early = "freeze_early"
-    freeze_most = "freeze_most"
-    head_only = "head_only"
+StrategyChoice = Enum("StrategyChoice", {s: s for s in STRATEGIES}, type=str)  # type: ignore[misc]
 
 
 @app.command()
@@ -99,6 +91,7 @@ def validate(
     json_out: bool = typer.Option(False, "--json", help="Print the resolved config as JSON."),
 ) -> None:
     """Check a config and print it fully resolved (defaults filled in), or every error in it."""
+    from .recipes import freeze_plan as plan_recipe
     resolved = plan_recipe.resolve_config(config, overrides or [])
     if json_out:
         _print_json(resolved)
@@ -128,6 +121,7 @@ def freeze_plan(
 
     Size: "large" means at least 1000 training images per class on average (--images/--classes).
     """
+    from .recipes import freeze_plan as plan_recipe
     advice = plan_recipe.freeze_plan(
         size=size.value if size else None,
         similar=None if similar is None else similar == YesNo.yes,
@@ -176,6 +170,7 @@ def train(
     The run folder holds the resolved config, the freeze plan, metrics.csv, summary.json and
     checkpoints/best.pt and last.pt; --resume RUN_DIR continues an interrupted run.
     """
+    from .recipes import train as train_recipe
     overrides = list(overrides or [])
     if config is not None and "=" in config and not Path(config).exists():
         overrides.insert(0, config)  # `cnnft train --resume RUN train.epochs=5`
@@ -202,8 +197,6 @@ def _log(message: str) -> None:
     err.print(message, highlight=False, markup=False)
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2%}"
 
 
 @app.command("evaluate")
@@ -219,43 +212,14 @@ def evaluate_cmd(
 
     Everything comes from the checkpoint (no config needed); results go to RUN/eval/<data>/.
     """
+    from .recipes import evaluate as evaluate_recipe
     res = evaluate_recipe.evaluate(checkpoint, data_dir=data, out_dir=out_dir, device=device, batch_size=batch_size,
                                    log=_log, show_progress=err.is_terminal and not json_out)
     if json_out:
         _print_json(res.to_dict())
         return
-    out.print(f"[bold]{res.model}[/bold] {Path(res.checkpoint).name} (epoch {res.epoch}) on "
-              f"{escape(res.data)}: {res.images} images", highlight=False)
-    out.print(f"accuracy [bold]{_pct(res.accuracy)}[/bold]"
-              + (f"   top-5 {_pct(res.top5_accuracy)}" if res.top5_accuracy is not None else "")
-              + f"   loss {res.loss:.4f}")
-    t = Table(title="per class")
-    for col in evaluate_recipe.PER_CLASS_COLUMNS:
-        t.add_column(col, justify="left" if col == "class" else "right")
-    per_class, averages = res.per_class_table()
-    for name, *cells in per_class:
-        t.add_row(escape(name), *cells)
-    t.add_section()
-    for row in averages:
-        t.add_row(*row)
-    out.print(t)
-    classes = res.classes
-    if len(classes) <= 12:
-        cm = Table(title="confusion matrix (rows: true, columns: predicted)")
-        cm.add_column("")
-        for c in classes:
-            cm.add_column(escape(c), justify="right")
-        for i, (c, row) in enumerate(zip(classes, res.confusion_matrix)):
-            cm.add_row(escape(c), *(f"[bold]{v}[/bold]" if i == j else str(v) for j, v in enumerate(row)))
-        out.print(cm)
-    if res.confident_errors:
-        e = Table(title="most confidently wrong")
-        for col in ("image", "true", "predicted", "prob"):
-            e.add_column(col, justify="right" if col == "prob" else "left", overflow="fold")
-        for r in res.confident_errors[:10]:
-            e.add_row(escape(r["path"]), escape(r["true"]), escape(r["pred"]), f"{r['prob']:.3f}")
-        out.print(e)
-    out.print(f"results: {res.out_dir}", highlight=False)
+    for renderable in tables.evaluation(res):
+        out.print(renderable, highlight=False)
 
 
 @app.command("predict")
@@ -274,40 +238,18 @@ def predict_cmd(
     Unreadable files are reported (stderr and an error field) but not fatal; the exit code
     is 2 only when no file could be read.
     """
+    from .recipes import predict as predict_recipe
     if json_out and csv_out:
         raise typer.BadParameter("choose one of --json and --csv")
     res = predict_recipe.predict(checkpoint, [str(p) for p in images], top_k=top_k, batch_size=batch_size,
                                  device=device, num_workers=workers, log=_log,
                                  show_progress=err.is_terminal and not (json_out or csv_out))
-    rows, k = res.predictions, res.top_k
     if json_out:
         _print_json(res.to_dict())
     elif csv_out:
-        import csv
-
-        w = csv.writer(sys.stdout, lineterminator="\n")
-        cols = ["path", "class", "prob"] + [f"{c}_{i}" for i in range(2, k + 1) for c in ("class", "prob")] + ["error"]
-        w.writerow(cols)
-        for r in rows:
-            cells = [r["path"]]
-            for i in range(k):
-                top = r["top_k"][i] if i < len(r["top_k"]) else None
-                cells += [top["class"], f"{top['prob']:.6f}"] if top else ["", ""]
-            w.writerow(cells + [r["error"] or ""])
+        tables.predictions_csv(res, sys.stdout)
     else:
-        t = Table(title=f"{res.model}: top {k}")
-        t.add_column("image", overflow="fold")
-        t.add_column("prediction")
-        t.add_column("prob", justify="right")
-        if k > 1:
-            t.add_column("next")
-        for r in rows:
-            if r["error"]:
-                t.add_row(escape(r["path"]), f"[red]error: {escape(r['error'])}[/red]", "", *([""] if k > 1 else []))
-                continue
-            rest = escape(", ".join(f"{p['class']} {p['prob']:.3f}" for p in r["top_k"][1:]))
-            t.add_row(escape(r["path"]), escape(r["class"]), f"{r['prob']:.3f}", *([rest] if k > 1 else []))
-        out.print(t)
+        out.print(tables.predictions(res))
     if res.failed:
         err.print(f"[yellow]{res.failed} of {res.images} file(s) could not be read[/yellow]")
 
@@ -319,11 +261,12 @@ def report_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the key figures as JSON."),
 ) -> None:
     """Write RUN/report/: loss and accuracy curves, confusion matrix and report.md."""
+    from .recipes import report as report_recipe
     res = report_recipe.write_report(run_dir, device=device, log=_log)
     if json_out:
         _print_json(res.to_dict())
         return
-    out.print(f"best val acc {_pct(res.best_val_acc)} (epoch {res.best_epoch}), final {_pct(res.final_val_acc)}, "
+    out.print(f"best val acc {tables.pct(res.best_val_acc)} (epoch {res.best_epoch}), final {tables.pct(res.final_val_acc)}, "
               f"{res.epochs} epochs, strategy {res.strategy}")
     out.print(f"report: {res.files['report.md']}", highlight=False)
 
@@ -341,43 +284,12 @@ def inspect_cmd(
 
     Built on the meta device: nothing is downloaded or allocated.
     """
+    from .recipes import inspect as modelinfo
     res = modelinfo.inspect_model(model, strategy=strategy.value, image_size=image_size, classes=classes, lr=lr)
     if json_out:
         _print_json(res)
         return
-    t = Table(title=f"{res['model']} at {res['image_size']}x{res['image_size']}, strategy {res['strategy']}")
-    t.add_column("stage")
-    t.add_column("modules", overflow="fold")
-    t.add_column("output shape", no_wrap=True)
-    t.add_column("params", justify="right", no_wrap=True)
-    t.add_column("state", no_wrap=True)
-    t.add_column("lr", justify="right")
-    for s in res["stages"]:
-        mods = s["modules"]
-        runs = _compact_names(mods)
-        shown = ", ".join(runs[:3]) + (f" +{len(runs) - 3}" if len(runs) > 3 else "")
-        t.add_row(s["name"], shown, "-" if s["output_shape"] is None else "x".join(map(str, s["output_shape"])),
-                  f"{s['params']:,}", "[blue]frozen[/blue]" if s["frozen"] else "[green]trainable[/green]",
-                  "-" if s["lr"] is None else f"{s['lr']:.2g}")
-    t.add_section()
-    t.add_row("total", "", "", f"{res['total_params']:,}", f"{res['trainable_params']:,} train", "")
-    out.print(t)
-
-
-def _compact_names(names: list[str]) -> list[str]:
-    """Runs of numbered siblings shown as one: blocks.0, blocks.1, blocks.2 -> blocks.0..2."""
-    import re
-
-    runs: list[list] = []  # [prefix, first, last] or [name, None, None]
-    for name in names:
-        m = re.fullmatch(r"(.*?)(\d+)", name)
-        if m and runs and runs[-1][0] == m.group(1) and runs[-1][2] == int(m.group(2)) - 1:
-            runs[-1][2] = int(m.group(2))
-        elif m:
-            runs.append([m.group(1), int(m.group(2)), int(m.group(2))])
-        else:
-            runs.append([name, None, None])
-    return [p if a is None else f"{p}{a}" if a == b else f"{p}{a}..{b}" for p, a, b in runs]
+    out.print(tables.stages(res))
 
 
 @app.command("extract")
@@ -395,6 +307,7 @@ def extract_cmd(
     The npz holds features (the classifier's input), labels, classes and paths, ready for
     scikit-learn.
     """
+    from .recipes import extract as extract_recipe
     res = extract_recipe.extract(source, data, out_file, batch_size=batch_size, device=device, num_workers=workers,
                                  log=_log, show_progress=err.is_terminal and not json_out)
     if json_out:
@@ -421,6 +334,7 @@ def export_cmd(
     The batch size stays dynamic; the max abs logit difference must be <= 1e-4; classes and
     preprocessing are written to FILE.json beside the export.
     """
+    from .recipes import export as export_recipe
     res = export_recipe.export(checkpoint, fmt.value, out_file)
     if json_out:
         _print_json(res.to_dict())
@@ -435,6 +349,7 @@ def models_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List backbones with parameter counts, default weights and input size."""
+    from .recipes import inspect as modelinfo
     with err.status("building the models on the meta device to count parameters..."):
         rows = modelinfo.list_models(filter_text)
     if json_out:
@@ -456,31 +371,52 @@ def init_cmd(
     out_file: Path = typer.Option(Path("experiment.yaml"), "--out", help="Config file to write (never overwritten)."),
 ) -> None:
     """Write an annotated starter config (every key explained); never overwrites a file."""
+    from .recipes import init as starter
     path = starter.init(out_file, model=model, data_dir=data)
     out.print(f"wrote {path}; check it with `cnnft validate {path}`, run it with `cnnft train {path}`", highlight=False)
 
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn errors into a message and an exit code."""
+    settings = Settings(debug=bool(os.environ.get("CNNFT_DEBUG")))
+    command = typer.main.get_command(app)
     try:
-        app(standalone_mode=True)
+        with command.make_context("cnnft", list(sys.argv[1:] if argv is None else argv), obj=settings) as ctx:
+            command.invoke(ctx)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click_errors.NoArgsIsHelpError:  # the help is already shown
+        sys.exit(2)
+    except click_errors.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "cnnft"
+        _error(exc.format_message(), f"see `{where} --help`")
+        sys.exit(2)
+    except click_errors.ClickException as exc:
+        _error(exc.format_message(), None)
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # Ctrl-C at a prompt
+        err.print("interrupted")
+        sys.exit(130)
     except CnnftError as exc:
-        if _state["debug"]:
+        if settings.debug:
             import traceback
 
             traceback.print_exc()
-        err.print(Text.assemble(("error: ", "bold red"), exc.message), highlight=False)
-        if exc.hint:
-            err.print(Text.assemble(("hint: ", "yellow"), exc.hint), highlight=False)
+        _error(exc.message, exc.hint)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - last resort: a message, not a traceback
-        if _state["debug"]:
+        if settings.debug:
             raise
         err.print(Text.assemble(("internal error: ", "bold red"), f"{type(exc).__name__}: {exc}"), highlight=False)
         err.print("[dim]run again with --debug for the traceback, and please report it[/dim]")
         sys.exit(1)
 
+
+def _error(message: str, hint: str | None) -> None:
+    err.print(Text.assemble(("error: ", "bold red"), message), highlight=False)
+    if hint:
+        err.print(Text.assemble(("hint: ", "yellow"), hint), highlight=False)

@@ -20,8 +20,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, Vali
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
+from .strategies import STRATEGIES
 
-Strategy = Literal["auto", "full", "freeze_early", "freeze_most", "head_only"]
+Strategy = Literal[("auto", *STRATEGIES)]  # type: ignore[valid-type]
 Augment = Literal["none", "light", "standard", "strong"]
 
 

@@ -11,13 +11,16 @@ crop, mean/std, interpolation). Augmentation presets for training:
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from .config import Augment
 from .models import Preprocess
 
-PRESETS = ("none", "light", "standard", "strong")
+PRESETS = get_args(Augment)  # the schema names the presets; this module implements each
 
 
 def _interp(name: str) -> InterpolationMode:

@@ -155,10 +155,8 @@ def flat(text: str) -> str:
 
 def run_inprocess(argv: list[str], monkeypatch, capfd, cwd: Path) -> Result:
     """``cnnft ARGV`` through ``cnnft.cli.main`` (its error -> exit code mapping) in this process."""
-    from cnnft import cli
-
     monkeypatch.chdir(cwd)
-    monkeypatch.setitem(cli._state, "debug", False)  # --debug sets a module global
+    monkeypatch.delenv("CNNFT_DEBUG", raising=False)
     capfd.readouterr()
     return Result(*run_cli(monkeypatch, capfd, *argv))
 

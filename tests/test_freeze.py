@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnft import freeze, models
+from cnnft import freeze, models, strategies
 from cnnft.errors import ConfigError
 
 HEAD_LR = 1e-2
@@ -22,7 +22,7 @@ def _bns(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 
-@pytest.mark.parametrize("strategy", freeze.STRATEGIES)
+@pytest.mark.parametrize("strategy", strategies.STRATEGIES)
 @pytest.mark.parametrize("name", list(CASES))
 def test_one_step_follows_the_plan(name: str, strategy: str) -> None:
     torch.manual_seed(0)

@@ -129,7 +129,7 @@ def test_starter_config_explains_every_schema_key():
 
 
 def test_inspect_table_compacts_numbered_blocks():
-    from cnnft.cli import _compact_names
+    from cnnft.tables import compact_names as _compact_names
 
     assert _compact_names(["encoder.layers.encoder_layer_9", "encoder.layers.encoder_layer_10",
                            "encoder.layers.encoder_layer_11", "encoder.ln"]) == \

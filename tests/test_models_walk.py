@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from cnnft import freeze, models
+from cnnft import freeze, models, strategies
 from cnnft.errors import ConfigError, WeightsUnavailableError
 
 NUM_CLASSES = 7
@@ -95,8 +95,8 @@ def test_meta_heads_stages_and_plans(name: str) -> None:
         "freeze_early": {"stem", *body[: k // 2]},
         "freeze_most": {"stem", *body[: k - 1]},
     }
-    assert set(expected_frozen) == set(freeze.STRATEGIES)
-    for strategy in freeze.STRATEGIES:
+    assert set(expected_frozen) == set(strategies.STRATEGIES)
+    for strategy in strategies.STRATEGIES:
         plan = freeze.make_plan(model, bb.stages, strategy, lr=1e-3)
         assert plan.strategy == strategy
         assert [s.name for s in plan.stages] == names

@@ -12,7 +12,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import ClassVar, Callable
 
 import numpy as np
 from torch import nn
@@ -69,6 +69,8 @@ class Evaluation:
     def from_dict(cls, d: dict) -> "Evaluation":
         """Read back ``metrics.json`` (without the per-image predictions)."""
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name != "predictions"})
+
+    PER_CLASS_COLUMNS: ClassVar[tuple[str, ...]] = PER_CLASS_COLUMNS
 
     def per_class_table(self) -> tuple[list[list[str]], list[list[str]]]:
         """The per-class table as text cells (:data:`PER_CLASS_COLUMNS`): one row per class,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .. import config as config_mod
+from .. import config as config_mod, strategies
 from .. import freeze, models
 from ..errors import InputError
 from ..freeze import FreezePlan
@@ -56,9 +56,9 @@ def freeze_plan(
     if images is not None:
         if classes is None:
             raise InputError("--images needs --classes (the size class is images per class)")
-        derived = freeze.size_class(images, classes)
+        derived = strategies.size_class(images, classes)
         size_rule = (f"{images} images / {classes} classes = {images / classes:.0f} per class: "
-                     f"'{derived}' (large from {freeze.LARGE_IMAGES_PER_CLASS} per class)")
+                     f"'{derived}' (large from {strategies.LARGE_IMAGES_PER_CLASS} per class)")
         if size is not None and size != derived:
             raise InputError(f"--size {size} contradicts --images/--classes, which give '{derived}'")
         size = derived
@@ -68,8 +68,8 @@ def freeze_plan(
                 "say how large and how similar the dataset is: --size small|large (or --images N "
                 "--classes K) and --similar yes|no; or pick --strategy full|freeze_early|freeze_most|head_only"
             )
-        strategy = freeze.choose_strategy("auto", size=size, similar=similar)[0]
-    advice = FreezeAdvice(strategy, size, similar, freeze.RATIONALE[strategy], size_rule)
+        strategy = strategies.choose_strategy("auto", size=size, similar=similar)[0]
+    advice = FreezeAdvice(strategy, size, similar, strategies.RATIONALE[strategy], size_rule)
     if model is None:
         return advice
     defaults_train = config_mod.TrainConfig()

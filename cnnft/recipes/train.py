@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__, checkpoint, data, engine, freeze, metrics, models, progress, runtime, transforms
+from .. import __version__, checkpoint, data, engine, freeze, metrics, models, progress, runtime, strategies, transforms
 from ..checkpoint import RunDir
 from ..config import Config, DataConfig
 from ..errors import ConfigError, InputError
@@ -166,8 +166,8 @@ def _setup_data(cfg: DataConfig, num_classes: int | None, seed: int, log: Callab
 def _setup_plan(bb: models.Backbone, cfg: Config, n_images: int, log: Callable[[str], None]) -> tuple[FreezePlan, str | None]:
     """The freeze plan for ``bb`` (``auto`` resolved from the data's size) and why, if chosen."""
     n_classes = bb.num_classes
-    size = freeze.size_class(n_images, n_classes)
-    strategy, why = freeze.choose_strategy(cfg.freeze.strategy, size=size, similar=cfg.freeze.similar,
+    size = strategies.size_class(n_images, n_classes)
+    strategy, why = strategies.choose_strategy(cfg.freeze.strategy, size=size, similar=cfg.freeze.similar,
                                            pretrained=bb.pretrained, weights=cfg.model.weights,
                                            size_reason=f"{n_images} images / {n_classes} classes is '{size}'")
     if why:

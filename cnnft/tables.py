@@ -1,0 +1,121 @@
+"""Tables and CSV for results shown at a terminal (rich), one renderer per result type."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+from typing import IO
+
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2%}"
+
+
+def evaluation(res) -> list:
+    """Headline, per-class table, confusion matrix (up to 12 classes) and the worst errors."""
+    shown: list = [
+        Text.from_markup(f"[bold]{escape(res.model)}[/bold] {escape(Path(res.checkpoint).name)} (epoch {res.epoch}) on "
+                         f"{escape(res.data)}: {res.images} images"),
+        Text.from_markup(f"accuracy [bold]{pct(res.accuracy)}[/bold]"
+                         + (f"   top-5 {pct(res.top5_accuracy)}" if res.top5_accuracy is not None else "")
+                         + f"   loss {res.loss:.4f}"),
+    ]
+    t = Table(title="per class")
+    for col in res.PER_CLASS_COLUMNS:
+        t.add_column(col, justify="left" if col == "class" else "right")
+    per_class, averages = res.per_class_table()
+    for name, *cells in per_class:
+        t.add_row(escape(name), *cells)
+    t.add_section()
+    for row in averages:
+        t.add_row(*row)
+    shown.append(t)
+    classes = res.classes
+    if len(classes) <= 12:
+        cm = Table(title="confusion matrix (rows: true, columns: predicted)")
+        cm.add_column("")
+        for c in classes:
+            cm.add_column(escape(c), justify="right")
+        for i, (c, row) in enumerate(zip(classes, res.confusion_matrix)):
+            cm.add_row(escape(c), *(f"[bold]{v}[/bold]" if i == j else str(v) for j, v in enumerate(row)))
+        shown.append(cm)
+    if res.confident_errors:
+        e = Table(title="most confidently wrong")
+        for col in ("image", "true", "predicted", "prob"):
+            e.add_column(col, justify="right" if col == "prob" else "left", overflow="fold")
+        for r in res.confident_errors[:10]:
+            e.add_row(escape(r["path"]), escape(r["true"]), escape(r["pred"]), f"{r['prob']:.3f}")
+        shown.append(e)
+    shown.append(Text(f"results: {res.out_dir}"))
+    return shown
+
+
+def predictions_csv(res, stream: IO[str]) -> None:
+    """path, class, prob, class_2, prob_2, ..., error: one row per image."""
+    rows, k = res.predictions, res.top_k
+    w = csv.writer(stream, lineterminator="\n")
+    w.writerow(["path", "class", "prob"] + [f"{c}_{i}" for i in range(2, k + 1) for c in ("class", "prob")] + ["error"])
+    for r in rows:
+        cells = [r["path"]]
+        for i in range(k):
+            top = r["top_k"][i] if i < len(r["top_k"]) else None
+            cells += [top["class"], f"{top['prob']:.6f}"] if top else ["", ""]
+        w.writerow(cells + [r["error"] or ""])
+
+
+def predictions(res) -> Table:
+    """One row per image: the top class, its probability and the next ones (or the error)."""
+    rows, k = res.predictions, res.top_k
+    t = Table(title=f"{res.model}: top {k}")
+    t.add_column("image", overflow="fold")
+    t.add_column("prediction")
+    t.add_column("prob", justify="right")
+    if k > 1:
+        t.add_column("next")
+    for r in rows:
+        if r["error"]:
+            t.add_row(escape(r["path"]), f"[red]error: {escape(r['error'])}[/red]", "", *([""] if k > 1 else []))
+            continue
+        rest = escape(", ".join(f"{p['class']} {p['prob']:.3f}" for p in r["top_k"][1:]))
+        t.add_row(escape(r["path"]), escape(r["class"]), f"{r['prob']:.3f}", *([rest] if k > 1 else []))
+    return t
+
+
+def stages(res: dict) -> Table:
+    """A backbone's stages: modules, output shape, parameters, frozen or trainable, LR."""
+    t = Table(title=f"{res['model']} at {res['image_size']}x{res['image_size']}, strategy {res['strategy']}")
+    t.add_column("stage")
+    t.add_column("modules", overflow="fold")
+    t.add_column("output shape", no_wrap=True)
+    t.add_column("params", justify="right", no_wrap=True)
+    t.add_column("state", no_wrap=True)
+    t.add_column("lr", justify="right")
+    for s in res["stages"]:
+        mods = s["modules"]
+        runs = compact_names(mods)
+        shown = ", ".join(runs[:3]) + (f" +{len(runs) - 3}" if len(runs) > 3 else "")
+        t.add_row(s["name"], shown, "-" if s["output_shape"] is None else "x".join(map(str, s["output_shape"])),
+                  f"{s['params']:,}", "[blue]frozen[/blue]" if s["frozen"] else "[green]trainable[/green]",
+                  "-" if s["lr"] is None else f"{s['lr']:.2g}")
+    t.add_section()
+    t.add_row("total", "", "", f"{res['total_params']:,}", f"{res['trainable_params']:,} train", "")
+    return t
+
+
+def compact_names(names: list[str]) -> list[str]:
+    """Runs of numbered siblings shown as one: blocks.0, blocks.1, blocks.2 -> blocks.0..2."""
+    runs: list[list] = []  # [prefix, first, last] or [name, None, None]
+    for name in names:
+        m = re.fullmatch(r"(.*?)(\d+)", name)
+        if m and runs and runs[-1][0] == m.group(1) and runs[-1][2] == int(m.group(2)) - 1:
+            runs[-1][2] = int(m.group(2))
+        elif m:
+            runs.append([m.group(1), int(m.group(2)), int(m.group(2))])
+        else:
+            runs.append([name, None, None])
+    return [p if a is None else f"{p}{a}" if a == b else f"{p}{a}..{b}" for p, a, b in runs]
