@@ -331,11 +331,12 @@ class _Batches(Sampler[list[int]]):
             if len(batch) == self.batch_size:
                 yield batch
                 batch = []
-        if batch:
+        if len(batch) > 1 or (batch and self.batch_size == 1):  # BatchNorm cannot train on one sample
             yield batch
 
     def __len__(self) -> int:
-        return (len(self.sampler) + self.batch_size - 1) // self.batch_size
+        n, b = len(self.sampler), self.batch_size
+        return n // b + (1 if n % b > 1 or (b == 1 and n % b) else 0)
 
 
 def cached_loader(ds: CachedFeatures, sampler: Sampler[int], batch_size: int) -> DataLoader:

@@ -119,6 +119,12 @@ class TrainConfig(_Section):
     amp: Bool = Field(True, description="mixed precision on CUDA (never on CPU)")
     channels_last: Bool = True
     tensorboard: Bool = False
+    feature_cache: Literal["auto", "memory", "disk", "off"] = Field(
+        "auto", description="store the frozen prefix's outputs once (auto: in memory within the budget, "
+        "kept on disk for later runs)")
+    cache_views: Int = Field(2, ge=1, le=1000, description="augmented views per training image in the cache")
+    cache_budget_mb: Int = Field(2048, ge=0, description="memory the cached activations may take")
+    cache_dir: str | None = Field(None, description="default: $XDG_CACHE_HOME/cnnft or ~/.cache/cnnft")
 
 
 class Config(_Section):

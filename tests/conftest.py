@@ -41,3 +41,15 @@ def make_image_folder(root: Path, classes=("cats", "dogs"), per_class: int = 6, 
 @pytest.fixture
 def tiny_data(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _feature_cache_in_a_temporary_folder(tmp_path_factory):
+    """Runs keep their stored activations out of the user's ~/.cache."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__, checkpoint, data, engine, freeze, metrics, models, progress, runtime, strategies, transforms
+from .. import __version__, cache, checkpoint, data, engine, freeze, metrics, models, progress, runtime, strategies, transforms
 from ..checkpoint import RunDir
 from ..config import Config, DataConfig
 from ..errors import ConfigError, InputError
 from ..freeze import FreezePlan
-from . import _run
+from . import _cached, _run
 
 # metrics.csv column -> TensorBoard tag (train and val share a chart)
 TENSORBOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "accuracy/train",
@@ -85,6 +85,7 @@ def train(
     model = _setup_model(bb, plan, rt, _part(resumed, "model"))
 
     loaders = _setup_loaders(cfg.data, bundle, bb.preprocess, cfg.seed, rt.pin_memory)
+    fit = loaders.use_cache(_cached.setup(cfg, bb, plan.frozen, bundle, loaders.sampler, rt, log, progress_bar), model)
     groups = freeze.param_groups(model, bb.stages, plan, cfg.train.weight_decay)
     optimizer = engine.build_optimizer(groups, cfg.train, _part(resumed, "optimizer"))
     steps = len(loaders.train)
@@ -106,10 +107,10 @@ def train(
                 seed_everything(data.epoch_seed(cfg.seed, epoch))
                 state.running = None
             loaders.position(epoch, state.step)
-            model.train()
+            fit.train()
             loader = _progress(loaders.train, epoch, cfg.train.epochs, progress_bar)
             state.running = engine.train_one_epoch(
-                model, loader, optimizer, scheduler, criterion, rt, epoch=epoch + 1,
+                fit, loader, optimizer, scheduler, criterion, rt, epoch=epoch + 1,
                 running=state.running, scaler=scaler, grad_clip=cfg.train.grad_clip, stop=stop,
                 on_step=getattr(loader, "on_step", None))
             state.step = state.running.steps
@@ -118,7 +119,7 @@ def train(
                 raise _run.interrupted(stop.signum, run, epoch + 1, state.step, steps)
             # validation loss is plain cross-entropy: comparable across label_smoothing values and
             # equal to what `cnnft evaluate` reports
-            ev = engine.evaluate(model, loaders.val, rt, criterion=nn.CrossEntropyLoss())
+            ev = engine.evaluate(fit, loaders.val, rt, criterion=nn.CrossEntropyLoss())
             _end_epoch(state, ev, saved, run, writer, log, cfg.train.epochs)
             if stop.stopped:
                 raise _run.interrupted(stop.signum, run, epoch + 1, 0, steps)
@@ -195,11 +196,21 @@ class _Loaders:
     generator: torch.Generator
     seed: int
     batch_size: int
+    views: "cache.CachedFeatures | None" = None
 
     def position(self, epoch: int, step: int) -> None:
         """Serve ``epoch``'s batches from ``step`` on, as a run that never stopped saw them."""
         self.generator.manual_seed(self.seed * 7_919 + epoch * 104_729 + step)
         self.sampler.set_epoch(epoch, start=step * self.batch_size)
+        if self.views is not None:
+            self.views.set_epoch(epoch)
+
+    def use_cache(self, cached: "_cached.Cached | None", model: nn.Module) -> nn.Module:
+        """Train and validate from stored activations when ``cached``; return the module to fit."""
+        if cached is None:
+            return model
+        self.train, self.val, self.views = cached.train, cached.val, cached.views
+        return cached.rest
 
 
 def _setup_loaders(cfg: DataConfig, bundle: data.DataBundle, pre: models.Preprocess, seed: int, pin: bool) -> _Loaders:

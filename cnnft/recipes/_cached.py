@@ -1,0 +1,114 @@
+"""Training from cached activations of the frozen prefix (see :mod:`cnnft.cache`).
+
+The cut is found once per run; the validation set is stored as one pass of the eval
+pipeline, the training set as ``train.cache_views`` augmented passes (one epoch trains on
+one view, in turn) or one pass when there is no augmentation. Stored activations live in
+memory within ``train.cache_budget_mb`` and, unless ``train.feature_cache`` is ``memory``,
+in a cache folder that later runs with the same model, data and settings reuse.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .. import __version__, cache, data, models, progress, runtime, transforms
+from ..config import Config
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Cached:
+    """The trainable rest of the model and its loaders over stored activations."""
+
+    rest: nn.Module
+    train: torch.utils.data.DataLoader
+    val: torch.utils.data.DataLoader
+    views: cache.CachedFeatures
+
+
+def cache_folder(setting: str | None) -> Path:
+    """``train.cache_dir``, else $XDG_CACHE_HOME/cnnft/features, else ~/.cache/cnnft/features."""
+    if setting:
+        return Path(setting).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cnnft" / "features"
+
+
+def setup(cfg: Config, bb: models.Backbone, frozen: list[str], bundle: data.DataBundle, sampler: data.EpochSampler,
+          rt: runtime.Runtime, log: Log, show: bool) -> Cached | None:
+    """Cached training for this run, or None (the log says why) when it does not apply."""
+    t = cfg.train
+    if t.feature_cache == "off":
+        log("feature cache: off (train.feature_cache)")
+        return None
+    if not frozen:
+        return None
+    pre = bb.preprocess
+    eval_ds = data.ImageDataset(bundle.val, transforms.eval_transform(pre), pre.resize_size)
+    sample = torch.stack([eval_ds[i][0] for i in range(min(2, len(eval_ds)))])
+    split, why = cache.find_split(bb.model, rt.images(sample), models.logits_of)
+    if split is None:
+        log(f"feature cache: off ({why})")
+        return None
+    views = 1 if cfg.data.augment == "none" else t.cache_views
+    key_base = _key_base(cfg, bb, frozen, split.boundary)
+    val = _store(split, eval_ds, 1, "val", key_base, cfg, rt, log, show)
+    train_tf = transforms.train_transform(pre, cfg.data.augment)
+    train = _store(split, data.ImageDataset(bundle.train, train_tf, pre.resize_size), views, "train",
+                   key_base, cfg, rt, log, show)
+    aug = f"{views} augmented view(s) per image, one per epoch in turn" if views > 1 else "one view per image"
+    log(f"feature cache: the frozen layers up to {split.boundary} run once; training reads stored "
+        f"activations ({aug}; {(val.nbytes + train.nbytes) / 2**20:.0f} MiB)")
+    train_ds = cache.CachedFeatures(train, bundle.train.labels, views)
+    val_ds = cache.CachedFeatures(val, bundle.val.labels, 1)
+    val_loader = cache.cached_loader(val_ds, data.EpochSampler(len(val_ds), 0, shuffle=False), cfg.data.batch_size)
+    return Cached(split.rest, cache.cached_loader(train_ds, sampler, cfg.data.batch_size), val_loader, train_ds)
+
+
+def _key_base(cfg: Config, bb: models.Backbone, frozen: list[str], boundary: str) -> dict:
+    weights = bb.weights
+    identity = cache.file_identity([weights])[0] if Path(weights).is_file() else weights
+    return {"cnnft": __version__, "torch": torch.__version__, "model": bb.name, "weights": identity,
+            "frozen": sorted(frozen), "boundary": boundary, "preprocess": bb.preprocess.to_dict(),
+            "augment": cfg.data.augment, "seed": cfg.seed}
+
+
+def _seeded(ds: data.ImageDataset, seed: int, cfg: Config, rt: runtime.Runtime):
+    """One pass over ``ds`` in order whose random augmentation is fixed by ``seed``."""
+    torch.manual_seed(seed)  # augmentation drawn in this process
+    gen = torch.Generator().manual_seed(seed)  # and in worker processes
+    yield from data.make_loader(ds, cfg.data.batch_size, cfg.data.num_workers, generator=gen, pin_memory=rt.pin_memory)
+
+
+def _store(split: cache.Split, ds: data.ImageDataset, views: int, part: str, key_base: dict, cfg: Config,
+           rt: runtime.Runtime, log: Log, show: bool) -> cache.Store:
+    t = cfg.train
+    key = cache.cache_key({**key_base, "part": part, "views": views, "files": cache.file_identity(ds.source.ids)})
+    sample = split.prefix(rt.images(ds[0][0][None])) if len(ds) else None
+    need = 0 if sample is None else views * len(ds) * sample[0].numel() * 4
+    in_memory = t.feature_cache != "disk" and need <= t.cache_budget_mb * 2**20
+    on_disk = t.feature_cache == "disk" or (t.feature_cache == "auto") or not in_memory
+    folder = cache_folder(t.cache_dir)
+    if on_disk:
+        found = cache.load_disk(folder, key, in_memory)
+        if found is not None:
+            log(f"feature cache: {part} activations read from {folder}")
+            return found
+    loaders = [_seeded(ds, data.epoch_seed(cfg.seed, 1_000_000 + v), cfg, rt) for v in range(views)]
+    bar = progress.bar(range(views * len(ds)), f"caching {part} activations", show) if show else None
+    counter = iter(bar) if bar is not None else None
+
+    def tick(n: int) -> None:
+        if counter is not None:
+            for _ in range(n):
+                next(counter, None)
+
+    return cache.compute(split, loaders, len(ds), rt.images, disk=(folder, key) if on_disk else None,
+                         in_memory=in_memory, on_batch=tick)
