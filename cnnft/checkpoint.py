@@ -220,7 +220,7 @@ class LoadedModel:
     def to_device(self, device: str) -> runtime.Runtime:
         """Move the model to ``device`` and return the runtime training used there
         (the run's precision and memory format)."""
-        rt = runtime.make_runtime(device, self.config.train.amp, self.config.train.channels_last)
+        rt = runtime.make_runtime(device, self.config.train.amp, self.config.train.channels_last, "--device")
         rt.prepare(self.model)
         return rt
 

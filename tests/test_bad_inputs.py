@@ -207,6 +207,13 @@ def weights_file(name: str, obj) -> Callable[[Path], None]:
     return prep
 
 
+def reshaped_lenet_state() -> dict:
+    """lenet5's keys, but a first convolution of 3x3 kernels where the model has 5x5."""
+    state = lenet_state()
+    state["conv1.0.weight"] = torch.zeros(6, 3, 3, 3)
+    return state
+
+
 def truncated_weights(tmp: Path) -> None:
     torch.save(lenet_state(), tmp / "w.pt")
     data = (tmp / "w.pt").read_bytes()
@@ -332,6 +339,16 @@ def _not_pwned(tmp: Path, res: Result) -> None:
 def _resume_untouched(tmp: Path, res: Result) -> None:
     assert summary_of(tmp / "runs" / "t")["epochs_completed"] == 1
     assert [p.name for p in run_folders(tmp / "runs")] == ["t"]
+
+
+def _unchanged(path: Path, content: bytes) -> None:
+    assert path.read_bytes() == content
+
+
+def checkpoint_intact(path: Path) -> None:
+    from cnnft import checkpoint
+
+    assert checkpoint.load(path)["epoch"] >= 1
 
 
 LENET = {"model": {"backbone": "lenet5"}}
@@ -489,6 +506,9 @@ CASES = [
          prep=(weights_file("lenet.pt", lambda: lenet_state(10)),)),
     Case("weights-other-num-classes-ok", 0, (), ov=("model.weights=lenet10.pt", "model.backbone=lenet5"),
          prep=(weights_file("lenet10.pt", lambda: lenet_state(10)),), run="ok"),
+    Case("weights-wrong-shapes", 2, ("w.pt does not fit LeNet5", "1 keys of another shape",
+                                     "conv1.0.weight (6, 3, 3, 3) vs the model's (6, 3, 5, 5)", "check model.backbone"),
+         ov=("model.weights=w.pt", "model.backbone=lenet5"), prep=(weights_file("w.pt", reshaped_lenet_state),)),
     Case("weights-bad-safetensors", 2, ("is not a valid safetensors file",), ov=("model.weights=w.safetensors",),
          prep=(write("w.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}"),)),
     Case("weights-pickle-with-code", 2, ("refused to load", "evil.pkl"), ov=("model.weights=./evil.pkl", "model.backbone=lenet5"),
@@ -510,6 +530,20 @@ CASES = [
          prep=(evil_pickle,), check=_not_pwned),
     Case("predict-pickle-with-code", 2, ("refused to load",), argv=("predict", "evil.pkl", "data"),
          prep=(evil_pickle,), check=_not_pwned),
+    Case("image-size-below-model-minimum", 2, ("data.image_size: vit_b_16 needs inputs of at least 224 px (got 64)",
+                                                "set data.image_size=224"),
+         ov=("model.backbone=vit_b_16", "data.image_size=64")),
+    Case("evaluate-unknown-device", 2, ("--device: 'gpu' is not a device cnnft can run on", "use --device auto, cpu"),
+         argv=("evaluate", "runs/t", "--data", "data", "--device", "gpu"), prep=(prior_run(),)),
+    Case("predict-meta-device", 2, ("--device: 'meta' is not a device cnnft can run on",),
+         argv=("predict", "runs/t", "data", "--device", "meta"), prep=(prior_run(),)),
+    # --- export
+    Case("export-over-existing-file", 2, ("--out: m.pt already exists; nothing was written", "pass --force to replace it"),
+         argv=("export", "runs/t", "--format", "torchscript", "--out", "m.pt"), prep=(prior_run(), write("m.pt", "mine")),
+         check=lambda tmp, res: _unchanged(tmp / "m.pt", b"mine")),
+    Case("export-over-its-checkpoint", 2, ("is the checkpoint being exported; cnnft never overwrites it",),
+         argv=("export", "runs/t", "--format", "torchscript", "--out", "runs/t/checkpoints/best.pt"), prep=(prior_run(),),
+         check=lambda tmp, res: checkpoint_intact(tmp / "runs" / "t" / "checkpoints" / "best.pt")),
     # --- environment
     Case("output-dir-is-file", 2, ("output_dir:", "is a file, not a folder", "set output_dir to a folder path"),
          ov=("output_dir=cfg.yaml",)),

@@ -78,6 +78,7 @@ def train(
 
     bundle = _setup_data(cfg.data, cfg.model.num_classes, cfg.seed, log)
     bb = models.build(cfg.model.backbone, cfg.model.weights, len(bundle.classes))
+    _check_input_size(bb, cfg.data.image_size)
     bb.preprocess = bb.preprocess.with_size(cfg.data.image_size)  # checkpoints record what was used
     plan, why = _setup_plan(bb, cfg, len(bundle.train), log)
     if resumed is not None:
@@ -161,6 +162,14 @@ def _setup_data(cfg: DataConfig, num_classes: int | None, seed: int, log: Callab
         for p, why in bundle.skipped:
             log(f"  {p}: {why}")
     return bundle
+
+
+def _check_input_size(bb: models.Backbone, size: int) -> None:
+    """Refuse an image size the architecture cannot run on, before the run folder exists."""
+    smallest = models.min_input(bb.model)
+    if size < smallest:
+        raise ConfigError(f"data.image_size: {bb.name} needs inputs of at least {smallest} px (got {size}); "
+                          f"set data.image_size={max(smallest, bb.preprocess.crop_size)}")
 
 
 def _setup_plan(bb: models.Backbone, cfg: Config, n_images: int, log: Callable[[str], None]) -> tuple[FreezePlan, str | None]:
