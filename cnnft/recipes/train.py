@@ -7,6 +7,7 @@ part of the checkpoint where it is built.
 
 from __future__ import annotations
 
+import copy
 import random
 import sys
 from dataclasses import asdict, dataclass
@@ -230,6 +231,8 @@ def _setup_state(resumed: dict | None, run_dir: Path | None, log: Callable[[str]
         state.load_state_dict(resumed)
         checkpoint.set_rng_state(resumed["rng"])
         log(f"resuming {run_dir} after epoch {state.epoch}" + (f", step {state.step}" if state.step else ""))
+    elif run_dir is not None:
+        log(f"{run_dir} holds no finished epoch (no checkpoints/last.pt): starting it fresh from epoch 1")
     return state
 
 
@@ -303,14 +306,19 @@ def _end_epoch(state: engine.TrainState, ev: engine.EvalResult, saved: _Saved, r
         "images_per_second": round(running.seen / max(running.seconds, 1e-9), 1),
         "wall_seconds": round(state.wall_seconds, 3),
     }
-    improved = state.end_epoch(row)
-    ckpt = saved.checkpoint(state)
-    metrics.write_csv(run.metrics, state.history, metrics.EPOCH_COLUMNS)
+    # the epoch is recorded (history, metrics.csv, and so the summary of a run that fails
+    # later) only once its checkpoint is on disk: a failed save leaves no false bookkeeping
+    after = copy.copy(state)
+    after.history = list(state.history)
+    improved = after.end_epoch(row)
+    ckpt = saved.checkpoint(after)
     if improved:  # the same bytes: link rather than write them twice. best first: a kill in
         checkpoint.save(ckpt, run.best)  # between leaves last.pt one epoch behind, and the
         checkpoint.atomic_link(run.best, run.last)  # resumed run redoes it (never a stale best)
     else:
         checkpoint.save(ckpt, run.last)
+    state.end_epoch(row)
+    metrics.write_csv(run.metrics, state.history, metrics.EPOCH_COLUMNS)
     if writer is not None:
         writer(run.tensorboard, row)
     log(f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
