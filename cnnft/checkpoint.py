@@ -8,6 +8,7 @@ file that needs arbitrary code to unpickle is refused, not executed.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -24,7 +25,7 @@ from torch import nn
 
 from . import config as config_mod
 from . import runtime
-from .errors import CheckpointError
+from .errors import CheckpointError, NoSpaceError
 
 if TYPE_CHECKING:  # models imports this module (safe loading of weights files)
     from .models import Preprocess
@@ -53,7 +54,11 @@ def clean_partial_writes(folder: str | Path) -> list[Path]:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        _raise_if_full(exc, path, len(data))
+        raise
     try:
         os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600 files; results are shared like any other file
         with os.fdopen(fd, "wb") as f:
@@ -61,9 +66,35 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            _raise_if_full(exc, path, len(data))
         raise
+
+
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _raise_if_full(exc: OSError, path: Path, size: int) -> None:
+    """A full disk or quota is the user's to fix, not a bug: say how much room the write needs."""
+    if exc.errno in _FULL:
+        why = "disk quota exceeded" if exc.errno != errno.ENOSPC else "no space left on the device"
+        raise NoSpaceError(f"cannot write {path}: {why}; it needs {human_size(size)} ({size:,} bytes)",
+                           needed=size, hint=f"free at least {human_size(size)} on the disk holding {path.parent}, "
+                           "or write to another disk") from None
+
+
+def human_size(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    if n < 1024:
+        return f"{n} bytes"
+    size = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        size /= 1024
+        if size < 1024 or unit == "TiB":
+            break
+    return f"{size:.1f} {unit}"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -78,7 +109,14 @@ def save(obj: dict, path: str | Path) -> None:
     """Serialise a checkpoint dict with torch.save, atomically."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except NoSpaceError as exc:
+        run = RunDir.of_checkpoint(path)
+        if run is None:
+            raise
+        raise NoSpaceError(exc.message, needed=exc.needed,
+                           hint=f"{exc.hint}; then resume the run: cnnft train --resume {run}") from None
 
 
 def atomic_link(src: str | Path, dst: str | Path) -> None:
@@ -88,12 +126,17 @@ def atomic_link(src: str | Path, dst: str | Path) -> None:
     tmp = dst.with_name(f".{dst.name}.link.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:
-        import shutil
+        try:
+            os.link(src, tmp)
+        except OSError:
+            import shutil
 
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        _raise_if_full(exc, dst, src.stat().st_size)
+        raise
 
 
 def safe_torch_load(path: str | Path) -> Any:
@@ -220,7 +263,7 @@ class LoadedModel:
     def to_device(self, device: str) -> runtime.Runtime:
         """Move the model to ``device`` and return the runtime training used there
         (the run's precision and memory format)."""
-        rt = runtime.make_runtime(device, self.config.train.amp, self.config.train.channels_last)
+        rt = runtime.make_runtime(device, self.config.train.amp, self.config.train.channels_last, "--device")
         rt.prepare(self.model)
         return rt
 

@@ -46,6 +46,15 @@ class CheckpointError(InputError):
     """A checkpoint or weights file is missing, corrupt, unsafe or does not fit the model."""
 
 
+class NoSpaceError(InputError):
+    """The disk (or the user's quota) is full: nothing is wrong with the run, only with where it
+    is written. ``needed`` is the size of the file that could not be written, in bytes."""
+
+    def __init__(self, message: str, *, needed: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.needed = needed
+
+
 class WeightsUnavailableError(InputError):
     """Pretrained weights must be downloaded but cannot be (offline, blocked)."""
 

@@ -16,26 +16,34 @@ from torch import nn
 from .errors import InputError
 
 
-def resolve_device(spec: str) -> torch.device:
-    """auto -> CUDA when present, else Apple MPS, else CPU; a missing device is an input error."""
+DEVICE_TYPES = ("cpu", "cuda", "mps")  # what cnnft runs on; torch knows more names (meta, xpu...)
+
+
+def resolve_device(spec: str, option: str = "train.device") -> torch.device:
+    """auto -> CUDA when present, else Apple MPS, else CPU; a missing device is an input error
+    that names ``option``, where the value came from."""
     mps = getattr(torch.backends, "mps", None)
     mps_ok = bool(mps and mps.is_available())
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("mps" if mps_ok else "cpu")
+    use = f"{option}=" if "." in option else f"{option} "
     try:
         dev = torch.device(spec)
-    except RuntimeError:
-        raise InputError(f"device: {spec!r} is not a device", hint="use auto, cpu, cuda, cuda:N or mps") from None
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise InputError(f"{option}: {spec!r} is not a device cnnft can run on",
+                         hint=f"use {use}auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"train.device: {spec} requested but CUDA is not available", hint="use train.device=auto or cpu")
+        raise InputError(f"{option}: {spec} requested but CUDA is not available", hint=f"use {use}auto or cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         n = torch.cuda.device_count()
-        raise InputError(f"train.device: {spec} requested but this machine has {n} CUDA device(s)",
-                         hint=f"use cuda:0{f' to cuda:{n - 1}' if n > 1 else ''}, or train.device=auto")
+        raise InputError(f"{option}: {spec} requested but this machine has {n} CUDA device(s)",
+                         hint=f"use cuda:0{f' to cuda:{n - 1}' if n > 1 else ''}, or {use}auto")
     if dev.type == "mps" and not mps_ok:
-        raise InputError(f"train.device: {spec} requested but Apple MPS is not available", hint="use train.device=auto or cpu")
+        raise InputError(f"{option}: {spec} requested but Apple MPS is not available", hint=f"use {use}auto or cpu")
     return dev
 
 
@@ -83,8 +91,8 @@ class Runtime:
         return torch.amp.GradScaler(self.device.type) if self.needs_scaler else None
 
 
-def make_runtime(device: str, amp: bool, channels_last: bool) -> Runtime:
-    """The runtime for a device spec and the ``train.amp`` / ``train.channels_last`` settings."""
-    dev = resolve_device(device)
+def make_runtime(device: str, amp: bool, channels_last: bool, option: str = "train.device") -> Runtime:
+    """The runtime for a device spec (from ``option``) and the ``train.amp`` / ``train.channels_last`` settings."""
+    dev = resolve_device(device, option)
     amp_dtype, scaler = amp_settings(dev, amp)
     return Runtime(dev, amp_dtype, channels_last and dev.type != "mps", scaler)

@@ -11,6 +11,7 @@ real entry point behaves the same.
 
 from __future__ import annotations
 
+import errno
 import os
 import pathlib
 import pickle
@@ -207,6 +208,13 @@ def weights_file(name: str, obj) -> Callable[[Path], None]:
     return prep
 
 
+def reshaped_lenet_state() -> dict:
+    """lenet5's keys, but a first convolution of 3x3 kernels where the model has 5x5."""
+    state = lenet_state()
+    state["conv1.0.weight"] = torch.zeros(6, 3, 3, 3)
+    return state
+
+
 def truncated_weights(tmp: Path) -> None:
     torch.save(lenet_state(), tmp / "w.pt")
     data = (tmp / "w.pt").read_bytes()
@@ -243,6 +251,32 @@ def prior_run(backbone: str = "lenet5", epochs: int = 1) -> Callable[[Path], Non
 def corrupt_last(tmp: Path) -> None:
     last = tmp / "runs" / "t" / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])
+
+
+def delete_last(tmp: Path) -> None:
+    (tmp / "runs" / "t" / "checkpoints" / "last.pt").unlink()
+
+
+def edit_run_config(tmp: Path) -> None:
+    cfg = tmp / "runs" / "t" / "config.yaml"
+    d = yaml.safe_load(cfg.read_text())
+    d["data"]["image_size"], d["train"]["lr"] = 40, 0.05
+    cfg.write_text(yaml.safe_dump(d))
+
+
+def disk_full(at_save: int) -> Callable[[Path, pytest.MonkeyPatch], None]:
+    """The disk fills up while the ``at_save``-th checkpoint is written (ENOSPC when it is flushed)."""
+    def patch(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        real, saves = os.fsync, []
+
+        def fsync(fd: int) -> None:
+            if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith((".best.pt.", ".last.pt.")):
+                saves.append(fd)
+                if len(saves) == at_save:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real(fd)
+        monkeypatch.setattr(os, "fsync", fsync)
+    return patch
 
 
 def unwritable_dir(tmp: Path) -> None:
@@ -325,6 +359,30 @@ def _nan_first_step(tmp: Path, res: Result) -> None:
     assert not (run / "checkpoints" / "best.pt").exists() and not (run / "metrics.csv").exists()
 
 
+def _disk_full_later(tmp: Path, res: Result) -> None:
+    """Full at epoch 2's checkpoint: everything that says what was trained says epoch 1."""
+    from cnnft import checkpoint
+
+    (run,) = run_folders(tmp / "runs")
+    s = summary_of(run)
+    assert s["epochs_completed"] == 1 and s["best_epoch"] == 1, s
+    assert checkpoint.load(run / "checkpoints" / "best.pt")["epoch"] == 1
+    assert checkpoint.load(run / "checkpoints" / "last.pt")["epoch"] == 1
+    assert len((run / "metrics.csv").read_text().strip().splitlines()) == 2  # header + epoch 1
+    needed = int(res.flat_err.split("it needs ")[1].split("(")[1].split(" bytes)")[0].replace(",", ""))
+    size = (run / "checkpoints" / "last.pt").stat().st_size  # epoch 2's checkpoint: epoch 1's plus a history row
+    assert size < needed < size * 1.01, (needed, size)
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+
+
+def _disk_full_first(tmp: Path, res: Result) -> None:
+    (run,) = run_folders(tmp / "runs")
+    s = summary_of(run)
+    assert s["epochs_completed"] == 0 and s["best_epoch"] is None and s["checkpoints"] == {}, s
+    assert not (run / "metrics.csv").exists() and not list((run / "checkpoints").iterdir())
+    assert "are kept" not in res.err
+
+
 def _not_pwned(tmp: Path, res: Result) -> None:
     assert not (tmp / "pwned").exists(), "unpickling ran code"
 
@@ -332,6 +390,16 @@ def _not_pwned(tmp: Path, res: Result) -> None:
 def _resume_untouched(tmp: Path, res: Result) -> None:
     assert summary_of(tmp / "runs" / "t")["epochs_completed"] == 1
     assert [p.name for p in run_folders(tmp / "runs")] == ["t"]
+
+
+def _unchanged(path: Path, content: bytes) -> None:
+    assert path.read_bytes() == content
+
+
+def checkpoint_intact(path: Path) -> None:
+    from cnnft import checkpoint
+
+    assert checkpoint.load(path)["epoch"] >= 1
 
 
 LENET = {"model": {"backbone": "lenet5"}}
@@ -489,6 +557,9 @@ CASES = [
          prep=(weights_file("lenet.pt", lambda: lenet_state(10)),)),
     Case("weights-other-num-classes-ok", 0, (), ov=("model.weights=lenet10.pt", "model.backbone=lenet5"),
          prep=(weights_file("lenet10.pt", lambda: lenet_state(10)),), run="ok"),
+    Case("weights-wrong-shapes", 2, ("w.pt does not fit LeNet5", "1 keys of another shape",
+                                     "conv1.0.weight (6, 3, 3, 3) vs the model's (6, 3, 5, 5)", "check model.backbone"),
+         ov=("model.weights=w.pt", "model.backbone=lenet5"), prep=(weights_file("w.pt", reshaped_lenet_state),)),
     Case("weights-bad-safetensors", 2, ("is not a valid safetensors file",), ov=("model.weights=w.safetensors",),
          prep=(write("w.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}"),)),
     Case("weights-pickle-with-code", 2, ("refused to load", "evil.pkl"), ov=("model.weights=./evil.pkl", "model.backbone=lenet5"),
@@ -502,6 +573,15 @@ CASES = [
          argv=("train", "--resume", "runs/t", "train.lr=0.5"), prep=(prior_run(),), check=_resume_untouched),
     Case("resume-other-classes", 2, ("checkpoint is for lenet5 with classes", "resume with the same data"),
          argv=("train", "--resume", "runs/t", "train.epochs=2"), prep=(prior_run(), add_class("c")), check=_resume_untouched),
+    Case("resume-without-last-but-trained", 2, ("runs/t has no checkpoints/last.pt, so there is nothing to resume from",
+                                                 "metrics.csv, checkpoints/best.pt", "cnnft train runs/t/config.yaml"),
+         argv=("train", "--resume", "runs/t", "train.epochs=2"), prep=(prior_run(), delete_last),
+         check=_resume_untouched),
+    Case("resume-edited-config", 2, ("data.image_size: 40 in config.yaml but 32 in the checkpoint",
+                                     "train.lr: 0.05 in config.yaml but 0.001 in the checkpoint",
+                                     "cannot be changed when resuming", "or start a new run with the edited config"),
+         argv=("train", "--resume", "runs/t", "train.epochs=2"), prep=(prior_run(), edit_run_config),
+         check=_resume_untouched),
     Case("resume-corrupt-last", 2, ("last.pt is not a readable PyTorch file",),
          argv=("train", "--resume", "runs/t", "train.epochs=2"), prep=(prior_run(), corrupt_last)),
     Case("evaluate-other-classes", 2, ("do not match the checkpoint's classes", "not known to the model: c"), argv=("evaluate", "runs/t", "--data", "data", "--device", "cpu"),
@@ -510,6 +590,20 @@ CASES = [
          prep=(evil_pickle,), check=_not_pwned),
     Case("predict-pickle-with-code", 2, ("refused to load",), argv=("predict", "evil.pkl", "data"),
          prep=(evil_pickle,), check=_not_pwned),
+    Case("image-size-below-model-minimum", 2, ("data.image_size: vit_b_16 needs inputs of at least 224 px (got 64)",
+                                                "set data.image_size=224"),
+         ov=("model.backbone=vit_b_16", "data.image_size=64")),
+    Case("evaluate-unknown-device", 2, ("--device: 'gpu' is not a device cnnft can run on", "use --device auto, cpu"),
+         argv=("evaluate", "runs/t", "--data", "data", "--device", "gpu"), prep=(prior_run(),)),
+    Case("predict-meta-device", 2, ("--device: 'meta' is not a device cnnft can run on",),
+         argv=("predict", "runs/t", "data", "--device", "meta"), prep=(prior_run(),)),
+    # --- export
+    Case("export-over-existing-file", 2, ("--out: m.pt already exists; nothing was written", "pass --force to replace it"),
+         argv=("export", "runs/t", "--format", "torchscript", "--out", "m.pt"), prep=(prior_run(), write("m.pt", "mine")),
+         check=lambda tmp, res: _unchanged(tmp / "m.pt", b"mine")),
+    Case("export-over-its-checkpoint", 2, ("is the checkpoint being exported; cnnft never overwrites it",),
+         argv=("export", "runs/t", "--format", "torchscript", "--out", "runs/t/checkpoints/best.pt"), prep=(prior_run(),),
+         check=lambda tmp, res: checkpoint_intact(tmp / "runs" / "t" / "checkpoints" / "best.pt")),
     # --- environment
     Case("output-dir-is-file", 2, ("output_dir:", "is a file, not a folder", "set output_dir to a folder path"),
          ov=("output_dir=cfg.yaml",)),
@@ -519,6 +613,13 @@ CASES = [
     Case("output-dir-in-proc", 2, ("output_dir: cannot create folders in /proc", "set output_dir to a writable folder"),
          ov=("output_dir=/proc/cnnft-test-runs",),
          marks=(pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc"),)),
+    Case("disk-full-first-checkpoint", 2, ("cannot write", "best.pt: no space left on the device", "it needs",
+                                           "free at least", "then resume the run: cnnft train --resume"),
+         cfg=LENET, run="failed", patch=(disk_full(1),), check=_disk_full_first,
+         marks=(pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="no /proc"),)),
+    Case("disk-full-second-epoch", 2, ("no space left on the device", "free at least"),
+         cfg={**LENET, "train": {"epochs": 2}}, run="failed", patch=(disk_full(2),), check=_disk_full_later,
+         marks=(pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="no /proc"),)),
     # --- numerical faults
     Case("nan-loss-later", 1, ("loss became nan at epoch", "lower train.lr"), cfg=NAN_LATER, run="failed",
          check=_nan_kept_progress),
@@ -625,8 +726,14 @@ def test_resume_without_last_checkpoint_reuses_the_run_folder(tmp_path: Path, mo
     run = tmp_path / "runs" / "t"
     for f in ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.csv", "summary.json"):
         (run / f).unlink()
+    # what a kill during the first save leaves: partial writes beside no whole file
+    (run / "checkpoints" / ".best.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    (run / ".metrics.csv.k1ll3d.tmp").write_text("epoch,")
     res = run_inprocess(["train", "--resume", "runs/t"], monkeypatch, capfd, tmp_path)
     assert res.code == 0, res.err
+    assert "holds no finished epoch" in res.flat_err and "starting it fresh" in res.flat_err
+    assert "removed a partial write left by the interrupted run: .best.pt.k1ll3d.tmp" in res.flat_err
+    assert not list(run.rglob("*.tmp"))
     assert [p.name for p in run_folders(tmp_path / "runs")] == ["t"]
     s = summary_of(run)
     assert s["status"] == "completed" and s["epochs_completed"] == 1 and Path(s["run_dir"]).name == "t"

@@ -92,3 +92,90 @@ def test_export_of_a_missing_checkpoint_is_bad_input(tmp_path, monkeypatch, caps
     code, _, err = run_cli(monkeypatch, capsys, "export", tmp_path / "nope.pt", "--format", "torchscript",
                            "--out", tmp_path / "m.pt")
     assert code == 2 and "nope.pt" in err
+
+
+@pytest.fixture(scope="module")
+def lenet_run(tmp_path_factory) -> Path:
+    """A lenet5 run (random init, one epoch at 32 px): the model cnnft defines itself."""
+    from cnnft.recipes import train as train_recipe
+
+    base = tmp_path_factory.mktemp("lenet")
+    data = _fixtures.random_image_folder(base / "data", per_class=4, size=24)
+    overrides = [f"data.train={data}", "data.image_size=32", "data.num_workers=0", "data.batch_size=4",
+                 "model.backbone=lenet5", "model.weights=none", "train.epochs=1", "train.device=cpu",
+                 f"output_dir={base / 'runs'}", "name=lenet"]
+    return Path(train_recipe.train(None, overrides, log=lambda m: None).run_dir)
+
+
+@pytest.mark.parametrize("fmt", export.EXPORT_FORMATS)
+def test_lenet5_exports_to_both_formats(lenet_run, tmp_path, fmt):
+    """LeNet5 pools 12x12 to 5x5 at 32 px, which ONNX's adaptive pooling cannot express."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnx")
+    res = export.export(lenet_run, fmt, tmp_path / f"lenet.{fmt}")
+    assert res.max_abs_diff <= export.EXPORT_TOLERANCE and (tmp_path / f"lenet.{fmt}").is_file()
+
+
+@pytest.mark.parametrize("in_hw, out_size", [((12, 12), 5), ((2, 3), 7), ((7, 9), (3, None)), ((13, 5), (4, 2))])
+def test_matrix_pool_is_adaptive_pooling(in_hw, out_size):
+    from torch import nn
+
+    pool = nn.AdaptiveAvgPool2d(out_size)
+    model = nn.Sequential(nn.Identity(), pool)
+    x = torch.randn(2, 3, *in_hw, generator=torch.Generator().manual_seed(0))
+    expected = pool(x)
+    export.exportable_adaptive_pools(model, x)
+    assert type(model[1]) is not nn.AdaptiveAvgPool2d
+    assert torch.allclose(model(x), expected, atol=1e-6)
+
+
+def test_an_unexportable_operation_is_named_and_nothing_is_written(lenet_run, tmp_path, monkeypatch):
+    from cnnft.errors import CnnftError
+
+    def refuse(*a, **k):
+        raise RuntimeError("Unsupported: ONNX export of operator frobnicate. Please feel free to request support")
+
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    with pytest.raises(CnnftError, match="lenet5 cannot be exported to onnx at 32 px: .*frobnicate") as info:
+        export.export(lenet_run, "onnx", tmp_path / "out" / "m.onnx")
+    assert "Please feel free" not in str(info.value) and "--format torchscript" in info.value.hint
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_export_replaces_a_planted_symlink_never_its_target(lenet_run, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out_dir = tmp_path / "shared"
+    out_dir.mkdir()
+    for name in (".m.pt.tmp", ".m.pt.json.tmp"):  # the fixed names earlier versions wrote through
+        (out_dir / name).symlink_to(victim)
+    export.export(lenet_run, "torchscript", out_dir / "m.pt")
+    assert victim.read_text() == "precious"
+    assert (out_dir / "m.pt").is_file() and not (out_dir / "m.pt").is_symlink()
+    torch.jit.load(str(out_dir / "m.pt"))
+
+
+def test_export_refuses_an_existing_file_unless_forced(lenet_run, tmp_path):
+    out = tmp_path / "m.pt"
+    out.write_text("someone's file")
+    with pytest.raises(InputError, match="already exists") as info:
+        export.export(lenet_run, "torchscript", out)
+    assert "--force" in info.value.hint and out.read_text() == "someone's file"
+    assert not out.with_name("m.pt.json").exists()
+    export.export(lenet_run, "torchscript", out, force=True)
+    assert out.read_bytes() != b"someone's file" and out.with_name("m.pt.json").is_file()
+
+
+@pytest.mark.parametrize("target", ["checkpoints/best.pt", "checkpoints/last.pt", "checkpoints/model.pt"])
+def test_export_never_overwrites_the_checkpoint_even_forced(lenet_run, target):
+    ckpt = lenet_run / "checkpoints" / "best.pt"
+    before = ckpt.read_bytes()
+    with pytest.raises(InputError, match="checkpoint"):
+        export.export(lenet_run, "torchscript", lenet_run / target, force=True)
+    with pytest.raises(InputError, match="checkpoint"):
+        export.export(ckpt, "torchscript", lenet_run / target, force=True)
+    assert ckpt.read_bytes() == before and not (lenet_run / "checkpoints" / "model.pt").exists()

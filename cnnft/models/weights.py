@@ -96,18 +96,25 @@ def _is_head_key(key: str, heads: tuple[str, ...]) -> bool:
 
 def _load_except_head(model: nn.Module, state: dict, heads: tuple[str, ...], path: str) -> None:
     body = {k: v for k, v in state.items() if not _is_head_key(k, heads)}
-    result = model.load_state_dict(body, strict=False)
-    missing = [k for k in result.missing_keys if not _is_head_key(k, heads)]
-    if missing or result.unexpected_keys:
+    own = model.state_dict()
+    missing = [k for k in own if k not in body and not _is_head_key(k, heads)]
+    unexpected = [k for k in body if k not in own]
+    # checked before loading: load_state_dict raises a bare RuntimeError on a shape mismatch
+    wrong = [f"{k} {tuple(v.shape)} vs the model's {tuple(own[k].shape)}"
+             for k, v in body.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or wrong:
         parts = []
         if missing:
             parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
-        if result.unexpected_keys:
-            parts.append(f"unexpected {len(result.unexpected_keys)} keys (e.g. {', '.join(result.unexpected_keys[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            parts.append(f"{len(wrong)} keys of another shape (e.g. {'; '.join(wrong[:3])})")
         raise CheckpointError(
             f"model.weights: {path} does not fit {type(model).__name__}: {'; '.join(parts)}",
             hint="check model.backbone matches the architecture the file was saved from",
         )
+    model.load_state_dict(body, strict=False)
 
 
 def _load_head_if_fits(model: nn.Module, state: dict, heads: tuple[str, ...]) -> None:

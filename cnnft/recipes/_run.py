@@ -49,14 +49,59 @@ def resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, dict | N
         if key not in RESUMABLE_KEYS:
             raise ConfigError(f"{key}: cannot be changed when resuming (only {', '.join(RESUMABLE_KEYS)})")
     cfg = config_mod.load(run.config, overrides)
-    state = checkpoint.load(run.last) if run.last.exists() else None
-    if state is not None and state["step"] == 0 and state["epoch"] >= cfg.train.epochs:
+    if not run.last.exists():
+        _check_nothing_trained(run)
+        return cfg, None  # killed before its first checkpoint: the run starts over in its folder
+    state = checkpoint.load(run.last)
+    _check_config_unchanged(run, cfg, state)
+    if state["step"] == 0 and state["epoch"] >= cfg.train.epochs:
         done = state["epoch"]
         raise InputError(
             f"train.epochs: the run in {run_dir} has already completed {done} epoch(s)"
             + (f", more than the {cfg.train.epochs} asked for" if done > cfg.train.epochs else ""),
             hint=f"to train longer, resume with a larger total: cnnft train --resume {run_dir} train.epochs={done + 5}")
     return cfg, state
+
+
+def _check_nothing_trained(run: RunDir) -> None:
+    """A run folder without last.pt may start over only if no epoch of it was ever recorded:
+    starting over would replace its best.pt and metrics.csv."""
+    found = [p for p in (run.metrics, run.best) if p.exists()]
+    if run.checkpoints.is_dir():
+        found += [p for p in sorted(run.checkpoints.iterdir())
+                  if p.suffix == ".pt" and not p.name.startswith(".") and p != run.best]
+    if found:
+        raise InputError(
+            f"--resume: {run} has no checkpoints/last.pt, so there is nothing to resume from, but it holds "
+            f"{', '.join(str(p.relative_to(run.root)) for p in found)} of earlier training; starting over "
+            "would overwrite them",
+            hint=f"start a new run from its config instead (it gets a new folder): cnnft train {run.config}")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_config_unchanged(run: RunDir, cfg: Config, state: dict) -> None:
+    """Refuse a run whose config.yaml was edited since its checkpoint was written (only
+    RESUMABLE_KEYS may change): the checkpoint was trained under the config it stores."""
+    saved = _flat(config_mod.validate(state["config"], source=str(run.last)).to_dict())
+    now = _flat(cfg.to_dict())
+    changed = [k for k in sorted(saved.keys() | now.keys())
+               if k not in RESUMABLE_KEYS and saved.get(k) != now.get(k)]
+    if changed:
+        err = ConfigError([f"{k}: {now.get(k)!r} in config.yaml but {saved.get(k)!r} in the checkpoint; "
+                           f"cannot be changed when resuming (only {', '.join(RESUMABLE_KEYS)})" for k in changed],
+                          source=str(run.config))
+        err.hint = (f"restore {', '.join(changed)} in {run.config}, or start a new run with the edited config "
+                    f"(it gets a new folder): cnnft train {run.config}")
+        raise err
 
 
 def check_writable(output_dir: str) -> None:

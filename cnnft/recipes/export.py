@@ -1,12 +1,14 @@
 """Export a checkpoint's model as TorchScript or ONNX, checked against the checkpoint.
 
-load checkpoint -> trace/export to a temporary file -> reload and compare logits on a batch
-of another size (the batch axis stays dynamic) -> rename into place -> write ``FILE.json``
-with the classes and preprocessing beside it.
+load checkpoint -> trace/export in memory -> reload and compare logits on a batch of another
+size (the batch axis stays dynamic) -> write atomically (never over the checkpoint, over an
+existing file only when forced) -> write ``FILE.json`` with the classes and preprocessing beside it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -80,72 +82,168 @@ def _onnx_modules():
     return onnx, onnxruntime
 
 
-def export(source: str | Path, fmt: str, out: str | Path, *, tolerance: float = EXPORT_TOLERANCE) -> Export:
+def export(source: str | Path, fmt: str, out: str | Path, *, tolerance: float = EXPORT_TOLERANCE,
+           force: bool = False) -> Export:
     """Export a checkpoint's model as TorchScript or ONNX (dynamic batch axis), check that it
     gives the checkpoint's logits (max abs diff <= ``tolerance``) and write ``FILE.json``
     beside it with the classes and preprocessing.
 
-    load checkpoint -> trace/export to a temporary file -> reload and compare -> rename.
+    An existing ``out`` is replaced only with ``force``; the checkpoint itself never is.
+    load checkpoint -> export in memory -> reload and compare -> write atomically.
     """
     if fmt not in EXPORT_FORMATS:
         raise InputError(f"--format: unknown format {fmt!r}; use {' or '.join(EXPORT_FORMATS)}")
     onnx_mods = _onnx_modules() if fmt == "onnx" else None
     lm = checkpoint.load_model(source)
+    out = Path(out).expanduser()
+    metadata_path = out.with_name(out.name + ".json")
+    _check_out(out, metadata_path, lm.path, force)
     model = lm.model.float().eval()
     size = lm.preprocess.crop_size
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(2, 3, size, size, generator=gen)
     check = torch.randn(3, 3, size, size, generator=gen)  # another batch size: checks the dynamic axis
 
-    out = Path(out).expanduser()
+    data, diff = _export_checked(model, lm.name, fmt, example, check, tolerance, onnx_mods)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"--out: cannot create {out.parent}: {exc.strerror or exc}") from None
-    diff = _write_checked(model, fmt, out, example, check, tolerance, onnx_mods)
-
     res = Export(
         export_format=fmt, file=out.name, model_name=lm.name, num_classes=len(lm.classes), classes=lm.classes,
         preprocess=lm.preprocess.to_dict(), input_size=[3, size, size], opset=ONNX_OPSET if fmt == "onnx" else None,
         max_abs_diff=diff, checkpoint=str(lm.path), epoch=lm.checkpoint["epoch"], out=str(out),
-        metadata_path=str(out.with_name(out.name + ".json")), tolerance=tolerance,
+        metadata_path=str(metadata_path), tolerance=tolerance,
     )
-    checkpoint.atomic_write_json(res.metadata_path, res.metadata())
+    # a temporary file made by mkstemp, renamed over the target: a symlink planted in the
+    # folder is replaced, never followed
+    checkpoint.atomic_write_bytes(out, data)
+    checkpoint.atomic_write_json(metadata_path, res.metadata())
     return res
 
 
-def _write_checked(model: nn.Module, fmt: str, out: Path, example: torch.Tensor, check: torch.Tensor,
-                   tolerance: float, onnx_mods) -> float:
-    """Export to a temporary file, compare its logits on ``check`` with the model's, and rename
-    it to ``out`` only when they agree; returns the max abs difference."""
+def _check_out(out: Path, metadata_path: Path, source: Path, force: bool) -> None:
+    """Refuse an ``--out`` that is a folder, that would replace the checkpoint being exported,
+    or that exists (unless ``force``), before any work."""
+    if out.is_dir():
+        raise InputError(f"--out: {out} is a folder", hint=f"give a file name, e.g. --out {out / 'model.onnx'}")
+    for p in (out, metadata_path):
+        if _same_file(p, source):
+            raise InputError(f"--out: {p} is the checkpoint being exported; cnnft never overwrites it",
+                             hint="choose another --out file")
+    run = checkpoint.RunDir.of_checkpoint(source)
+    if run is not None and _same_file(out.parent, run.checkpoints):
+        raise InputError(f"--out: {out} is inside the run's checkpoints folder, which holds only its checkpoints",
+                         hint=f"choose a file outside {run.checkpoints}, e.g. --out {run.root / out.name}")
+    if not force:
+        for p in (out, metadata_path):
+            if os.path.lexists(p):
+                raise InputError(f"--out: {p} already exists; nothing was written",
+                                 hint="choose another --out file, or pass --force to replace it")
+
+
+def _same_file(p: Path, source: Path) -> bool:
+    try:
+        return os.path.samefile(p, source) or p.resolve() == source.resolve()
+    except OSError:  # p does not exist (or cannot be examined): it is not the checkpoint
+        return False
+
+
+def _export_checked(model: nn.Module, name: str, fmt: str, example: torch.Tensor, check: torch.Tensor,
+                    tolerance: float, onnx_mods) -> tuple[bytes, float]:
+    """The exported file's bytes, made in memory and reloaded to compare its logits on
+    ``check`` with the model's; returns them only when they agree, with the max abs difference."""
     with torch.inference_mode():
         expected = models.logits_of(model(check)).float()
-    tmp = out.with_name(f".{out.name}.tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and legacy-exporter notices, not problems
+        data = _export_bytes(model, name, fmt, example, onnx_mods)
+        if fmt == "torchscript":
+            with torch.inference_mode():
+                got = torch.jit.load(io.BytesIO(data), map_location="cpu")(check)
+        else:
+            onnx, ort = onnx_mods
+            onnx.checker.check_model(data)
+            sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+            got = torch.from_numpy(sess.run(None, {"input": check.numpy()})[0])
+    diff = float((models.logits_of(got).float() - expected).abs().max())
+    if not diff <= tolerance:
+        raise CnnftError(f"the exported {fmt} model's logits differ from the checkpoint's by {diff:.3g} "
+                         f"(more than {tolerance:g}); nothing was written",
+                         hint="run again with --debug and please report it")
+    return data, diff
+
+
+def _export_bytes(model: nn.Module, name: str, fmt: str, example: torch.Tensor, onnx_mods) -> bytes:
+    """Trace (TorchScript) or export (ONNX) ``model`` at ``example``'s size into bytes; an
+    operation the format cannot express is an error that names it."""
+    buf = io.BytesIO()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer and legacy-exporter notices, not problems
-            if fmt == "torchscript":
-                with torch.no_grad():
-                    traced = torch.jit.trace(model, example, check_trace=False)  # checked below, on another batch
-                torch.jit.save(traced, str(tmp))
-                with torch.inference_mode():
-                    got = torch.jit.load(str(tmp), map_location="cpu")(check)
-            else:
-                onnx, ort = onnx_mods
-                # the TorchScript-based exporter: the dynamo one needs onnxscript, which the
-                # `onnx` extra does not install
-                torch.onnx.export(model, (example,), str(tmp), dynamo=False, input_names=["input"],
+        if fmt == "torchscript":
+            with torch.no_grad():
+                traced = torch.jit.trace(model, example, check_trace=False)  # checked on another batch
+            torch.jit.save(traced, buf)
+        else:
+            exportable_adaptive_pools(model, example)
+            # the TorchScript-based exporter: the dynamo one needs onnxscript, which the
+            # `onnx` extra does not install. It prints the graph when it fails: not for users
+            with contextlib.redirect_stdout(io.StringIO()):
+                torch.onnx.export(model, (example,), buf, dynamo=False, input_names=["input"],
                                   output_names=["logits"], opset_version=ONNX_OPSET,
                                   dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-                onnx.checker.check_model(str(tmp))
-                sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-                got = torch.from_numpy(sess.run(None, {"input": check.numpy()})[0])
-        diff = float((models.logits_of(got).float() - expected).abs().max())
-        if not diff <= tolerance:
-            raise CnnftError(f"the exported {fmt} model's logits differ from the checkpoint's by {diff:.3g} "
-                             f"(more than {tolerance:g}); nothing was written",
-                             hint="run again with --debug and please report it")
-        os.replace(tmp, out)
+    except Exception as exc:  # noqa: BLE001 - the exporters fail in many ways; all mean "not exportable"
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        why = why.split(" Please feel free")[0].split(" [Caused by")[0][:300]
+        other = "onnx" if fmt == "torchscript" else "torchscript"
+        raise CnnftError(f"{name} cannot be exported to {fmt} at {example.shape[-1]} px: {why}; nothing was written",
+                         hint=f"try --format {other}") from None
+    return buf.getvalue()
+
+
+class _MatrixAdaptiveAvgPool2d(nn.Module):
+    """``AdaptiveAvgPool2d`` for one fixed input size as two averaging matrices: ONNX has no
+    adaptive pooling, and the exporter refuses output sizes that do not divide the input
+    (LeNet5's 12 -> 5 at 32 px, VGG's 2 -> 7 at 64 px). Same windows, same result."""
+
+    def __init__(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> None:
+        super().__init__()
+        self.register_buffer("rows", _averaging_matrix(in_hw[0], out_hw[0]))  # [oh, H]
+        self.register_buffer("cols", _averaging_matrix(in_hw[1], out_hw[1]).t().contiguous())  # [W, ow]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.matmul(self.rows, x), self.cols)
+
+
+def _averaging_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """Row i averages input cells [floor(i*n_in/n_out), ceil((i+1)*n_in/n_out)), as adaptive pooling does."""
+    m = torch.zeros(n_out, n_in)
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
+def exportable_adaptive_pools(model: nn.Module, example: torch.Tensor) -> int:
+    """Replace, in place, each ``AdaptiveAvgPool2d`` whose output size does not divide its
+    input at ``example``'s size by its fixed-size matrix form; returns how many were replaced."""
+    seen: dict[str, tuple[int, int]] = {}
+    pools = {n: m for n, m in model.named_modules() if type(m) is nn.AdaptiveAvgPool2d}
+    hooks = [m.register_forward_hook(lambda _m, args, _o, n=n: seen.__setitem__(n, tuple(args[0].shape[-2:])))
+             for n, m in pools.items()]
+    try:
+        with torch.inference_mode():
+            model(example)
     finally:
-        tmp.unlink(missing_ok=True)
-    return diff
+        for h in hooks:
+            h.remove()
+    replaced = 0
+    for n, in_hw in seen.items():
+        size = pools[n].output_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        out_hw = tuple(i if o is None else o for i, o in zip(in_hw, size))
+        if all(i % o == 0 for i, o in zip(in_hw, out_hw)):
+            continue  # exported as a plain average pool
+        parent, _, attr = n.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, _MatrixAdaptiveAvgPool2d(in_hw, out_hw))
+        replaced += 1
+    return replaced

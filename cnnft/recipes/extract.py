@@ -63,7 +63,7 @@ def _model_for(source: str | Path, device: str) -> tuple[nn.Module, str, models.
         return lm.model, lm.name, lm.preprocess, lm.to_device(device)
     bb = models.build(str(source), "DEFAULT", None)
     defaults = TrainConfig()
-    rt = runtime.make_runtime(device, defaults.amp, defaults.channels_last)
+    rt = runtime.make_runtime(device, defaults.amp, defaults.channels_last, "--device")
     rt.prepare(bb.model.eval())
     return bb.model, bb.name, bb.preprocess, rt
 

@@ -7,6 +7,7 @@ part of the checkpoint where it is built.
 
 from __future__ import annotations
 
+import copy
 import random
 import sys
 from dataclasses import asdict, dataclass
@@ -78,6 +79,7 @@ def train(
 
     bundle = _setup_data(cfg.data, cfg.model.num_classes, cfg.seed, log)
     bb = models.build(cfg.model.backbone, cfg.model.weights, len(bundle.classes))
+    _check_input_size(bb, cfg.data.image_size)
     bb.preprocess = bb.preprocess.with_size(cfg.data.image_size)  # checkpoints record what was used
     plan, why = _setup_plan(bb, cfg, len(bundle.train), log)
     if resumed is not None:
@@ -164,6 +166,14 @@ def _setup_data(cfg: DataConfig, num_classes: int | None, seed: int, log: Callab
     return bundle
 
 
+def _check_input_size(bb: models.Backbone, size: int) -> None:
+    """Refuse an image size the architecture cannot run on, before the run folder exists."""
+    smallest = models.min_input(bb.model)
+    if size < smallest:
+        raise ConfigError(f"data.image_size: {bb.name} needs inputs of at least {smallest} px (got {size}); "
+                          f"set data.image_size={max(smallest, bb.preprocess.crop_size)}")
+
+
 def _setup_plan(bb: models.Backbone, cfg: Config, n_images: int, log: Callable[[str], None]) -> tuple[FreezePlan, str | None]:
     """The freeze plan for ``bb`` (``auto`` resolved from the data's size) and why, if chosen."""
     n_classes = bb.num_classes
@@ -232,6 +242,8 @@ def _setup_state(resumed: dict | None, run_dir: Path | None, log: Callable[[str]
         state.load_state_dict(resumed)
         checkpoint.set_rng_state(resumed["rng"])
         log(f"resuming {run_dir} after epoch {state.epoch}" + (f", step {state.step}" if state.step else ""))
+    elif run_dir is not None:
+        log(f"{run_dir} holds no finished epoch (no checkpoints/last.pt): starting it fresh from epoch 1")
     return state
 
 
@@ -305,14 +317,19 @@ def _end_epoch(state: engine.TrainState, ev: engine.EvalResult, saved: _Saved, r
         "images_per_second": round(running.seen / max(running.seconds, 1e-9), 1),
         "wall_seconds": round(state.wall_seconds, 3),
     }
-    improved = state.end_epoch(row)
-    ckpt = saved.checkpoint(state)
-    metrics.write_csv(run.metrics, state.history, metrics.EPOCH_COLUMNS)
+    # the epoch is recorded (history, metrics.csv, and so the summary of a run that fails
+    # later) only once its checkpoint is on disk: a failed save leaves no false bookkeeping
+    after = copy.copy(state)
+    after.history = list(state.history)
+    improved = after.end_epoch(row)
+    ckpt = saved.checkpoint(after)
     if improved:  # the same bytes: link rather than write them twice. best first: a kill in
         checkpoint.save(ckpt, run.best)  # between leaves last.pt one epoch behind, and the
         checkpoint.atomic_link(run.best, run.last)  # resumed run redoes it (never a stale best)
     else:
         checkpoint.save(ckpt, run.last)
+    state.end_epoch(row)
+    metrics.write_csv(run.metrics, state.history, metrics.EPOCH_COLUMNS)
     if writer is not None:
         writer(run.tensorboard, row)
     log(f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
