@@ -90,7 +90,7 @@ def test_init_writes_a_config_that_validates(tmp_path, monkeypatch, capsys):
     assert text.splitlines()[0] == f"# cnnft train {path}"
     code, out, err = run_cli(monkeypatch, capsys, "validate", path, "--json")
     assert code == 0, err
-    resolved = json.loads(out)
+    resolved = json.loads(out)["config"]  # --json is the pre-flight report; the resolved config is in it
     assert resolved["model"]["backbone"] == "efficientnet_lite0" and resolved["data"]["dataset"] == "digits"
 
     before = path.read_text()
