@@ -16,6 +16,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -28,7 +29,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_errors
 
 
-from .errors import CnnftError
+from .errors import CnnftError, ConfigError
 
 app = typer.Typer(
     name="cnnft",
@@ -84,22 +85,43 @@ class YesNo(str, Enum):
 StrategyChoice = Enum("StrategyChoice", {s: s for s in STRATEGIES}, type=str)  # type: ignore[misc]
 
 
+def _config_and_overrides(config: str | None, overrides: list[str] | None) -> tuple[str | None, list[str]]:
+    """CONFIG may be left out: a first argument with `=` that is no file is an override, and
+    the config is built from the defaults and the overrides alone."""
+    overrides = list(overrides or [])
+    if config is not None and "=" in config and not Path(config).exists():
+        return None, [config, *overrides]
+    return config, overrides
+
+
 @app.command()
 def validate(
-    config: Path = typer.Argument(..., help="Experiment YAML file."),
+    config: Optional[str] = typer.Argument(None, help="Experiment YAML file; leave it out to start from the defaults."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides."),
-    json_out: bool = typer.Option(False, "--json", help="Print the resolved config as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print the pre-flight report as JSON (ok, problems, config, classes...)."),
 ) -> None:
-    """Check a config and print it fully resolved (defaults filled in), or every error in it."""
-    from .recipes import freeze_plan as plan_recipe
-    resolved = plan_recipe.resolve_config(config, overrides or [])
+    """Pre-flight check of a config: schema, data folders and classes, backbone, weights, device, output folder.
+
+    Every problem is listed at once (exit code 2); with none, the resolved config is printed
+    (every default filled in). Nothing is downloaded, trained or written.
+    """
+    from .recipes import validate as validate_recipe
+    config, overrides = _config_and_overrides(config, overrides)
+    res = validate_recipe.preflight(config, overrides)
     if json_out:
-        _print_json(resolved)
-    else:
+        _print_json(res.to_dict())
+    if not res.ok:
+        if not json_out and res.config is not None:
+            for line in tables.preflight(res):
+                err.print(line, highlight=False)
+        raise ConfigError(res.problems, source=res.source)
+    if not json_out:
         import yaml
 
-        out.print(yaml.safe_dump(resolved, sort_keys=False).rstrip(), markup=False, highlight=False)
-        err.print(f"[green]config OK[/green]: {config}")
+        out.print(yaml.safe_dump(res.config, sort_keys=False).rstrip(), markup=False, highlight=False)
+        for line in tables.preflight(res):
+            err.print(line, highlight=False)
+        err.print(f"[green]config OK[/green]: {escape(res.source or '')}: ready to train")
 
 
 @app.command("freeze-plan")
@@ -159,7 +181,7 @@ def freeze_plan(
 
 @app.command()
 def train(
-    config: Optional[str] = typer.Argument(None, help="Experiment YAML file (optional with --resume)."),
+    config: Optional[str] = typer.Argument(None, help="Experiment YAML file (optional with --resume, or with overrides alone)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. train.lr=0.01"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder (may extend train.epochs)."),
     json_out: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
@@ -171,12 +193,11 @@ def train(
     checkpoints/best.pt and last.pt; --resume RUN_DIR continues an interrupted run.
     """
     from .recipes import train as train_recipe
-    overrides = list(overrides or [])
-    if config is not None and "=" in config and not Path(config).exists():
-        overrides.insert(0, config)  # `cnnft train --resume RUN train.epochs=5`
-        config = None
-    if config is None and resume is None:
-        raise typer.BadParameter("give a CONFIG file, or --resume RUN_DIR", param_hint="CONFIG")
+    # `cnnft train --resume RUN train.epochs=5`, `cnnft train data.dataset=digits model.backbone=lenet5`
+    config, overrides = _config_and_overrides(config, overrides)
+    if config is None and resume is None and not overrides:
+        raise typer.BadParameter("give a CONFIG file, or --resume RUN_DIR (or key.sub=value overrides to start "
+                                 "from the defaults)", param_hint="CONFIG")
     if config is not None and resume is not None:
         raise typer.BadParameter("give either CONFIG or --resume RUN_DIR (the run keeps its own config)")
     summary = train_recipe.train(config, overrides, resume=resume, log=lambda m: err.print(m, highlight=False, markup=False),

@@ -33,6 +33,7 @@ class ConfigError(InputError):
 
     def __init__(self, problems: list[str] | str, *, source: str | None = None) -> None:
         self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.source = source
         where = f" in {source}" if source else ""
         head = f"invalid config{where}: {len(self.problems)} problem(s)"
         super().__init__(head + "".join(f"\n  - {p}" for p in self.problems))

@@ -119,3 +119,24 @@ def compact_names(names: list[str]) -> list[str]:
         else:
             runs.append([name, None, None])
     return [p if a is None else f"{p}{a}" if a == b else f"{p}{a}..{b}" for p, a, b in runs]
+
+
+def preflight(res) -> list[Text]:
+    """What ``validate`` found, one line per check: classes per split, weights, input size,
+    device, run folder, then the notes."""
+    lines = []
+    for split, counts in res.classes.items():
+        shown = ", ".join(f"{c} {n}" for c, n in list(counts.items())[:12]) + (" ..." if len(counts) > 12 else "")
+        lines.append(Text(f"{split}: {len(counts)} classes, {sum(counts.values()):,} images ({shown})"))
+    if res.weights is not None:
+        w = res.weights
+        where = f" {w['path']}" if w["path"] else ""
+        lines.append(Text(f"model: {res.model}, weights {w['status']}: {w['detail']}{where}"))
+    if res.image_size is not None:
+        lines.append(Text(f"input: {res.image_size} px (the model accepts from {res.min_image_size} px)"))
+    if res.device is not None:
+        lines.append(Text(f"device: {res.device}"))
+    if res.run_dir is not None:
+        lines.append(Text(f"run folder: {res.run_dir}"))
+    lines += [Text.assemble(("note: ", "yellow"), n) for n in res.notes]
+    return lines

@@ -110,7 +110,8 @@ def test_bad_config_via_python_m(tmp_path) -> None:
 
 
 def test_valid_config_with_overrides_resolves(monkeypatch, capsys, tmp_path) -> None:
-    text = "name: trial\nmodel:\n  backbone: resnet18\ntrain:\n  lr: 0.01\n  epochs: 3\n"
+    # validate is a pre-flight check too, so the config names data that exists (digits, packaged)
+    text = "name: trial\ndata:\n  dataset: digits\nmodel:\n  backbone: resnet18\ntrain:\n  lr: 0.01\n  epochs: 3\n"
     code, out, err = _validate(monkeypatch, capsys, tmp_path, text, ["train.lr=0.05", "model.backbone=vgg11"])
     assert code == 0, err
     assert "config OK" in err

@@ -90,12 +90,37 @@ def test_init_writes_a_config_that_validates(tmp_path, monkeypatch, capsys):
     assert text.splitlines()[0] == f"# cnnft train {path}"
     code, out, err = run_cli(monkeypatch, capsys, "validate", path, "--json")
     assert code == 0, err
-    resolved = json.loads(out)
+    resolved = json.loads(out)["config"]  # --json is the pre-flight report; the resolved config is in it
     assert resolved["model"]["backbone"] == "efficientnet_lite0" and resolved["data"]["dataset"] == "digits"
 
     before = path.read_text()
     code, _, err = run_cli(monkeypatch, capsys, "init", "--out", path)
     assert code == 2 and "already exists" in err and path.read_text() == before
+
+
+@pytest.mark.real
+def test_init_without_arguments_trains_offline_as_written(tmp_path, monkeypatch, capsys):
+    """The starter config needs no download (packaged digits and Lite0 weights) and picks the
+    quadrant that suits digits (small, not like ImageNet photos: freeze_most)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-hub"))  # nothing cached to lean on
+    code, _, err = run_cli(monkeypatch, capsys, "init")
+    assert code == 0, err
+    code, out, err = run_cli(monkeypatch, capsys, "validate", "experiment.yaml", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["ok"] and report["weights"]["offline"] and not any("download" in n for n in report["notes"])
+    cfg = report["config"]
+    assert (cfg["data"]["dataset"], cfg["model"]["backbone"], cfg["freeze"]["similar"]) == \
+        ("digits", "efficientnet_lite0", False)
+    assert cfg["data"]["image_size"] <= 64 and cfg["train"]["epochs"] <= 5
+    code, out, err = run_cli(monkeypatch, capsys, "train", "experiment.yaml", "train.epochs=1",
+                             "data.limit_per_class=4", "data.num_workers=0", "train.device=cpu", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["epochs_completed"] == 1
+    plan = json.loads((tmp_path / "runs" / "digits" / "freeze_plan.json").read_text())
+    assert plan["strategy"] == "freeze_most"
 
 
 @pytest.mark.real

@@ -64,6 +64,23 @@ def timm_download_error(bare: str, why: str) -> WeightsUnavailableError:
     )
 
 
+def timm_weights_file(bare: str) -> tuple[str | None, str, str]:
+    """Where timm's weights for ``bare`` are or would be: (cached file or None, the URL they
+    come from, the file they are fetched into)."""
+    _, repo, url = _timm_origin(bare)
+    if repo:
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        for f in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(repo, f)
+            if isinstance(found, str):
+                return found, url, found
+        return None, url, str(Path(HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}")
+    target = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
+    return (str(target) if url and target.is_file() else None), url, str(target)
+
+
 def timm_weights_reachable(bare: str, timeout: float = 3.0) -> None:
     """Fail at once, not after a minute of download retries, when timm's weights are neither
     cached nor reachable."""

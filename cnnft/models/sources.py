@@ -8,17 +8,35 @@ from __future__ import annotations
 
 import difflib
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..errors import CnnftError, ConfigError
 from .backbone import Preprocess, Stage, empty_init
-from .downloads import download_error, network_failure, timm_download_error, timm_weights_reachable
+from .downloads import download_error, network_failure, timm_download_error, timm_weights_file, timm_weights_reachable
 from .families import chunks, family_of, family_of_builder, named_stages
 from .lenet import LeNet5
 from .weights import Kind, WeightsSpec
 
 Built = tuple[nn.Module, bool, Preprocess]  # model, pretrained, what its weights expect
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether weights can be had without network: ``status`` is packaged, cached or file
+    (offline), none (random init), download (fetched on first use) or missing (cannot be had)."""
+
+    status: str
+    detail: str
+    url: str | None = None
+    path: str | None = None  # where the file is, or where a download puts it
+
+    @property
+    def offline(self) -> bool:
+        return self.status in ("packaged", "cached", "file", "none")
 
 
 class Source:
@@ -50,6 +68,15 @@ class Source:
     def default_weights(self, bare: str, preprocess: Preprocess) -> tuple[str, int]:
         """What ``cnnft models`` shows as default weights, and their input size."""
         raise NotImplementedError
+
+    def availability(self, bare: str, spec: WeightsSpec) -> Availability:
+        """Whether ``spec``'s weights for ``bare`` are here, or where they would come from;
+        nothing is downloaded. Sources with pretrained weights refine DEFAULT/NAMED."""
+        if spec.kind is Kind.FILE:
+            if spec.path.is_file():
+                return Availability("file", f"local file {spec.path}", path=str(spec.path))
+            return Availability("missing", f"model.weights: weights file not found: {spec.path}", path=str(spec.path))
+        return Availability("none", "random initialisation (no pretrained weights)")
 
 
 # ---------------------------------------------------------------------------- torchvision
@@ -115,6 +142,15 @@ class TorchvisionSource(Source):
                 f"model.weights: {bare} has no weights {spec.text!r}; available: DEFAULT, none, "
                 f"{', '.join(names)}, or a path to a .pth/.safetensors file"
             ) from None
+
+    def availability(self, bare: str, spec: WeightsSpec) -> Availability:
+        w = self._weights(bare, spec)
+        if w is None:
+            return super().availability(bare, spec)
+        target = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
+        if target.is_file():
+            return Availability("cached", f"{w.name} in the torch hub cache", w.url, str(target))
+        return Availability("download", f"{w.name} is downloaded on first use", w.url, str(target))
 
     def default_weights(self, bare: str, preprocess: Preprocess) -> tuple[str, int]:
         import torchvision
@@ -209,6 +245,15 @@ class TimmSource(Source):
                 raise timm_download_error(bare, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
             raise
 
+    def availability(self, bare: str, spec: WeightsSpec) -> Availability:
+        self._check(bare, spec)
+        if spec.kind is not Kind.DEFAULT:
+            return super().availability(bare, spec)
+        cached, url, target = timm_weights_file(bare)
+        if cached:
+            return Availability("cached", "timm's pretrained weights, cached", url, cached)
+        return Availability("download", "timm's pretrained weights are downloaded on first use", url, target)
+
     def heads_and_stages(self, model: nn.Module, name: str) -> tuple[tuple[str, ...], list[Stage]]:
         stages = timm_stages(model)
         return stages[-1].prefixes[:1], stages
@@ -245,6 +290,17 @@ class PackagedLiteSource(TimmSource):
 
     def default_weights(self, bare: str, preprocess: Preprocess) -> tuple[str, int]:
         return "DEFAULT (packaged, offline)", preprocess.crop_size
+
+    def availability(self, bare: str, spec: WeightsSpec) -> Availability:
+        from . import lite
+
+        if spec.kind is not Kind.DEFAULT:
+            return Source.availability(self, bare, spec)
+        try:
+            path = lite.lite_weights_path(bare.removeprefix("efficientnet_"))
+        except CnnftError as exc:
+            return Availability("missing", f"model.weights: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""))
+        return Availability("packaged", "ImageNet weights from an installed package (offline)", path=str(path))
 
 
 # -------------------------------------------------------------------------------- LeNet-5
