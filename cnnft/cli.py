@@ -348,6 +348,7 @@ def export_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint or a run folder."),
     fmt: ExportFormat = typer.Option(..., "--format", help="torchscript or onnx (needs pip install 'cnnft[onnx]')."),
     out_file: Path = typer.Option(..., "--out", help="Output file (.pt for TorchScript, .onnx); FILE.json is written beside it."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file (never the checkpoint itself)."),
     json_out: bool = typer.Option(False, "--json", help="Print the metadata as JSON."),
 ) -> None:
     """Export a checkpoint to TorchScript or ONNX, checked against the checkpoint's logits.
@@ -356,7 +357,7 @@ def export_cmd(
     preprocessing are written to FILE.json beside the export.
     """
     from .recipes import export as export_recipe
-    res = export_recipe.export(checkpoint, fmt.value, out_file)
+    res = export_recipe.export(checkpoint, fmt.value, out_file, force=force)
     if json_out:
         _print_json(res.to_dict())
         return
