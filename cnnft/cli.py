@@ -129,7 +129,7 @@ def freeze_plan(
     size: Optional[Size] = typer.Option(None, "--size", help="Dataset size class."),
     similar: Optional[YesNo] = typer.Option(None, "--similar", help="Is the data similar to ImageNet?"),
     images: Optional[int] = typer.Option(None, "--images", min=1, help="Training images (derives --size)."),
-    classes: Optional[int] = typer.Option(None, "--classes", min=1, help="Number of classes (derives --size; sizes the head)."),
+    classes: Optional[int] = typer.Option(None, "--classes", min=1, help="Number of classes (derives --size; sizes the head; default 2)."),
     model: Optional[str] = typer.Option(None, "--model", help="Show the per-stage plan for this backbone."),
     strategy: Optional[StrategyChoice] = typer.Option(None, "--strategy", help="Use this strategy instead of the recommendation."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Head learning rate (default: the config default)."),
@@ -165,7 +165,8 @@ def freeze_plan(
     if advice.size_rule:
         out.print(f"[dim]{advice.size_rule}[/dim]")
     if advice.plan is not None:
-        t = Table(title=f"{advice.model} ({advice.num_classes} classes)")
+        n = f"{advice.num_classes} classes" + (" (default; --classes N)" if advice.classes_defaulted else "")
+        t = Table(title=f"{escape(advice.model)}: {n}")
         t.add_column("stage")
         t.add_column("state")
         t.add_column("params", justify="right")
@@ -295,18 +296,20 @@ def report_cmd(
 @app.command("inspect")
 def inspect_cmd(
     model: str = typer.Argument(..., help="Backbone name (resnet50, efficientnet_lite0, timm/<name>...)."),
-    strategy: StrategyChoice = typer.Option(StrategyChoice.full, "--strategy", help="Freeze strategy to show."),
+    strategy: Optional[StrategyChoice] = typer.Option(None, "--strategy", help="Also show what this freeze strategy trains (see freeze-plan)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Input size; default: the weights' own."),
     classes: Optional[int] = typer.Option(None, "--classes", min=2, help="Classes of a new head; default: the original head."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Head learning rate (default: the config default)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Show a backbone's stages: output shapes, parameters, frozen or trainable, learning rates.
+    """Show a backbone's structure: its stages, their modules, output shapes and parameters.
 
-    Built on the meta device: nothing is downloaded or allocated.
+    With --strategy, also which stages are frozen and their learning rates (which strategy to
+    pick: cnnft freeze-plan). Built on the meta device: nothing is downloaded or allocated.
     """
     from .recipes import inspect as modelinfo
-    res = modelinfo.inspect_model(model, strategy=strategy.value, image_size=image_size, classes=classes, lr=lr)
+    res = modelinfo.inspect_model(model, strategy=strategy.value if strategy else None, image_size=image_size,
+                                  classes=classes, lr=lr)
     if json_out:
         _print_json(res)
         return
