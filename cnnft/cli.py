@@ -6,6 +6,7 @@ Errors are mapped to a message and an exit code in one place (:func:`main`): 0 s
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -23,10 +24,44 @@ from rich.text import Text
 from . import __version__, tables
 from .strategies import STRATEGIES
 
+from typer.core import TyperCommand, TyperGroup, TyperOption
+
 try:  # typer >= 0.20 vendors click
     from typer._click import exceptions as click_errors
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_errors
+
+
+class _Flag(TyperOption):
+    def display_type_rich(self, ctx):
+        return None
+
+
+class _PlainHelp:
+    """Help as a reader expects it, where typer 0.29 renders otherwise: no type after on/off
+    flags (it prints `--json <bool>`, even `--help <bool>`, as if the flag took a value), and
+    docstring paragraphs reflowed (it keeps their line breaks, splitting sentences mid-line)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        if self.help:  # type: ignore[has-attr]
+            paragraphs = inspect.cleandoc(self.help).split("\n\n")  # type: ignore[has-attr]
+            self.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for p in params:
+            if type(p) is TyperOption and p.is_bool_flag:
+                p.__class__ = _Flag  # same option, help without the type
+        return params
+
+
+class _Command(_PlainHelp, TyperCommand):
+    pass
+
+
+class _Group(_PlainHelp, TyperGroup):
+    pass
 
 
 from .errors import CnnftError, ConfigError
@@ -39,6 +74,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    cls=_Group,
 )
 out = Console(soft_wrap=True)  # results (stdout)
 err = Console(stderr=True, soft_wrap=True)  # messages (stderr)
@@ -94,7 +130,7 @@ def _config_and_overrides(config: str | None, overrides: list[str] | None) -> tu
     return config, overrides
 
 
-@app.command()
+@app.command(cls=_Command)
 def validate(
     config: Optional[str] = typer.Argument(None, help="Experiment YAML file; leave it out to start from the defaults."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides."),
@@ -124,7 +160,7 @@ def validate(
         err.print(f"[green]config OK[/green]: {escape(res.source or '')}: ready to train")
 
 
-@app.command("freeze-plan")
+@app.command("freeze-plan", cls=_Command)
 def freeze_plan(
     size: Optional[Size] = typer.Option(None, "--size", help="Dataset size class."),
     similar: Optional[YesNo] = typer.Option(None, "--similar", help="Is the data similar to ImageNet?"),
@@ -180,7 +216,7 @@ def freeze_plan(
         out.print("[dim]BatchNorm in frozen stages stays in eval mode (running statistics unchanged).[/dim]")
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     config: Optional[str] = typer.Argument(None, help="Experiment YAML file (optional with --resume, or with overrides alone)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. train.lr=0.01"),
@@ -221,7 +257,7 @@ def _log(message: str) -> None:
 
 
 
-@app.command("evaluate")
+@app.command("evaluate", cls=_Command)
 def evaluate_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint (run/checkpoints/best.pt) or a run folder (uses its best.pt)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Folder with one sub-folder per class; default: the run's validation data."),
@@ -244,7 +280,7 @@ def evaluate_cmd(
         out.print(renderable, highlight=False)
 
 
-@app.command("predict")
+@app.command("predict", cls=_Command)
 def predict_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint or a run folder."),
     images: list[Path] = typer.Argument(..., help="Image files and/or folders (walked recursively)."),
@@ -276,7 +312,7 @@ def predict_cmd(
         err.print(f"[yellow]{res.failed} of {res.images} file(s) could not be read[/yellow]")
 
 
-@app.command("report")
+@app.command("report", cls=_Command)
 def report_cmd(
     run_dir: Path = typer.Argument(..., help="A run folder."),
     device: str = typer.Option("auto", "--device", help="Device for evaluating the best checkpoint if needed."),
@@ -293,7 +329,7 @@ def report_cmd(
     out.print(f"report: {res.files['report.md']}", highlight=False)
 
 
-@app.command("inspect")
+@app.command("inspect", cls=_Command)
 def inspect_cmd(
     model: str = typer.Argument(..., help="Backbone name (resnet50, efficientnet_lite0, timm/<name>...)."),
     strategy: Optional[StrategyChoice] = typer.Option(None, "--strategy", help="Also show what this freeze strategy trains (see freeze-plan)."),
@@ -316,7 +352,7 @@ def inspect_cmd(
     out.print(tables.stages(res))
 
 
-@app.command("extract")
+@app.command("extract", cls=_Command)
 def extract_cmd(
     source: str = typer.Argument(..., help="A checkpoint/run folder, or a backbone name (its pretrained weights)."),
     data: Path = typer.Option(..., "--data", help="Folder with one sub-folder per class."),
@@ -346,10 +382,10 @@ class ExportFormat(str, Enum):
     onnx = "onnx"
 
 
-@app.command("export")
+@app.command("export", cls=_Command)
 def export_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint or a run folder."),
-    fmt: ExportFormat = typer.Option(..., "--format", help="torchscript or onnx (needs pip install 'cnnft[onnx]')."),
+    fmt: ExportFormat = typer.Option(..., "--format", help="torchscript or onnx (needs pip install 'cnnft\\[onnx]')."),
     out_file: Path = typer.Option(..., "--out", help="Output file (.pt for TorchScript, .onnx); FILE.json is written beside it."),
     json_out: bool = typer.Option(False, "--json", help="Print the metadata as JSON."),
 ) -> None:
@@ -367,7 +403,7 @@ def export_cmd(
               f"{res.max_abs_diff:.2e}; metadata {res.metadata_path}", highlight=False)
 
 
-@app.command("models")
+@app.command("models", cls=_Command)
 def models_cmd(
     filter_text: Optional[str] = typer.Option(None, "--filter", help="Only names containing this text."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -388,7 +424,7 @@ def models_cmd(
     out.print(f"[dim]also: {modelinfo.TIMM_NOTE}[/dim]")
 
 
-@app.command("init")
+@app.command("init", cls=_Command)
 def init_cmd(
     model: Optional[str] = typer.Option(None, "--model", help="Backbone (default: the config default)."),
     data: Optional[str] = typer.Option(None, "--data", help="Folder of class folders, or one with train/ and val/ inside."),
