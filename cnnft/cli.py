@@ -355,7 +355,7 @@ def inspect_cmd(
 @app.command("extract", cls=_Command)
 def extract_cmd(
     source: str = typer.Argument(..., help="A checkpoint/run folder, or a backbone name (its pretrained weights)."),
-    data: Path = typer.Option(..., "--data", help="Folder with one sub-folder per class."),
+    data: Path = typer.Option(..., "--data", help="Folder of images: one sub-folder per class, or the images directly (unlabelled)."),
     out_file: Path = typer.Option(..., "--out", help="Output .npz file."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
@@ -365,7 +365,7 @@ def extract_cmd(
     """Extract penultimate-layer features of a folder of images into an .npz file.
 
     The npz holds features (the classifier's input), labels, classes and paths, ready for
-    scikit-learn.
+    scikit-learn. Images directly in the folder have no class: their label is -1.
     """
     from .recipes import extract as extract_recipe
     res = extract_recipe.extract(source, data, out_file, batch_size=batch_size, device=device, num_workers=workers,
@@ -373,8 +373,8 @@ def extract_cmd(
     if json_out:
         _print_json(res.to_dict())
         return
-    out.print(f"{res.images} images x {res.feature_dim} features ({res.model}, {len(res.classes)} classes) "
-              f"-> {res.out}", highlight=False)
+    labels = f"{len(res.classes)} classes" if res.classes else "unlabelled"
+    out.print(f"{res.images} images x {res.feature_dim} features ({res.model}, {labels}) -> {res.out}", highlight=False)
 
 
 class ExportFormat(str, Enum):
