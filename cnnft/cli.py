@@ -6,6 +6,7 @@ Errors are mapped to a message and an exit code in one place (:func:`main`): 0 s
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -23,10 +24,44 @@ from rich.text import Text
 from . import __version__, tables
 from .strategies import STRATEGIES
 
+from typer.core import TyperCommand, TyperGroup, TyperOption
+
 try:  # typer >= 0.20 vendors click
     from typer._click import exceptions as click_errors
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_errors
+
+
+class _Flag(TyperOption):
+    def display_type_rich(self, ctx):
+        return None
+
+
+class _PlainHelp:
+    """Help as a reader expects it, where typer 0.29 renders otherwise: no type after on/off
+    flags (it prints `--json <bool>`, even `--help <bool>`, as if the flag took a value), and
+    docstring paragraphs reflowed (it keeps their line breaks, splitting sentences mid-line)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        if self.help:  # type: ignore[has-attr]
+            paragraphs = inspect.cleandoc(self.help).split("\n\n")  # type: ignore[has-attr]
+            self.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for p in params:
+            if type(p) is TyperOption and p.is_bool_flag:
+                p.__class__ = _Flag  # same option, help without the type
+        return params
+
+
+class _Command(_PlainHelp, TyperCommand):
+    pass
+
+
+class _Group(_PlainHelp, TyperGroup):
+    pass
 
 
 from .errors import CnnftError, ConfigError
@@ -39,6 +74,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    cls=_Group,
 )
 out = Console(soft_wrap=True)  # results (stdout)
 err = Console(stderr=True, soft_wrap=True)  # messages (stderr)
@@ -94,7 +130,7 @@ def _config_and_overrides(config: str | None, overrides: list[str] | None) -> tu
     return config, overrides
 
 
-@app.command()
+@app.command(cls=_Command)
 def validate(
     config: Optional[str] = typer.Argument(None, help="Experiment YAML file; leave it out to start from the defaults."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides."),
@@ -124,12 +160,12 @@ def validate(
         err.print(f"[green]config OK[/green]: {escape(res.source or '')}: ready to train")
 
 
-@app.command("freeze-plan")
+@app.command("freeze-plan", cls=_Command)
 def freeze_plan(
     size: Optional[Size] = typer.Option(None, "--size", help="Dataset size class."),
     similar: Optional[YesNo] = typer.Option(None, "--similar", help="Is the data similar to ImageNet?"),
     images: Optional[int] = typer.Option(None, "--images", min=1, help="Training images (derives --size)."),
-    classes: Optional[int] = typer.Option(None, "--classes", min=1, help="Number of classes (derives --size; sizes the head)."),
+    classes: Optional[int] = typer.Option(None, "--classes", min=1, help="Number of classes (derives --size; sizes the head; default 2)."),
     model: Optional[str] = typer.Option(None, "--model", help="Show the per-stage plan for this backbone."),
     strategy: Optional[StrategyChoice] = typer.Option(None, "--strategy", help="Use this strategy instead of the recommendation."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Head learning rate (default: the config default)."),
@@ -165,7 +201,8 @@ def freeze_plan(
     if advice.size_rule:
         out.print(f"[dim]{advice.size_rule}[/dim]")
     if advice.plan is not None:
-        t = Table(title=f"{advice.model} ({advice.num_classes} classes)")
+        n = f"{advice.num_classes} classes" + (" (default; --classes N)" if advice.classes_defaulted else "")
+        t = Table(title=f"{escape(advice.model)}: {n}")
         t.add_column("stage")
         t.add_column("state")
         t.add_column("params", justify="right")
@@ -179,7 +216,7 @@ def freeze_plan(
         out.print("[dim]BatchNorm in frozen stages stays in eval mode (running statistics unchanged).[/dim]")
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     config: Optional[str] = typer.Argument(None, help="Experiment YAML file (optional with --resume, or with overrides alone)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. train.lr=0.01"),
@@ -220,7 +257,7 @@ def _log(message: str) -> None:
 
 
 
-@app.command("evaluate")
+@app.command("evaluate", cls=_Command)
 def evaluate_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint (run/checkpoints/best.pt) or a run folder (uses its best.pt)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Folder with one sub-folder per class; default: the run's validation data."),
@@ -243,7 +280,7 @@ def evaluate_cmd(
         out.print(renderable, highlight=False)
 
 
-@app.command("predict")
+@app.command("predict", cls=_Command)
 def predict_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint or a run folder."),
     images: list[Path] = typer.Argument(..., help="Image files and/or folders (walked recursively)."),
@@ -275,7 +312,7 @@ def predict_cmd(
         err.print(f"[yellow]{res.failed} of {res.images} file(s) could not be read[/yellow]")
 
 
-@app.command("report")
+@app.command("report", cls=_Command)
 def report_cmd(
     run_dir: Path = typer.Argument(..., help="A run folder."),
     device: str = typer.Option("auto", "--device", help="Device for evaluating the best checkpoint if needed."),
@@ -292,31 +329,33 @@ def report_cmd(
     out.print(f"report: {res.files['report.md']}", highlight=False)
 
 
-@app.command("inspect")
+@app.command("inspect", cls=_Command)
 def inspect_cmd(
     model: str = typer.Argument(..., help="Backbone name (resnet50, efficientnet_lite0, timm/<name>...)."),
-    strategy: StrategyChoice = typer.Option(StrategyChoice.full, "--strategy", help="Freeze strategy to show."),
+    strategy: Optional[StrategyChoice] = typer.Option(None, "--strategy", help="Also show what this freeze strategy trains (see freeze-plan)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Input size; default: the weights' own."),
     classes: Optional[int] = typer.Option(None, "--classes", min=2, help="Classes of a new head; default: the original head."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Head learning rate (default: the config default)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Show a backbone's stages: output shapes, parameters, frozen or trainable, learning rates.
+    """Show a backbone's structure: its stages, their modules, output shapes and parameters.
 
-    Built on the meta device: nothing is downloaded or allocated.
+    With --strategy, also which stages are frozen and their learning rates (which strategy to
+    pick: cnnft freeze-plan). Built on the meta device: nothing is downloaded or allocated.
     """
     from .recipes import inspect as modelinfo
-    res = modelinfo.inspect_model(model, strategy=strategy.value, image_size=image_size, classes=classes, lr=lr)
+    res = modelinfo.inspect_model(model, strategy=strategy.value if strategy else None, image_size=image_size,
+                                  classes=classes, lr=lr)
     if json_out:
         _print_json(res)
         return
     out.print(tables.stages(res))
 
 
-@app.command("extract")
+@app.command("extract", cls=_Command)
 def extract_cmd(
     source: str = typer.Argument(..., help="A checkpoint/run folder, or a backbone name (its pretrained weights)."),
-    data: Path = typer.Option(..., "--data", help="Folder with one sub-folder per class."),
+    data: Path = typer.Option(..., "--data", help="Folder of images: one sub-folder per class, or the images directly (unlabelled)."),
     out_file: Path = typer.Option(..., "--out", help="Output .npz file."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
@@ -326,7 +365,7 @@ def extract_cmd(
     """Extract penultimate-layer features of a folder of images into an .npz file.
 
     The npz holds features (the classifier's input), labels, classes and paths, ready for
-    scikit-learn.
+    scikit-learn. Images directly in the folder have no class: their label is -1.
     """
     from .recipes import extract as extract_recipe
     res = extract_recipe.extract(source, data, out_file, batch_size=batch_size, device=device, num_workers=workers,
@@ -334,8 +373,8 @@ def extract_cmd(
     if json_out:
         _print_json(res.to_dict())
         return
-    out.print(f"{res.images} images x {res.feature_dim} features ({res.model}, {len(res.classes)} classes) "
-              f"-> {res.out}", highlight=False)
+    labels = f"{len(res.classes)} classes" if res.classes else "unlabelled"
+    out.print(f"{res.images} images x {res.feature_dim} features ({res.model}, {labels}) -> {res.out}", highlight=False)
 
 
 class ExportFormat(str, Enum):
@@ -343,10 +382,10 @@ class ExportFormat(str, Enum):
     onnx = "onnx"
 
 
-@app.command("export")
+@app.command("export", cls=_Command)
 def export_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint or a run folder."),
-    fmt: ExportFormat = typer.Option(..., "--format", help="torchscript or onnx (needs pip install 'cnnft[onnx]')."),
+    fmt: ExportFormat = typer.Option(..., "--format", help="torchscript or onnx (needs pip install 'cnnft\\[onnx]')."),
     out_file: Path = typer.Option(..., "--out", help="Output file (.pt for TorchScript, .onnx); FILE.json is written beside it."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file (never the checkpoint itself)."),
     json_out: bool = typer.Option(False, "--json", help="Print the metadata as JSON."),
@@ -365,7 +404,7 @@ def export_cmd(
               f"{res.max_abs_diff:.2e}; metadata {res.metadata_path}", highlight=False)
 
 
-@app.command("models")
+@app.command("models", cls=_Command)
 def models_cmd(
     filter_text: Optional[str] = typer.Option(None, "--filter", help="Only names containing this text."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -386,7 +425,7 @@ def models_cmd(
     out.print(f"[dim]also: {modelinfo.TIMM_NOTE}[/dim]")
 
 
-@app.command("init")
+@app.command("init", cls=_Command)
 def init_cmd(
     model: Optional[str] = typer.Option(None, "--model", help="Backbone (default: the config default)."),
     data: Optional[str] = typer.Option(None, "--data", help="Folder of class folders, or one with train/ and val/ inside."),

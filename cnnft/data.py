@@ -208,6 +208,22 @@ def scan_folder(root: str | Path, key: str) -> tuple[list[str], list[str], list[
     return classes, paths, labels
 
 
+def scan_images(root: str | Path, key: str) -> tuple[list[str], list[str], list[int], str | None]:
+    """A folder to embed: class folders give labels as in :func:`scan_folder`; images lying
+    directly in ``root`` (alone or beside sub-folders) make it unlabelled: every image under
+    it, label -1, no classes, and a note that says so. Returns (classes, paths, labels, note)."""
+    root = Path(root).expanduser()
+    _check_root(root, key)
+    entries = _entries(root, key)
+    if not any(Path(e.name).suffix.lower() in IMAGE_EXTENSIONS and not _is_dir(e) for e in entries):
+        return (*scan_folder(root, key), None)
+    paths = image_files(root, key)
+    beside = " (and in its sub-folders)" if any(_is_dir(e) for e in entries) else ""
+    note = (f"{key}: images lie directly in {root}{beside}, so they have no class: labels are -1 and "
+            f"classes is empty (for labels, put each class's images in ROOT/<class>/)")
+    return [], paths, [-1] * len(paths), note
+
+
 CHECK_NOTICE_AT = 2000  # images: from here the upfront check takes long enough to announce
 
 

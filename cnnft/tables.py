@@ -87,23 +87,30 @@ def predictions(res) -> Table:
 
 
 def stages(res: dict) -> Table:
-    """A backbone's stages: modules, output shape, parameters, frozen or trainable, LR."""
-    t = Table(title=f"{res['model']} at {res['image_size']}x{res['image_size']}, strategy {res['strategy']}")
+    """A backbone's stages: modules, output shape, parameters; with a strategy, also frozen
+    or trainable and the learning rate."""
+    planned = res["strategy"] is not None
+    title = f"{res['model']} at {res['image_size']}x{res['image_size']}"
+    t = Table(title=title + (f", strategy {res['strategy']}" if planned else ""),
+              caption=None if planned else "--strategy S shows what a freeze strategy trains")
     t.add_column("stage")
     t.add_column("modules", overflow="fold")
     t.add_column("output shape", no_wrap=True)
     t.add_column("params", justify="right", no_wrap=True)
-    t.add_column("state", no_wrap=True)
-    t.add_column("lr", justify="right")
+    if planned:
+        t.add_column("state", no_wrap=True)
+        t.add_column("lr", justify="right")
     for s in res["stages"]:
-        mods = s["modules"]
-        runs = compact_names(mods)
+        runs = compact_names(s["modules"])
         shown = ", ".join(runs[:3]) + (f" +{len(runs) - 3}" if len(runs) > 3 else "")
-        t.add_row(s["name"], shown, "-" if s["output_shape"] is None else "x".join(map(str, s["output_shape"])),
-                  f"{s['params']:,}", "[blue]frozen[/blue]" if s["frozen"] else "[green]trainable[/green]",
-                  "-" if s["lr"] is None else f"{s['lr']:.2g}")
+        cells = [s["name"], shown, "-" if s["output_shape"] is None else "x".join(map(str, s["output_shape"])),
+                 f"{s['params']:,}"]
+        if planned:
+            cells += ["[blue]frozen[/blue]" if s["frozen"] else "[green]trainable[/green]",
+                      "-" if s["lr"] is None else f"{s['lr']:.2g}"]
+        t.add_row(*cells)
     t.add_section()
-    t.add_row("total", "", "", f"{res['total_params']:,}", f"{res['trainable_params']:,} train", "")
+    t.add_row("total", "", "", f"{res['total_params']:,}", *([f"{res['trainable_params']:,} train", ""] if planned else []))
     return t
 
 

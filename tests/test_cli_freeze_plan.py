@@ -99,7 +99,7 @@ def test_quadrants(size: str, similar: str, strategy: str) -> None:
 
 
 def test_resnet50_full_plan_json() -> None:
-    d = _json("--size", "large", "--similar", "no", "--model", "resnet50")
+    d = _json("--size", "large", "--similar", "no", "--model", "resnet50", "--classes", "1000")
     assert {"strategy", "size", "similar", "stages", "trainable_params", "total_params"} <= set(d)
     assert d["strategy"] == "full" and d["size"] == "large" and d["similar"] is False
     names = [s["name"] for s in d["stages"]]
@@ -111,6 +111,20 @@ def test_resnet50_full_plan_json() -> None:
     assert sum(s["params"] for s in d["stages"]) == d["total_params"] == RESNET50_PARAMS
     assert d["trainable_params"] == RESNET50_PARAMS
     assert d["stages"][-1]["params"] == 2048 * 1000 + 1000
+
+
+def test_plan_without_classes_has_a_small_visible_default_head() -> None:
+    """Not ImageNet's 1000-class head (2.05 M parameters of resnet50's plan): 2 classes, said so."""
+    d = _json("--size", "small", "--similar", "yes", "--model", "resnet50")
+    assert d["num_classes"] == 2 and d["classes_defaulted"] is True
+    head = d["stages"][-1]
+    assert head["params"] == 2048 * 2 + 2 and d["trainable_params"] == head["params"]
+    res = _invoke("freeze-plan", "--size", "small", "--similar", "yes", "--model", "resnet50")
+    assert res.exit_code == 0 and "resnet50: 2 classes (default; --classes N)" in _flat(res.output)
+    d = _json("--size", "small", "--similar", "yes", "--model", "resnet50", "--classes", "7")
+    assert d["num_classes"] == 7 and d["classes_defaulted"] is False
+    res = _invoke("freeze-plan", "--size", "small", "--similar", "yes", "--model", "resnet50", "--classes", "7")
+    assert "resnet50: 7 classes" in _flat(res.output) and "default" not in _flat(res.output)
 
 
 def _check_resnet18_freeze_most(d: dict, classes: int) -> None:

@@ -43,6 +43,19 @@ def test_inspect_resnet50_freeze_early(monkeypatch, capsys):
     assert code == 0 and "2048x7x7" in out and "25,557,032" in out
 
 
+def test_inspect_without_strategy_shows_structure_only(monkeypatch, capsys):
+    """inspect shows the structure; which stages train is freeze-plan's (or --strategy's) answer."""
+    code, out, err = run_cli(monkeypatch, capsys, "inspect", "resnet50", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["strategy"] is None and "trainable_params" not in res
+    assert all(set(s) == {"name", "modules", "output_shape", "params"} for s in res["stages"])
+    assert res["total_params"] == 25_557_032
+    code, out, _ = run_cli(monkeypatch, capsys, "inspect", "resnet50")
+    assert code == 0 and "2048x7x7" in out
+    assert "frozen" not in out and "trainable" not in out and "strategy" not in out.splitlines()[0]
+
+
 def test_inspect_follows_image_size_and_classes():
     res = modelinfo.inspect_model("efficientnet_lite0", strategy="head_only", image_size=160, classes=3)
     stages = {s["name"]: s for s in res["stages"]}

@@ -1,5 +1,5 @@
-"""Penultimate-layer features of a folder of class folders, saved as ``.npz`` for
-scikit-learn and the like.
+"""Penultimate-layer features of a folder of images, saved as ``.npz`` for scikit-learn and
+the like: labelled by class folders, or unlabelled (label -1) when images lie in it directly.
 
 load a checkpoint (or a backbone's pretrained weights) -> hook the classifier's input ->
 forward the files in batches -> write features, labels, classes and paths.
@@ -42,6 +42,7 @@ class Extraction:
     classes: list[str]
     skipped: list[dict]
     seconds: float
+    note: str | None = None  # e.g. why the images have no labels
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -79,15 +80,19 @@ def extract(
     log: Log = _stderr,
     show_progress: bool = False,
 ) -> Extraction:
-    """Penultimate-layer features (the classifier's input) for every image in a folder of
-    class folders, saved as ``.npz`` with ``features``, ``labels``, ``classes`` and ``paths``.
+    """Penultimate-layer features (the classifier's input) for every image in a folder, saved
+    as ``.npz`` with ``features``, ``labels``, ``classes`` and ``paths``. Class folders give
+    the labels; images directly in the folder (the usual case for embedding) have label -1
+    and ``classes`` is empty.
 
     ``source`` is a checkpoint/run folder, or a backbone name (its pretrained weights and
     their preprocessing, e.g. ``efficientnet_lite0`` offline).
     """
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
-    classes, paths, labels = data.scan_folder(data_dir, "--data")
+    classes, paths, labels, note = data.scan_images(data_dir, "--data")
+    if note:
+        log(note)
     model, name, pre, rt = _model_for(source, device)
     out = Path(out).expanduser()
     try:
@@ -121,4 +126,4 @@ def extract(
              model=np.asarray(name, dtype=str))
     checkpoint.atomic_write_bytes(out, buf.getvalue())
     return Extraction(str(out), name, len(kept), int(features.shape[1]), classes,
-                      [{"path": p, "reason": r} for p, r in skipped], round(time.perf_counter() - t0, 3))
+                      [{"path": p, "reason": r} for p, r in skipped], round(time.perf_counter() - t0, 3), note)

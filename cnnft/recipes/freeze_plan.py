@@ -11,6 +11,10 @@ from .. import freeze, models
 from ..errors import InputError
 from ..freeze import FreezePlan
 
+# classes of the head in a plan when --classes is not given: the smallest classifier, so that
+# the head's parameter count is not ImageNet's 1000 classes (2.05 M for resnet50) by surprise
+DEFAULT_PLAN_CLASSES = 2
+
 
 @dataclass(frozen=True)
 class FreezeAdvice:
@@ -24,13 +28,15 @@ class FreezeAdvice:
     model: str | None = None
     num_classes: int | None = None
     plan: FreezePlan | None = None
+    classes_defaulted: bool = False  # the head was sized by DEFAULT_PLAN_CLASSES, not --classes
 
     def to_dict(self) -> dict:
         """The ``--json`` form: the advice, then the model and its plan's fields when planned."""
         d: dict = {"strategy": self.strategy, "size": self.size, "similar": self.similar,
                    "rationale": self.rationale, "size_rule": self.size_rule}
         if self.plan is not None:
-            d.update(model=self.model, num_classes=self.num_classes, **self.plan.to_dict())
+            d.update(model=self.model, num_classes=self.num_classes, classes_defaulted=self.classes_defaulted,
+                     **self.plan.to_dict())
         return d
 
 
@@ -77,11 +83,11 @@ def freeze_plan(
     lr = defaults_train.lr if lr is None else lr
     if lr <= 0:
         raise InputError(f"--lr must be > 0 (got {lr})")
-    bb = models.build(model, "DEFAULT", classes, on_meta=True)
+    bb = models.build(model, "DEFAULT", DEFAULT_PLAN_CLASSES if classes is None else classes, on_meta=True)
     plan = freeze.make_plan(
         bb.model, bb.stages, strategy, lr, defaults_train.backbone_lr_scale,
         pretrained=True,
         frozen_stages=frozen_stages,
         trainable_stages=defaults_freeze.trainable_stages if trainable_stages is None else trainable_stages,
     )
-    return replace(advice, model=model, num_classes=bb.num_classes, plan=plan)
+    return replace(advice, model=model, num_classes=bb.num_classes, plan=plan, classes_defaulted=classes is None)

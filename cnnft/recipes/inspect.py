@@ -101,13 +101,14 @@ def stage_shapes(model: nn.Module, stage_modules: dict[str, list[str]], image_si
 def inspect_model(
     name: str,
     *,
-    strategy: str = "full",
+    strategy: str | None = None,
     image_size: int | None = None,
     classes: int | None = None,
     lr: float | None = None,
 ) -> dict:
-    """Stages of ``name`` with output shape at ``image_size`` (default: the weights' own),
-    parameter counts, and frozen/trainable state and learning rate under ``strategy``."""
+    """Stages of ``name`` with output shape at ``image_size`` (default: the weights' own) and
+    parameter counts; given a ``strategy``, also each stage's frozen/trainable state and
+    learning rate (``strategy`` None in the result when not given)."""
     bb = models.build(name, "DEFAULT", classes, on_meta=True)
     size = image_size or bb.preprocess.crop_size
     smallest = models.min_input(bb.model)
@@ -115,7 +116,7 @@ def inspect_model(
         raise InputError(f"--image-size: {name} needs inputs of at least {smallest} px (got {size})")
     train_defaults, freeze_defaults = config_mod.TrainConfig(), config_mod.FreezeConfig()
     lr = train_defaults.lr if lr is None else lr
-    plan = freeze.make_plan(bb.model, bb.stages, strategy, lr, train_defaults.backbone_lr_scale,
+    plan = freeze.make_plan(bb.model, bb.stages, strategy or "full", lr, train_defaults.backbone_lr_scale,
                             pretrained=bb.pretrained, frozen_stages=freeze_defaults.frozen_stages,
                             trainable_stages=freeze_defaults.trainable_stages)
     mods = _stage_modules(bb.model, bb.stages)
@@ -131,11 +132,13 @@ def inspect_model(
             raise InputError(f"--image-size: {name} cannot run on {size}x{size} inputs: "
                              f"{str(exc).splitlines()[0][:200]}",
                              hint=f"try its own size, {bb.preprocess.crop_size}") from None
-    rows = [{"name": s.name, "modules": mods[s.name], "output_shape": shapes[s.name], "params": s.params,
-             "frozen": s.frozen, "lr": s.lr} for s in plan.stages]
-    return {"model": bb.name, "num_classes": bb.num_classes, "strategy": plan.strategy, "image_size": size,
-            "stages": rows, "total_params": plan.total_params, "trainable_params": plan.trainable_params,
-            "shapes_traced_on": shapes_on}
+    rows = [{"name": s.name, "modules": mods[s.name], "output_shape": shapes[s.name], "params": s.params}
+            | ({"frozen": s.frozen, "lr": s.lr} if strategy else {}) for s in plan.stages]
+    res = {"model": bb.name, "num_classes": bb.num_classes, "strategy": strategy, "image_size": size,
+           "stages": rows, "total_params": plan.total_params, "shapes_traced_on": shapes_on}
+    if strategy:
+        res["trainable_params"] = plan.trainable_params
+    return res
 
 
 # ------------------------------------------------------------------------------- models
