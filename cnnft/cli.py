@@ -6,7 +6,6 @@ Errors are mapped to a message and an exit code in one place (:func:`main`): 0 s
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import sys
@@ -24,46 +23,7 @@ from rich.text import Text
 from . import __version__, tables
 from .strategies import STRATEGIES
 
-from typer.core import TyperCommand, TyperGroup, TyperOption
-
-try:  # typer >= 0.20 vendors click
-    from typer._click import exceptions as click_errors
-except ImportError:  # pragma: no cover - older typer uses click itself
-    from click import exceptions as click_errors
-
-
-class _Flag(TyperOption):
-    def display_type_rich(self, ctx):
-        return None
-
-
-class _PlainHelp:
-    """Help as a reader expects it, where typer 0.29 renders otherwise: no type after on/off
-    flags (it prints `--json <bool>`, even `--help <bool>`, as if the flag took a value), and
-    docstring paragraphs reflowed (it keeps their line breaks, splitting sentences mid-line)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
-        if self.help:  # type: ignore[has-attr]
-            paragraphs = inspect.cleandoc(self.help).split("\n\n")  # type: ignore[has-attr]
-            self.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
-
-    def get_params(self, ctx):
-        params = super().get_params(ctx)  # type: ignore[misc]
-        for p in params:
-            if type(p) is TyperOption and p.is_bool_flag:
-                p.__class__ = _Flag  # same option, help without the type
-        return params
-
-
-class _Command(_PlainHelp, TyperCommand):
-    pass
-
-
-class _Group(_PlainHelp, TyperGroup):
-    pass
-
-
+from .helpformat import Command as _Command, Group as _Group, click_errors
 from .errors import CnnftError, ConfigError
 
 app = typer.Typer(
@@ -469,6 +429,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except BrokenPipeError:  # `cnnft ... | head`: the reader is gone, so is our output
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except Exception as exc:  # noqa: BLE001 - last resort: a message, not a traceback
         if settings.debug:
             raise
