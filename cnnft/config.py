@@ -119,6 +119,11 @@ class TrainConfig(_Section):
     amp: Bool = Field(True, description="mixed precision on CUDA (never on CPU)")
     channels_last: Bool = True
     tensorboard: Bool = False
+    head_phase: Bool = Field(True, description="first train the new head alone on the frozen "
+                             "backbone's cached features until the validation loss stops improving")
+    monitor: Literal["val_acc", "val_loss", "val_f1"] = Field(
+        "val_acc", description="what picks best.pt (val_f1: macro-F1) and what patience watches")
+    patience: Int | None = Field(None, ge=1, description="stop after this many epochs without a better monitor value")
     feature_cache: Literal["auto", "memory", "disk", "off"] = Field(
         "auto", description="store the frozen prefix's outputs once (auto: in memory within the budget, "
         "kept on disk for later runs)")

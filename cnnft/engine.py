@@ -176,8 +176,10 @@ class TrainState:
     step: int = 0  # batches done in epoch+1 (0 at an epoch boundary)
     running: Running | None = None  # sums over the unfinished epoch
     history: list[dict] = field(default_factory=list)  # one metrics row per completed epoch
-    best_val_acc: float = -1.0
+    best_val_acc: float = -1.0  # validation accuracy of the best epoch
     best_epoch: int = 0
+    best_value: float | None = None  # the monitored value of the best epoch
+    monitor: str = "val_acc"  # val_acc | val_f1 (higher is better) | val_loss (lower is better)
     wall_before: float = 0.0  # wall seconds spent by earlier processes of the same run
     started: float = field(default_factory=time.perf_counter, repr=False)
 
@@ -190,10 +192,16 @@ class TrainState:
         """Record a finished epoch's metrics row; True when it is the best so far."""
         self.history.append(row)
         self.epoch, self.step, self.running = row["epoch"], 0, None
-        improved = row["val_acc"] > self.best_val_acc
+        value = row[self.monitor]
+        improved = self.best_value is None or (value < self.best_value if self.monitor == "val_loss"
+                                               else value > self.best_value)
         if improved:
-            self.best_val_acc, self.best_epoch = row["val_acc"], row["epoch"]
+            self.best_value, self.best_val_acc, self.best_epoch = value, row["val_acc"], row["epoch"]
         return improved
+
+    def epochs_since_best(self) -> int:
+        """Finished epochs after the best one (what ``train.patience`` counts)."""
+        return self.epoch - self.best_epoch
 
     def state_dict(self) -> dict:
         """The checkpoint entries that restore this state."""
@@ -204,6 +212,7 @@ class TrainState:
             "history": self.history,
             "best_val_acc": self.best_val_acc,
             "best_epoch": self.best_epoch,
+            "best_value": self.best_value,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -212,6 +221,8 @@ class TrainState:
         self.running = Running(**state["running"]) if state["running"] else None
         self.history = state["history"]
         self.best_val_acc, self.best_epoch = state["best_val_acc"], state["best_epoch"]
+        # checkpoints written before train.monitor existed picked best.pt by accuracy
+        self.best_value = state.get("best_value", self.best_val_acc if self.history else None)
         self.wall_before = self.history[-1]["wall_seconds"] if self.history else 0.0
 
 
@@ -228,18 +239,26 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig, state: dict | None = N
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
-                    state: dict | None = None) -> torch.optim.lr_scheduler.LRScheduler | None:
+                    state: dict | None = None, start_epoch: int = 0) -> torch.optim.lr_scheduler.LRScheduler | None:
     """The per-step schedule ``train.scheduler`` names (None: a constant rate); ``state``, from
-    a checkpoint, continues it at the step it had reached."""
+    a checkpoint, continues it at the step it had reached. The cosine runs from ``start_epoch``
+    to ``train.epochs``: a finished run extended to more epochs restarts it there (a warm
+    restart from the base rate over the added epochs) instead of stretching the old curve."""
     if cfg.scheduler != "cosine":
         return None
-    lam = cosine_with_warmup(cfg.epochs * steps_per_epoch, int(round(cfg.warmup_epochs * steps_per_epoch)))
+    offset = start_epoch * steps_per_epoch
+    curve = cosine_with_warmup((cfg.epochs - start_epoch) * steps_per_epoch,
+                               int(round(cfg.warmup_epochs * steps_per_epoch)))
+
+    def lam(step: int) -> float:
+        return curve(step - offset)
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
     if state is not None:
         scheduler.load_state_dict(state)
-        # the constructor applied step 0's factor to the optimizer: put back the rate reached
-        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr
+        # the constructor applied step 0's factor: set the rate of the step the run is at
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * lam(scheduler.last_epoch)
     return scheduler
 
 

@@ -42,8 +42,10 @@ def cache_folder(setting: str | None) -> Path:
 
 
 def setup(cfg: Config, bb: models.Backbone, frozen: list[str], bundle: data.DataBundle, sampler: data.EpochSampler,
-          rt: runtime.Runtime, log: Log, show: bool) -> Cached | None:
-    """Cached training for this run, or None (the log says why) when it does not apply."""
+          rt: runtime.Runtime, log: Log, show: bool, part: str = "") -> Cached | None:
+    """Cached training for this run, or None (the log says why) when it does not apply.
+    ``part`` names what the activations are for in the log and the cache key ("head": the
+    head phase's features)."""
     t = cfg.train
     if t.feature_cache == "off":
         log("feature cache: off (train.feature_cache)")
@@ -59,12 +61,12 @@ def setup(cfg: Config, bb: models.Backbone, frozen: list[str], bundle: data.Data
         return None
     views = 1 if cfg.data.augment == "none" else t.cache_views
     key_base = _key_base(cfg, bb, frozen, split.boundary)
-    val = _store(split, eval_ds, 1, "val", key_base, cfg, rt, log, show)
+    val = _store(split, eval_ds, 1, f"{part} val".strip(), key_base, cfg, rt, log, show)
     train_tf = transforms.train_transform(pre, cfg.data.augment)
-    train = _store(split, data.ImageDataset(bundle.train, train_tf, pre.resize_size), views, "train",
+    train = _store(split, data.ImageDataset(bundle.train, train_tf, pre.resize_size), views, f"{part} train".strip(),
                    key_base, cfg, rt, log, show)
     aug = f"{views} augmented view(s) per image, one per epoch in turn" if views > 1 else "one view per image"
-    log(f"feature cache: the frozen layers up to {split.boundary} run once; training reads stored "
+    log(f"feature cache{' (' + part + ' phase)' if part else ''}: the frozen layers up to {split.boundary} run once; training reads stored "
         f"activations ({aug}; {(val.nbytes + train.nbytes) / 2**20:.0f} MiB)")
     train_ds = cache.CachedFeatures(train, bundle.train.labels, views)
     val_ds = cache.CachedFeatures(val, bundle.val.labels, 1)

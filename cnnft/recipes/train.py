@@ -23,7 +23,7 @@ from ..checkpoint import RunDir
 from ..config import Config, DataConfig
 from ..errors import ConfigError, InputError
 from ..freeze import FreezePlan
-from . import _cached, _run
+from . import _cached, _phases, _run
 
 # metrics.csv column -> TensorBoard tag (train and val share a chart)
 TENSORBOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "accuracy/train",
@@ -91,25 +91,29 @@ def train(
     groups = freeze.param_groups(model, bb.stages, plan, cfg.train.weight_decay)
     optimizer = engine.build_optimizer(groups, cfg.train, _part(resumed, "optimizer"))
     steps = len(loaders.train)
-    scheduler = engine.build_scheduler(optimizer, cfg.train, steps, _part(resumed, "scheduler"))
+    start = _schedule_start(resumed, cfg.train.epochs)
+    scheduler = engine.build_scheduler(optimizer, cfg.train, steps, _part(resumed, "scheduler"), start)
     scaler = _restored(rt.grad_scaler(), _part(resumed, "scaler"))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    state = _setup_state(resumed, resume, log)  # last: it restores the RNGs as they were at the stop
+    state = _setup_state(resumed, resume, log, cfg.train.monitor)  # last: restores the RNGs of the stop
 
     run = _run.open_run_dir(cfg, resume, _plan_record(plan, bb, why), log)
     log(f"{bb.name} ({bb.weights}) -> {len(bundle.classes)} classes, strategy {plan.strategy}: "
         f"{plan.trainable_params:,} of {plan.total_params:,} parameters train; "
         f"{len(bundle.train)} train / {len(bundle.val)} val images; device {rt.device}")
-    saved = _Saved(_header(bb, bundle, plan, cfg), model, optimizer, scheduler, scaler)
+    saved = _Saved({**_header(bb, bundle, plan, cfg), "schedule_start": start}, model, optimizer, scheduler, scaler)
 
     with engine.StopFlag() as stop, _run.failed_summary(run, state.history, log):
-        while state.epoch < cfg.train.epochs:
+        if cfg.train.head_phase and not state.history and state.step == 0 and bb.pretrained:
+            _run_head_phase(cfg, bb, bundle, rt, state, saved, run, writer, log, progress_bar)
+        while state.epoch < cfg.train.epochs and not _patience_spent(state, cfg.train.patience, log):
             epoch = state.epoch
             if state.step == 0:  # a new epoch, not the rest of a stopped one
                 seed_everything(data.epoch_seed(cfg.seed, epoch))
                 state.running = None
             loaders.position(epoch, state.step)
             fit.train()
+            lrs = _lrs(optimizer)  # the rates this epoch starts with, as it trains with them
             loader = _progress(loaders.train, epoch, cfg.train.epochs, progress_bar)
             state.running = engine.train_one_epoch(
                 fit, loader, optimizer, scheduler, criterion, rt, epoch=epoch + 1,
@@ -122,7 +126,7 @@ def train(
             # validation loss is plain cross-entropy: comparable across label_smoothing values and
             # equal to what `cnnft evaluate` reports
             ev = engine.evaluate(fit, loaders.val, rt, criterion=nn.CrossEntropyLoss())
-            _end_epoch(state, ev, saved, run, writer, log, cfg.train.epochs)
+            _end_epoch(state, _row(state, "train", lrs, state.running, ev), saved, run, writer, log, cfg.train.epochs)
             if stop.stopped:
                 raise _run.interrupted(stop.signum, run, epoch + 1, 0, steps)
 
@@ -236,9 +240,10 @@ def _setup_loaders(cfg: DataConfig, bundle: data.DataBundle, pre: models.Preproc
     return _Loaders(train_loader, val_loader, sampler, gen, seed, cfg.batch_size)
 
 
-def _setup_state(resumed: dict | None, run_dir: Path | None, log: Callable[[str], None]) -> engine.TrainState:
+def _setup_state(resumed: dict | None, run_dir: Path | None, log: Callable[[str], None],
+                 monitor: str) -> engine.TrainState:
     """A new loop state, or a resumed run's with the RNG states it stopped with."""
-    state = engine.TrainState()
+    state = engine.TrainState(monitor=monitor)
     if resumed is not None:
         state.load_state_dict(resumed)
         checkpoint.set_rng_state(resumed["rng"])
@@ -297,27 +302,33 @@ class _Saved:
         }
 
 
-def _group_lr(optimizer: torch.optim.Optimizer, role: str) -> float | None:
-    for g in optimizer.param_groups:
-        if g["name"] == role:
-            return g["lr"]
-    return None
+def _lrs(optimizer: torch.optim.Optimizer) -> dict[str, float | None]:
+    """The current rate of the head and of the trainable pretrained stages (None: none train)."""
+    rates = {g["name"].removesuffix("_no_decay"): g["lr"] for g in optimizer.param_groups}
+    return {"lr_head": rates.get("head"), "lr_backbone": rates.get("backbone")}
 
 
-def _end_epoch(state: engine.TrainState, ev: engine.EvalResult, saved: _Saved, run: RunDir,
-               writer, log: Callable[[str], None], epochs: int) -> None:
-    """Record a finished epoch: metrics row, checkpoints (best too when it improved), log line."""
-    running, optimizer = state.running, saved.optimizer
-    row = {
-        "epoch": state.epoch + 1,
-        "lr_head": _group_lr(optimizer, "head") or _group_lr(optimizer, "head_no_decay"),
-        "lr_backbone": _group_lr(optimizer, "backbone") or _group_lr(optimizer, "backbone_no_decay"),
+def _row(state: engine.TrainState, phase: str, lrs: dict, running: engine.Running, ev: engine.EvalResult) -> dict:
+    """metrics.csv's row for an epoch just finished (the head phase is epoch 0)."""
+    return {
+        "epoch": state.epoch + 1 if phase == "train" else 0, "phase": phase, **lrs,
         "train_loss": running.loss, "train_acc": running.acc,
-        "val_loss": ev.loss, "val_acc": ev.acc,
+        "val_loss": ev.loss, "val_acc": ev.acc, "val_f1": _macro_f1(ev),
         "epoch_seconds": round(running.seconds + ev.seconds, 3),
         "images_per_second": round(running.seen / max(running.seconds, 1e-9), 1),
         "wall_seconds": round(state.wall_seconds, 3),
     }
+
+
+def _macro_f1(ev: engine.EvalResult) -> float:
+    classes = ev.probs.shape[1] if ev.probs.ndim == 2 else 0
+    cm = metrics.confusion_matrix(ev.labels.numpy(), ev.probs.argmax(1).numpy(), classes)
+    return metrics.per_class(cm, [str(i) for i in range(classes)])["macro"]["f1"]
+
+
+def _end_epoch(state: engine.TrainState, row: dict, saved: _Saved, run: RunDir,
+               writer, log: Callable[[str], None], epochs: int) -> None:
+    """Record a finished epoch: metrics row, checkpoints (best too when it improved), log line."""
     # the epoch is recorded (history, metrics.csv, and so the summary of a run that fails
     # later) only once its checkpoint is on disk: a failed save leaves no false bookkeeping
     after = copy.copy(state)
@@ -333,9 +344,39 @@ def _end_epoch(state: engine.TrainState, ev: engine.EvalResult, saved: _Saved, r
     metrics.write_csv(run.metrics, state.history, metrics.EPOCH_COLUMNS)
     if writer is not None:
         writer(run.tensorboard, row)
-    log(f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
+    where = "head phase" if row["phase"] == "head" else f"epoch {row['epoch']}/{epochs}"
+    log(f"{where}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
         f"  |  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{'  *' if improved else ''}"
         f"  |  {row['epoch_seconds']:.1f}s, {row['images_per_second']:.0f} img/s")
+
+
+def _run_head_phase(cfg: Config, bb: models.Backbone, bundle: data.DataBundle, rt: runtime.Runtime,
+                    state: engine.TrainState, saved: _Saved, run: RunDir, writer, log, show: bool) -> None:
+    """Train the new head alone first and record it as epoch 0 (a candidate for best.pt)."""
+    done = _phases.head_phase(cfg, bb, bundle, rt, log, show)
+    if done is not None:
+        running, ev, _ = done
+        lrs = {"lr_head": cfg.train.lr, "lr_backbone": None}
+        _end_epoch(state, _row(state, "head", lrs, running, ev), saved, run, writer, log, cfg.train.epochs)
+
+
+def _patience_spent(state: engine.TrainState, patience: int | None, log: Callable[[str], None]) -> bool:
+    """True (and said once) when ``train.patience`` epochs passed without a better monitor value."""
+    if patience is None or state.epoch == 0 or state.epochs_since_best() < patience:
+        return False
+    log(f"early stop: {state.monitor} has not improved for {patience} epoch(s) since epoch {state.best_epoch}")
+    return True
+
+
+def _schedule_start(resumed: dict | None, epochs: int) -> int:
+    """The epoch the learning-rate curve starts at: 0, or where a finished run was extended to
+    more epochs (its curve had ended; the added epochs get a new one)."""
+    if resumed is None:
+        return 0
+    before = resumed.get("schedule_start", 0)  # checkpoints older than this key started at 0
+    if epochs != resumed["config"]["train"]["epochs"]:
+        return resumed["epoch"]
+    return before
 
 
 def _summary(run: RunDir, state: engine.TrainState, plan: FreezePlan, bb: models.Backbone,
