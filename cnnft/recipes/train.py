@@ -165,10 +165,11 @@ def _setup_data(cfg: DataConfig, num_classes: int | None, seed: int, log: Callab
     return bundle
 
 
-def _check_input_size(bb: models.Backbone, size: int) -> None:
-    """Refuse an image size the architecture cannot run on, before the run folder exists."""
+def _check_input_size(bb: models.Backbone, size: int | None) -> None:
+    """Refuse an image size the architecture cannot run on, before the run folder exists
+    (None: the weights' own size)."""
     smallest = models.min_input(bb.model)
-    if size < smallest:
+    if size is not None and size < smallest:
         raise ConfigError(f"data.image_size: {bb.name} needs inputs of at least {smallest} px (got {size}); "
                           f"set data.image_size={max(smallest, bb.preprocess.crop_size)}")
 
