@@ -279,6 +279,37 @@ def disk_full(at_save: int) -> Callable[[Path, pytest.MonkeyPatch], None]:
     return patch
 
 
+def mark_failed(tmp: Path) -> None:
+    """runs/t as a run that died in epoch 2 leaves it: the failure summary.json."""
+    from cnnft.checkpoint import RunDir
+    from cnnft.errors import TrainingFailed
+    from cnnft.recipes import _run
+
+    history = [{"epoch": 1, "val_acc": 0.5, "wall_seconds": 1.0}]
+    with pytest.raises(TrainingFailed):
+        with _run.failed_summary(RunDir(tmp / "runs" / "t"), history, lambda m: None):
+            raise TrainingFailed("loss became nan at epoch 2, step 1")
+
+
+def doctored_evaluation(tmp: Path) -> None:
+    """runs/t/eval/val/metrics.json pointing its figures at a file outside the run folder."""
+    import json
+
+    from cnnft.recipes import evaluate
+
+    (tmp / "secret.txt").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    evaluate.evaluate(tmp / "runs" / "t", device="cpu", log=lambda m: None)
+    meta_path = tmp / "runs" / "t" / "eval" / "val" / "metrics.json"
+    meta = json.loads(meta_path.read_text())
+    meta["files"]["confusion_png"] = meta["files"]["confusion_normalized_png"] = str(tmp / "secret.txt")
+    meta_path.write_text(json.dumps(meta))
+
+
+def _report_has_no_secret(tmp: Path, res: Result) -> None:
+    for png in (tmp / "runs" / "t" / "report").glob("*.png"):
+        assert b"root:x" not in png.read_bytes(), png
+
+
 def unwritable_dir(tmp: Path) -> None:
     (tmp / "ro").mkdir()
     os.chmod(tmp / "ro", 0o555)
@@ -390,6 +421,11 @@ def _not_pwned(tmp: Path, res: Result) -> None:
 def _resume_untouched(tmp: Path, res: Result) -> None:
     assert summary_of(tmp / "runs" / "t")["epochs_completed"] == 1
     assert [p.name for p in run_folders(tmp / "runs")] == ["t"]
+
+
+def _unchanged_status(tmp: Path, status: str) -> None:
+    assert summary_of(tmp / "runs" / "t")["status"] == status
+    assert f"| status | {status}" in (tmp / "runs" / "t" / "report" / "report.md").read_text()
 
 
 def _unchanged(path: Path, content: bytes) -> None:
@@ -604,6 +640,11 @@ CASES = [
     Case("export-over-its-checkpoint", 2, ("is the checkpoint being exported; cnnft never overwrites it",),
          argv=("export", "runs/t", "--format", "torchscript", "--out", "runs/t/checkpoints/best.pt"), prep=(prior_run(),),
          check=lambda tmp, res: checkpoint_intact(tmp / "runs" / "t" / "checkpoints" / "best.pt")),
+    # --- report
+    Case("report-of-failed-run", 0, ("the run failed after 1 epoch(s)",), argv=("report", "runs/t", "--device", "cpu"),
+         prep=(prior_run(), mark_failed), check=lambda tmp, res: _unchanged_status(tmp, "failed")),
+    Case("report-doctored-evaluation", 0, (), argv=("report", "runs/t", "--device", "cpu"),
+         prep=(prior_run(), doctored_evaluation), check=_report_has_no_secret),
     # --- environment
     Case("output-dir-is-file", 2, ("output_dir:", "is a file, not a folder", "set output_dir to a folder path"),
          ov=("output_dir=cfg.yaml",)),

@@ -81,3 +81,57 @@ def test_report_needs_a_run_folder(tmp_path, monkeypatch, capsys):
         report.write_report(tmp_path)
     code, _, err = run_cli(monkeypatch, capsys, "report", tmp_path)
     assert code == 2 and "run folder" in err
+
+
+def _copy_run(tiny_run, dest: Path) -> Path:
+    shutil.copytree(tiny_run["run_dir"], dest, ignore=shutil.ignore_patterns("report"))
+    return dest
+
+
+def test_report_of_a_failed_run_reports_what_exists(tiny_run, tmp_path, monkeypatch, capsys):
+    from cnnft.checkpoint import RunDir
+    from cnnft.errors import TrainingFailed
+    from cnnft.recipes import _run
+
+    run_dir = _copy_run(tiny_run, tmp_path / "failed")
+    history = [{"epoch": 1, "val_acc": tiny_run["best_val_acc"], "wall_seconds": 1.5}]
+    with pytest.raises(TrainingFailed):  # the summary.json a run that dies in epoch 2 writes
+        with _run.failed_summary(RunDir(run_dir), history, lambda m: None):
+            raise TrainingFailed("loss became nan at epoch 2, step 1", hint="lower train.lr")
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+    code, out, err = run_cli(monkeypatch, capsys, "report", run_dir, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["status"] == "failed" and "loss became nan" in res["error"] and res["best_epoch"] == 1
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "| status | failed: loss became nan at epoch 2" in md
+    for name in PNGS:
+        assert_real_figure(run_dir / "report" / name)
+
+
+def test_report_of_an_interrupted_run_says_so(tiny_run, tmp_path):
+    run_dir = _copy_run(tiny_run, tmp_path / "stopped")
+    (run_dir / "summary.json").unlink()
+    messages: list[str] = []
+    res = report.write_report(run_dir, log=messages.append)
+    assert res.status == "interrupted" and res.best_epoch == 1 and res.wall_seconds is None
+    assert any("interrupted after 1 epoch" in m for m in messages)
+
+
+def test_report_copies_only_the_run_folders_own_figures(tiny_run, tmp_path):
+    """A doctored RUN/eval/val must not make the report copy files from elsewhere into report/."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    run_dir = _copy_run(tiny_run, tmp_path / "doctored")
+    report.write_report(run_dir, log=lambda m: None)  # writes eval/val and a report
+    ev_dir = run_dir / "eval" / "val"
+    meta = json.loads((ev_dir / "metrics.json").read_text())
+    meta["files"]["confusion_png"] = meta["files"]["confusion_normalized_png"] = str(secret)
+    (ev_dir / "metrics.json").write_text(json.dumps(meta))
+    (ev_dir / "confusion_matrix_normalized.png").unlink()
+    (ev_dir / "confusion_matrix_normalized.png").symlink_to(secret)
+    report.write_report(run_dir, log=lambda m: None)
+    for name in ("confusion_matrix.png", "confusion_matrix_normalized.png"):
+        assert b"root:x" not in (run_dir / "report" / name).read_bytes()
+        assert_real_figure(run_dir / "report" / name)
+    assert secret.read_text().startswith("root:x")  # re-evaluating replaced the link, not its target

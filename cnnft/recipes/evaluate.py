@@ -25,6 +25,17 @@ from ..errors import DataError, InputError
 Log = Callable[[str], None]
 CONFIDENT_ERRORS = 20  # most confidently wrong images listed by evaluate
 PER_CLASS_COLUMNS = ("class", "precision", "recall", "F1", "support")
+# the files of an evaluation folder (RUN/eval/NAME/), by their key in ``Evaluation.files``
+EVAL_FILES = {
+    "metrics": "metrics.json",
+    "predictions": "predictions.csv",
+    "per_class": "per_class.csv",
+    "confusion_csv": "confusion_matrix.csv",
+    "confusion_normalized_csv": "confusion_matrix_normalized.csv",
+    "confusion_png": "confusion_matrix.png",
+    "confusion_normalized_png": "confusion_matrix_normalized.png",
+    "confident_errors": "confident_errors.csv",
+}
 
 
 def _stderr(msg: str) -> None:
@@ -144,16 +155,7 @@ def write_evaluation(ev: Evaluation, out: Path) -> Evaluation:
     """Write an evaluation's files into ``out``: metrics.json, predictions.csv, per_class.csv,
     the confusion matrices (CSV and PNG, counts and row-normalised) and confident_errors.csv.
     Returns the evaluation with ``out_dir`` and ``files`` set."""
-    files = {
-        "metrics": out / "metrics.json",
-        "predictions": out / "predictions.csv",
-        "per_class": out / "per_class.csv",
-        "confusion_csv": out / "confusion_matrix.csv",
-        "confusion_normalized_csv": out / "confusion_matrix_normalized.csv",
-        "confusion_png": out / "confusion_matrix.png",
-        "confusion_normalized_png": out / "confusion_matrix_normalized.png",
-        "confident_errors": out / "confident_errors.csv",
-    }
+    files = {key: out / name for key, name in EVAL_FILES.items()}
     classes = ev.classes
     cm = np.asarray(ev.confusion_matrix, dtype=np.int64).reshape(len(classes), len(classes))
     metrics.write_csv(files["predictions"], ev.predictions, ("path", "true", "pred", "prob", "prob_true", "correct"))

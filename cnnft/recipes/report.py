@@ -17,10 +17,12 @@ from typing import Callable
 from .. import checkpoint, metrics, plots
 from ..checkpoint import RunDir
 from ..errors import InputError
-from .evaluate import PER_CLASS_COLUMNS, Evaluation, evaluate
+from .evaluate import EVAL_FILES, PER_CLASS_COLUMNS, Evaluation, evaluate
 
 Log = Callable[[str], None]
 TOP_ERRORS_SHOWN = 5
+FIGURES = {"confusion_png": "confusion_matrix.png", "confusion_normalized_png": "confusion_matrix_normalized.png"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _stderr(msg: str) -> None:
@@ -49,6 +51,8 @@ class Report:
     out_dir: str
     files: dict[str, str]
     eval_dir: str
+    status: str  # completed, failed or interrupted
+    error: str | None  # why a failed run stopped
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -66,18 +70,42 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _existing_eval(run: RunDir) -> Evaluation | None:
-    """The evaluation of this run's best checkpoint on its validation data, if already written."""
-    result = _read_json(run.eval_dir("val") / "metrics.json")
+    """The evaluation of this run's best checkpoint on its validation data, if already written.
+
+    Only the files at their known places in ``RUN/eval/val/`` are used, never paths read from
+    metrics.json: a doctored run folder must not make the report copy files from elsewhere."""
+    folder = run.eval_dir("val")
+    metrics_json = folder / EVAL_FILES["metrics"]
+    result = _read_json(metrics_json)
     if not result:
         return None
     try:
         same = Path(result["checkpoint"]).resolve() == run.best.resolve()
-        newer = Path(result["files"]["metrics"]).stat().st_mtime >= run.best.stat().st_mtime
-        pngs = all(Path(result["files"][k]).is_file() for k in ("confusion_png", "confusion_normalized_png"))
+        newer = metrics_json.stat().st_mtime >= run.best.stat().st_mtime
+        pngs = all(_is_png(folder / EVAL_FILES[k]) for k in FIGURES)
         ev = Evaluation.from_dict(result)
-    except (KeyError, OSError, TypeError):
+    except (KeyError, OSError, TypeError, ValueError):
         return None
     return ev if same and newer and pngs else None
+
+
+def _is_png(path: Path) -> bool:
+    """A regular file (not a link to one elsewhere) that starts as a PNG does."""
+    try:
+        if path.is_symlink() or not path.is_file():
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except OSError:
+        return False
+
+
+def _status(summary: dict | None, epochs: int) -> tuple[str, str | None]:
+    """How the run ended: completed, failed (with its error) or interrupted (no summary of
+    these epochs: stopped, killed, or still running)."""
+    if summary and summary.get("epochs_completed") == epochs and summary.get("status") in ("completed", "failed"):
+        return summary["status"], summary.get("error") if summary["status"] == "failed" else None
+    return "interrupted", None
 
 
 def write_report(run_dir: str | Path, *, device: str = "auto", log: Log = _stderr) -> Report:
@@ -93,17 +121,20 @@ def write_report(run_dir: str | Path, *, device: str = "auto", log: Log = _stder
     history = [{k: _float(v) for k, v in row.items()} for row in metrics.read_csv(run.metrics)]
     if not history:
         raise InputError(f"{run_dir}/metrics.csv has no epochs yet")
-    summary = _read_json(run.summary)
     plan = _read_json(run.freeze_plan)
     if plan is None:
         raise InputError(f"{run_dir} has no readable freeze_plan.json; is it a cnnft run folder?")
     epochs = [int(r["epoch"]) for r in history]
     val_acc = [r["val_acc"] for r in history]
-    if summary:
-        best_epoch, best_acc = summary["best_epoch"], summary["best_val_acc"]
-    else:  # interrupted run: the first epoch with the highest val accuracy, as training picks it
-        best_acc = max(v for v in val_acc if v is not None)
-        best_epoch = epochs[val_acc.index(best_acc)]
+    # from metrics.csv whatever the run's fate: the first epoch with the highest val accuracy,
+    # as training picks it (a failed or stopped run has no summary of its epochs)
+    best_acc = max(v for v in val_acc if v is not None)
+    best_epoch = epochs[val_acc.index(best_acc)]
+    summary = _read_json(run.summary)
+    status, error = _status(summary, len(history))
+    summary = summary if status != "interrupted" else None  # an earlier process's, not these epochs'
+    if status != "completed":
+        log(f"the run {status} after {len(history)} epoch(s); reporting the epochs it finished")
 
     out = run.report
     out.mkdir(exist_ok=True)
@@ -113,12 +144,13 @@ def write_report(run_dir: str | Path, *, device: str = "auto", log: Log = _stder
     plots.curve(out / "accuracy.png", epochs, {"train": [r["train_acc"] for r in history], "val": val_acc},
                 ylabel="accuracy", title="Accuracy", best_epoch=best_epoch)
 
-    ev = _existing_eval(run)
+    ev, folder = _existing_eval(run), run.eval_dir("val")
     if ev is None:
         log("evaluating the best checkpoint on the run's validation data")
         ev = evaluate(run_dir, device=device, log=log)
-    for key, name in (("confusion_png", "confusion_matrix.png"), ("confusion_normalized_png", "confusion_matrix_normalized.png")):
-        checkpoint.atomic_write_bytes(out / name, Path(ev.files[key]).read_bytes())
+        folder = Path(ev.out_dir)
+    for key, name in FIGURES.items():  # from their known place: ev.files may come from a doctored metrics.json
+        checkpoint.atomic_write_bytes(out / name, (folder / EVAL_FILES[key]).read_bytes())
 
     files = {n: str(out / n) for n in ("report.md", "loss.png", "accuracy.png", "confusion_matrix.png",
                                       "confusion_matrix_normalized.png")}
@@ -126,9 +158,9 @@ def write_report(run_dir: str | Path, *, device: str = "auto", log: Log = _stder
         run=run_dir.name, model=plan["model"], weights=plan["weights"], strategy=plan["strategy"],
         trainable_params=plan["trainable_params"], total_params=plan["total_params"], epochs=len(history),
         best_epoch=best_epoch, best_val_acc=best_acc, final_val_acc=val_acc[-1],
-        final_val_loss=history[-1]["val_loss"], wall_seconds=summary["wall_seconds"] if summary else None,
+        final_val_loss=history[-1]["val_loss"], wall_seconds=(summary or {}).get("wall_seconds"),
         eval_accuracy=ev.accuracy, eval_loss=ev.loss, macro_f1=ev.macro_avg["f1"],
-        out_dir=str(out), files=files, eval_dir=ev.out_dir,
+        out_dir=str(out), files=files, eval_dir=str(folder), status=status, error=error,
     )
     checkpoint.atomic_write_text(out / "report.md", _markdown(rep, ev, summary))
     return rep
@@ -146,6 +178,7 @@ def _markdown(f: Report, ev: Evaluation, summary: dict | None) -> str:
         "",
         "| | |",
         "|---|---|",
+        f"| status | {f.status}{f': {f.error}' if f.error else ''} |",
         f"| model | {f.model} ({f.weights}) |",
         f"| strategy | {f.strategy} |",
         f"| trainable parameters | {trainable} |",
@@ -154,7 +187,7 @@ def _markdown(f: Report, ev: Evaluation, summary: dict | None) -> str:
         f"| final val accuracy | {_pct(f.final_val_acc)} |",
         f"| classes | {len(ev.classes)}: {', '.join(ev.classes[:20])}{' ...' if len(ev.classes) > 20 else ''} |",
     ]
-    if summary:
+    if summary and "train_images" in summary:  # a failed run's summary does not count them
         lines.append(f"| images | {summary['train_images']} train / {summary['val_images']} val |")
     if f.wall_seconds is not None:
         lines.append(f"| training time | {f.wall_seconds:.0f} s |")
@@ -185,5 +218,5 @@ def _markdown(f: Report, ev: Evaluation, summary: dict | None) -> str:
         for e in ev.confident_errors[:TOP_ERRORS_SHOWN]:
             lines.append(f"| {e['path']} | {e['true']} | {e['pred']} | {e['prob']:.3f} |")
         lines.append("")
-    lines.append(f"Full results: `{ev.out_dir}` (metrics.json, predictions.csv, per_class.csv).")
+    lines.append(f"Full results: `{f.eval_dir}` (metrics.json, predictions.csv, per_class.csv).")
     return "\n".join(lines) + "\n"
