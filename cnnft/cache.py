@@ -141,19 +141,22 @@ class Split:
     rest: nn.Module
 
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
-        """The activation at the cut for a batch of images (run in eval mode)."""
+        """The activation at the cut for a batch of images (computed in eval mode)."""
         target = self.model.get_submodule(self.boundary)
 
         def stop(_m, _a, out):
             raise _Stop(out)
 
         handle = target.register_forward_hook(stop)
+        was_training = self.model.training
+        self.model.eval()  # frozen layers: BatchNorm statistics are used, never updated
         try:
             self.model(x)
         except _Stop as s:
             return s.value
         finally:
             handle.remove()
+            self.model.train(was_training)
         raise RuntimeError(f"the forward pass never reached {self.boundary}")
 
 

@@ -23,7 +23,8 @@ from .errors import ConfigError
 from .strategies import STRATEGIES
 
 Strategy = Literal[("auto", *STRATEGIES)]  # type: ignore[valid-type]
-Augment = Literal["none", "light", "standard", "strong"]
+AUGMENT_PRESETS = ("none", "mild", "light", "standard", "strong")  # implemented in transforms.py
+Augment = Literal[("auto", *AUGMENT_PRESETS)]  # type: ignore[valid-type]
 
 
 def _number(v: Any) -> Any:
@@ -67,7 +68,8 @@ class DataConfig(_Section):
     image_size: Int | None = Field(
         None, ge=16, le=1024, description="input size; default: the weights' own"
     )
-    augment: Augment = "standard"
+    augment: Augment = Field("auto", description="auto: light for photos like ImageNet's, mild otherwise")
+    hflip: Bool | Literal["auto"] = Field("auto", description="mirror images at random (auto: for photos like ImageNet's)")
     batch_size: Int = Field(32, ge=1, le=1_000_000)
     num_workers: Int = Field(2, ge=0, le=1024)
     on_bad_image: Literal["skip", "error"] = "skip"

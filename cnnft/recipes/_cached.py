@@ -62,7 +62,7 @@ def setup(cfg: Config, bb: models.Backbone, frozen: list[str], bundle: data.Data
     views = 1 if cfg.data.augment == "none" else t.cache_views
     key_base = _key_base(cfg, bb, frozen, split.boundary)
     val = _store(split, eval_ds, 1, f"{part} val".strip(), key_base, cfg, rt, log, show)
-    train_tf = transforms.train_transform(pre, cfg.data.augment)
+    train_tf = transforms.train_transform(pre, cfg.data.augment, cfg.data.hflip)
     train = _store(split, data.ImageDataset(bundle.train, train_tf, pre.resize_size), views, f"{part} train".strip(),
                    key_base, cfg, rt, log, show)
     aug = f"{views} augmented view(s) per image, one per epoch in turn" if views > 1 else "one view per image"
@@ -79,7 +79,7 @@ def _key_base(cfg: Config, bb: models.Backbone, frozen: list[str], boundary: str
     identity = cache.file_identity([weights])[0] if Path(weights).is_file() else weights
     return {"cnnft": __version__, "torch": torch.__version__, "model": bb.name, "weights": identity,
             "frozen": sorted(frozen), "boundary": boundary, "preprocess": bb.preprocess.to_dict(),
-            "augment": cfg.data.augment, "seed": cfg.seed}
+            "augment": cfg.data.augment, "hflip": cfg.data.hflip, "seed": cfg.seed}
 
 
 def _seeded(ds: data.ImageDataset, seed: int, cfg: Config, rt: runtime.Runtime):

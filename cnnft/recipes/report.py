@@ -58,8 +58,14 @@ class Report:
         return dataclasses.asdict(self)
 
 
-def _float(v: str) -> float | None:
-    return float(v) if v not in ("", None) else None
+def _float(v: str) -> float | str | None:
+    """A metrics.csv cell: a number, None when empty, the text itself otherwise (the phase)."""
+    if v in ("", None):
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        return v
 
 
 def _read_json(path: Path) -> dict | None:

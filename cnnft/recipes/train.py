@@ -73,6 +73,7 @@ def train(
     write the run folder and return its summary."""
     resume = Path(resume) if resume is not None else None
     cfg, resumed = _run.resolve(config_path, list(overrides or []), resume)
+    cfg.data.augment, cfg.data.hflip = transforms.resolve_augment(cfg.data.augment, cfg.data.hflip, cfg.freeze.similar)
     seed_everything(cfg.seed)
     rt = runtime.make_runtime(cfg.train.device, cfg.train.amp, cfg.train.channels_last)
     writer = _tensorboard(cfg.train.tensorboard)
@@ -231,7 +232,7 @@ class _Loaders:
 def _setup_loaders(cfg: DataConfig, bundle: data.DataBundle, pre: models.Preprocess, seed: int, pin: bool) -> _Loaders:
     """Training (augmented, shuffled per epoch) and validation loaders."""
     draft = pre.resize_size
-    train_ds = data.ImageDataset(bundle.train, transforms.train_transform(pre, cfg.augment), draft)
+    train_ds = data.ImageDataset(bundle.train, transforms.train_transform(pre, cfg.augment, cfg.hflip), draft)
     val_ds = data.ImageDataset(bundle.val, transforms.eval_transform(pre), draft)
     sampler = data.EpochSampler(len(train_ds), seed, shuffle=True)
     gen = torch.Generator()

@@ -1,0 +1,79 @@
+"""Head phase, best-checkpoint monitor, early stopping and extending a finished run."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnft import checkpoint, models
+from cnnft.recipes import train as train_recipe
+
+
+def _rows(run: str) -> list[dict]:
+    with open(Path(run) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _train(tmp_path: Path, data_dir: Path, *overrides: str, resume=None, log=None):
+    base = [] if resume else [f"data.train={data_dir}", "data.val_split=0.34", "model.backbone=resnet18",
+                              "data.image_size=32", "data.num_workers=0", "data.batch_size=4",
+                              f"output_dir={tmp_path / 'runs'}", f"train.cache_dir={tmp_path / 'cache'}"]
+    return train_recipe.train(None, base + list(overrides), resume=resume, log=log or (lambda m: None))
+
+
+@pytest.fixture
+def pretrained_file(tmp_path) -> Path:
+    """A resnet18 state dict standing in for pretrained weights (a local weights file)."""
+    torch.manual_seed(3)
+    path = tmp_path / "resnet18.pth"
+    torch.save(models.build("resnet18", "none", 1000).model.state_dict(), path)
+    return path
+
+
+def test_head_phase_runs_first_as_epoch_zero(tmp_path, tiny_data, pretrained_file):
+    logged: list[str] = []
+    s = _train(tmp_path, tiny_data, f"model.weights={pretrained_file}", "freeze.strategy=freeze_most",
+               "train.epochs=2", log=logged.append)
+    rows = _rows(s.run_dir)
+    assert [(r["epoch"], r["phase"]) for r in rows] == [("0", "head"), ("1", "train"), ("2", "train")]
+    assert rows[0]["lr_backbone"] == ""  # only the head learns in the head phase
+    assert any(m.startswith("head phase:") and "on cached features" in m for m in logged)
+    assert s.epochs_completed == 3
+    # off: the strategy's epochs only
+    s2 = _train(tmp_path, tiny_data, f"model.weights={pretrained_file}", "freeze.strategy=freeze_most",
+                "train.epochs=2", "train.head_phase=false")
+    assert [r["phase"] for r in _rows(s2.run_dir)] == ["train", "train"]
+
+
+def test_head_phase_is_the_floor_for_best(tmp_path, tiny_data, pretrained_file):
+    # a learning rate so small the strategy's epochs cannot improve on the head phase
+    s = _train(tmp_path, tiny_data, f"model.weights={pretrained_file}", "freeze.strategy=head_only",
+               "train.epochs=1", "train.monitor=val_loss")
+    rows = _rows(s.run_dir)
+    best = min(rows, key=lambda r: float(r["val_loss"]))
+    assert s.best_epoch == int(best["epoch"])
+    assert checkpoint.load(Path(s.run_dir) / "checkpoints" / "best.pt")["epoch"] == s.best_epoch
+
+
+def test_patience_stops_early(tmp_path, tiny_data):
+    logged: list[str] = []
+    s = _train(tmp_path, tiny_data, "model.weights=none", "train.epochs=6", "train.lr=1e-9",
+               "train.patience=1", "train.monitor=val_loss", log=logged.append)
+    assert s.epochs_completed < 6
+    assert any(m.startswith("early stop: val_loss has not improved for 1 epoch") for m in logged)
+
+
+def test_extending_a_finished_run_restarts_the_schedule_and_trains(tmp_path, tiny_data):
+    s = _train(tmp_path, tiny_data, "model.weights=none", "train.epochs=2", "train.lr=0.02")
+    before = checkpoint.load(Path(s.run_dir) / "checkpoints" / "last.pt")["model"]
+    s2 = _train(tmp_path, tiny_data, "train.epochs=4", resume=s.run_dir)
+    after = checkpoint.load(Path(s2.run_dir) / "checkpoints" / "last.pt")
+    assert after["epoch"] == 4 and after["schedule_start"] == 2
+    assert any(not torch.equal(before[k], after["model"][k]) for k in before if before[k].is_floating_point())
+    lrs = [float(r["lr_head"]) for r in _rows(s2.run_dir)]
+    # 8 images / batch 4 = 2 steps an epoch: epochs 1-2 on the first cosine, 3-4 on a new one
+    # that starts again at the full rate
+    assert lrs == pytest.approx([0.02, 0.01, 0.02, 0.01])
