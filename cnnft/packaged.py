@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from .data import Source, stratified_split, to_rgb
+from .samples import Source, stratified_split, to_rgb
 from .errors import DataError
 
 
