@@ -96,6 +96,16 @@ def lookup(name: str, catalog: dict[str, Entry]) -> Entry:
     )
 
 
+def resolve(name: str) -> Entry | None:
+    """The entry of backbone ``name`` (an unknown name raises the registry's error); None
+    for timm/ names and when the catalog does not fit the installed packages: the caller
+    builds the model to find out."""
+    if name.startswith(TIMM_PREFIX):
+        return None
+    known = load()
+    return None if known is None else lookup(name, known)
+
+
 def hub_dir() -> Path:
     """torch.hub.get_dir() without importing torch: $TORCH_HOME/hub, TORCH_HOME defaulting
     to $XDG_CACHE_HOME/torch (~/.cache/torch). When torch is loaded already, ask it (a

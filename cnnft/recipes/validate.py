@@ -140,10 +140,10 @@ def _check_model(cfg: Config, n_classes: int, problems: list[str],
                  notes: list[str]) -> tuple[dict | None, int | None, int | None]:
     """(weights availability, input size, smallest input) of the backbone; None where it failed."""
     name = cfg.model.backbone
-    known = None if name.startswith(catalog.TIMM_PREFIX) else catalog.load()
     try:
-        if known is not None:
-            found = catalog.facts(catalog.lookup(name, known), cfg.model.weights)
+        entry = catalog.resolve(name)
+        if entry is not None:
+            found = catalog.facts(entry, cfg.model.weights)
         else:
             found = _live_facts(name, cfg.model.weights, cfg.model.num_classes or n_classes or None)
     except CnnftError as exc:
