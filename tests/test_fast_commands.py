@@ -28,7 +28,7 @@ _WRAPPER = textwrap.dedent("""
     except SystemExit as exc:
         code = exc.code
     sys.stdout.flush()
-    heavy = sorted(m for m in ("torch", "torchvision", "timm") if m in sys.modules)
+    heavy = sorted(m for m in ("torch", "torchvision", "timm", "sklearn") if m in sys.modules)
     sys.stderr.write("\\nIMPORTED " + json.dumps(heavy) + "\\n")
     sys.exit(code)
 """)
@@ -66,6 +66,16 @@ def test_validate_digits_without_torch(tmp_path):
     res = json.loads(out)
     assert sum(res["classes"]["train"].values()) + sum(res["classes"]["val"].values()) == 1797
     assert res["weights"]["status"] == "packaged"
+
+
+def test_digits_read_without_scikit_learn_are_load_digits():
+    from sklearn.datasets import load_digits
+
+    from cnnft.packaged import digits_arrays
+
+    images, target = digits_arrays()
+    d = load_digits()
+    assert (images == d.images).all() and (target == d.target).all() and images.dtype == d.images.dtype
 
 
 def test_validate_probes_cuda_only_when_asked(tmp_path):
