@@ -366,13 +366,16 @@ def export_cmd(
 
 @app.command("models", cls=_Command)
 def models_cmd(
-    filter_text: Optional[str] = typer.Option(None, "--filter", help="Only names containing this text."),
+    filter_text: Optional[str] = typer.Option(None, "--filter", help="Only names containing this text; timm/TEXT: timm models (loads timm)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """List backbones with parameter counts, default weights and input size."""
-    from .recipes import inspect as modelinfo
-    with err.status("building the models on the meta device to count parameters..."):
-        rows = modelinfo.list_models(filter_text)
+    """List backbones with parameter counts, default weights and input size.
+
+    timm models are not listed unless --filter starts with timm/ (timm/convnext: timm's
+    architectures whose name contains convnext), which loads timm and takes longer.
+    """
+    from .recipes import backbones
+    rows = backbones.list_models(filter_text)
     if json_out:
         _print_json(rows)
         return
@@ -382,7 +385,7 @@ def models_cmd(
     for r in rows:
         t.add_row(r["name"], r["source"], f"{r['params']:,}", r["default_weights"], str(r["input_size"]))
     out.print(t)
-    out.print(f"[dim]also: {modelinfo.TIMM_NOTE}[/dim]")
+    out.print(f"[dim]also: {escape(backbones.TIMM_NOTE)}[/dim]")
 
 
 @app.command("init", cls=_Command)

@@ -142,7 +142,8 @@ def preflight(res) -> list[Text]:
     if res.image_size is not None:
         lines.append(Text(f"input: {res.image_size} px (the model accepts from {res.min_image_size} px)"))
     if res.device is not None:
-        lines.append(Text(f"device: {res.device}"))
+        auto = " (CUDA when present, else Apple MPS, else CPU: picked when the run starts)" if res.device == "auto" else ""
+        lines.append(Text(f"device: {res.device}{auto}"))
     if res.run_dir is not None:
         lines.append(Text(f"run folder: {res.run_dir}"))
     lines += [Text.assemble(("note: ", "yellow"), n) for n in res.notes]

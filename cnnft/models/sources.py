@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,24 +18,9 @@ from .backbone import Preprocess, Stage, empty_init
 from .downloads import download_error, network_failure, timm_download_error, timm_weights_file, timm_weights_reachable
 from .families import chunks, family_of, family_of_builder, named_stages
 from .lenet import LeNet5
-from .weights import Kind, WeightsSpec
+from .weights import Availability, Kind, WeightsSpec, file_or_none
 
 Built = tuple[nn.Module, bool, Preprocess]  # model, pretrained, what its weights expect
-
-
-@dataclass(frozen=True)
-class Availability:
-    """Whether weights can be had without network: ``status`` is packaged, cached or file
-    (offline), none (random init), download (fetched on first use) or missing (cannot be had)."""
-
-    status: str
-    detail: str
-    url: str | None = None
-    path: str | None = None  # where the file is, or where a download puts it
-
-    @property
-    def offline(self) -> bool:
-        return self.status in ("packaged", "cached", "file", "none")
 
 
 class Source:
@@ -72,11 +56,7 @@ class Source:
     def availability(self, bare: str, spec: WeightsSpec) -> Availability:
         """Whether ``spec``'s weights for ``bare`` are here, or where they would come from;
         nothing is downloaded. Sources with pretrained weights refine DEFAULT/NAMED."""
-        if spec.kind is Kind.FILE:
-            if spec.path.is_file():
-                return Availability("file", f"local file {spec.path}", path=str(spec.path))
-            return Availability("missing", f"model.weights: weights file not found: {spec.path}", path=str(spec.path))
-        return Availability("none", "random initialisation (no pretrained weights)")
+        return file_or_none(spec)
 
 
 # ---------------------------------------------------------------------------- torchvision

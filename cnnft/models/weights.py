@@ -1,21 +1,24 @@
-"""``model.weights`` parsed once into a small type, and loading a local weights file into any
-built model (strictly, except for the head, whose shape may differ)."""
+"""``model.weights`` parsed once into a small type, whether weights can be had offline, and
+loading a local weights file into any built model (strictly, except for the head, whose
+shape may differ). Importing this module does not import torch (``validate`` parses
+weights without it)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 DEFAULT = "DEFAULT"  # the config's spelling of "the source's default pretrained weights"
 NONE = "none"  # random initialisation
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
-
 
 
 class Kind(Enum):
@@ -58,8 +61,34 @@ def _is_path(text: str) -> bool:
     return text not in (DEFAULT, NONE, "None", "NONE") and Path(text).is_file()
 
 
+@dataclass(frozen=True)
+class Availability:
+    """Whether weights can be had without network: ``status`` is packaged, cached or file
+    (offline), none (random init), download (fetched on first use) or missing (cannot be had)."""
+
+    status: str
+    detail: str
+    url: str | None = None
+    path: str | None = None  # where the file is, or where a download puts it
+
+    @property
+    def offline(self) -> bool:
+        return self.status in ("packaged", "cached", "file", "none")
+
+
+def file_or_none(spec: WeightsSpec) -> Availability:
+    """The availability of a weights file (FILE) or of random initialisation (anything else)."""
+    if spec.kind is Kind.FILE:
+        if spec.path.is_file():
+            return Availability("file", f"local file {spec.path}", path=str(spec.path))
+        return Availability("missing", f"model.weights: weights file not found: {spec.path}", path=str(spec.path))
+    return Availability("none", "random initialisation (no pretrained weights)")
+
+
 def load_file(path: Path) -> dict[str, torch.Tensor]:
     """Load a weights/checkpoint file safely (never an arbitrary pickle)."""
+    import torch
+
     p = Path(path).expanduser()
     if not p.is_file():
         raise CheckpointError(f"model.weights: weights file not found: {p}")

@@ -8,9 +8,7 @@ keeps what it had saved.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -20,6 +18,7 @@ from ..checkpoint import RunDir
 from ..config import Config
 from ..errors import CheckpointError, ConfigError, InputError, Interrupted
 from ..freeze import FreezePlan
+from ._output import check_writable
 
 # keys that may change when a run is resumed; everything else defines the run
 RESUMABLE_KEYS = ("train.epochs", "train.device", "data.num_workers", "train.tensorboard")
@@ -102,24 +101,6 @@ def _check_config_unchanged(run: RunDir, cfg: Config, state: dict) -> None:
         err.hint = (f"restore {', '.join(changed)} in {run.config}, or start a new run with the edited config "
                     f"(it gets a new folder): cnnft train {run.config}")
         raise err
-
-
-def check_writable(output_dir: str) -> None:
-    """Fail before any work if the run folder could not be created."""
-    p = Path(output_dir).expanduser()
-    probe = p
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise InputError(f"output_dir: {probe} is a file, not a folder", hint="set output_dir to a folder path")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"output_dir: {probe} is not writable", hint="set output_dir to a writable folder")
-    # os.access says yes to root everywhere; /proc, /sys and read-only mounts refuse only a real try
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".cnnft-probe-", dir=probe))
-    except OSError as exc:
-        raise InputError(f"output_dir: cannot create folders in {probe}: {exc.strerror or exc}",
-                         hint="set output_dir to a writable folder") from None
 
 
 def make_run_dir(output_dir: str, name: str) -> Path:

