@@ -99,14 +99,11 @@ def train(
     state = _setup_state(resumed, resume, log, cfg.train.monitor)  # last: restores the RNGs of the stop
 
     run = _run.open_run_dir(cfg, resume, _plan_record(plan, bb, why), log)
-    log(f"{bb.name} ({bb.weights}) -> {len(bundle.classes)} classes, strategy {plan.strategy}: "
-        f"{plan.trainable_params:,} of {plan.total_params:,} parameters train; "
-        f"{len(bundle.train)} train / {len(bundle.val)} val images; device {rt.device}")
+    log(_describe(bb, bundle, plan, rt.device))
     saved = _Saved({**_header(bb, bundle, plan, cfg), "schedule_start": start}, model, optimizer, scheduler, scaler)
 
     with engine.StopFlag() as stop, _run.failed_summary(run, state.history, log):
-        if cfg.train.head_phase and not state.history and state.step == 0 and bb.pretrained:
-            _run_head_phase(cfg, bb, bundle, rt, state, saved, run, writer, log, progress_bar)
+        _run_head_phase(cfg, bb, bundle, rt, state, saved, run, writer, log, progress_bar)
         while state.epoch < cfg.train.epochs and not _patience_spent(state, cfg.train.patience, log):
             epoch = state.epoch
             if state.step == 0:  # a new epoch, not the rest of a stopped one
@@ -134,6 +131,12 @@ def train(
     summary = _summary(run, state, plan, bb, bundle, rt.device)
     checkpoint.atomic_write_json(run.summary, summary.to_dict())
     return summary
+
+
+def _describe(bb: models.Backbone, bundle: data.DataBundle, plan: FreezePlan, device: torch.device) -> str:
+    return (f"{bb.name} ({bb.weights}) -> {len(bundle.classes)} classes, strategy {plan.strategy}: "
+            f"{plan.trainable_params:,} of {plan.total_params:,} parameters train; "
+            f"{len(bundle.train)} train / {len(bundle.val)} val images; device {device}")
 
 
 def seed_everything(seed: int) -> None:
@@ -353,7 +356,10 @@ def _end_epoch(state: engine.TrainState, row: dict, saved: _Saved, run: RunDir,
 
 def _run_head_phase(cfg: Config, bb: models.Backbone, bundle: data.DataBundle, rt: runtime.Runtime,
                     state: engine.TrainState, saved: _Saved, run: RunDir, writer, log, show: bool) -> None:
-    """Train the new head alone first and record it as epoch 0 (a candidate for best.pt)."""
+    """Train the new head alone first and record it as epoch 0 (a candidate for best.pt); only
+    on pretrained layers (a random backbone has no features worth a probe) and only once."""
+    if not (cfg.train.head_phase and bb.pretrained and not state.history and state.step == 0):
+        return
     done = _phases.head_phase(cfg, bb, bundle, rt, log, show)
     if done is not None:
         running, ev, _ = done
