@@ -12,6 +12,7 @@ import torch
 
 from cnnft import checkpoint, data, engine, models, runtime, transforms
 from cnnft.config import DataConfig
+from cnnft.recipes import _tensorboard
 from cnnft.recipes import train as train_recipe
 
 LOSS_ACC = ("train_loss", "train_acc", "val_loss", "val_acc")
@@ -212,7 +213,7 @@ def test_tensorboard_logs_every_epoch(tmp_path, tiny_data):
     assert len(events) == 1, events
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
-    assert set(acc.Tags()["scalars"]) == set(train_recipe.TENSORBOARD_TAGS.values())
+    assert set(acc.Tags()["scalars"]) == set(_tensorboard.TENSORBOARD_TAGS.values())
     rows = _rows(run)
     val = acc.Scalars("accuracy/val")
     assert [e.step for e in val] == [1, 2]

@@ -21,14 +21,9 @@ from torch import nn
 from .. import __version__, cache, checkpoint, data, engine, freeze, metrics, models, progress, runtime, strategies, transforms
 from ..checkpoint import RunDir
 from ..config import Config, DataConfig
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 from ..freeze import FreezePlan
-from . import _cached, _phases, _run
-
-# metrics.csv column -> TensorBoard tag (train and val share a chart)
-TENSORBOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "accuracy/train",
-                    "val_acc": "accuracy/val", "lr_head": "lr/head", "lr_backbone": "lr/backbone",
-                    "images_per_second": "speed/images_per_second"}
+from . import _cached, _phases, _run, _tensorboard
 
 
 @dataclass(frozen=True)
@@ -76,7 +71,7 @@ def train(
     cfg.data.augment, cfg.data.hflip = transforms.resolve_augment(cfg.data.augment, cfg.data.hflip, cfg.freeze.similar)
     seed_everything(cfg.seed)
     rt = runtime.make_runtime(cfg.train.device, cfg.train.amp, cfg.train.channels_last)
-    writer = _tensorboard(cfg.train.tensorboard)
+    writer = _tensorboard.writer(cfg.train.tensorboard)
 
     bundle = _setup_data(cfg.data, cfg.model.num_classes, cfg.seed, log)
     bb = models.build(cfg.model.backbone, cfg.model.weights, len(bundle.classes))
@@ -429,26 +424,3 @@ def _progress(loader, epoch: int, epochs: int, enabled: bool):
             bar.set_postfix(loss=f"{r.loss:.3f}", acc=f"{r.acc:.3f}", refresh=False)
 
     return _Bar()
-
-
-def _tensorboard(enabled: bool):
-    """A function writing one metrics row to TensorBoard, or None when ``train.tensorboard`` is off."""
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # noqa: BLE001 - missing optional dependency
-        raise InputError("train.tensorboard: the tensorboard package is not installed",
-                         hint="pip install 'cnnft[tensorboard]', or set train.tensorboard=false") from None
-    writers: dict = {}
-
-    def write(folder: Path, row: dict) -> None:
-        w = writers.get(folder)
-        if w is None:  # one event file per process, opened on the first epoch
-            w = writers[folder] = SummaryWriter(str(folder))
-        for key, tag in TENSORBOARD_TAGS.items():
-            if row.get(key) is not None:
-                w.add_scalar(tag, row[key], row["epoch"])
-        w.flush()
-
-    return write
