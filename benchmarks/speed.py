@@ -1,0 +1,171 @@
+"""cnnft against a plain training loop, side by side in one run, on the data at hand.
+
+The plain loop is the PyTorch transfer-learning tutorial's: torchvision ImageFolder + PIL,
+the same model, batch size, optimizer and augmentation, every epoch through the whole network.
+Printed per case: wall seconds and images/s of each, their ratio, the accuracy reached, and the
+achieved FLOP rate as a fraction of a matmul peak measured in the same run.
+
+    python benchmarks/speed.py [--data ../shared/datasets/hymenoptera_data] [--epochs 10] [--quick]
+
+Cases:
+  head_only  EfficientNet-Lite0 at 224 px on the ants/bees photos: plain loop vs cnnft with a cold
+             feature cache vs cnnft with the cache of the previous run (warm)
+  freeze_most  EfficientNet-Lite0 at 64 px on scikit-learn's digits: cnnft uncached vs cached
+  full       ResNet-18 at 112 px: plain loop vs cnnft (channels_last), training images/s and the
+             FLOP rate of the training steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cnnft import freeze, models  # noqa: E402
+from cnnft.recipes import train as train_recipe  # noqa: E402
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """fp32 GFLOP/s of a large square matmul on this machine (the best of ``repeats``)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def train_flops_per_image(model: nn.Module, size: int) -> float:
+    """Forward FLOPs of one image x 3 (forward + backward of a fully trained network)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, size, size))
+    return 3.0 * counter.get_total_flops()
+
+
+def plain_loop(name: str, train_dir: Path, val_dir: Path, strategy: str, size: int, epochs: int,
+               lr: float, batch: int = 32, steps: int | None = None) -> dict:
+    """The tutorial's loop: ImageFolder + PIL + transforms, every epoch through the whole model."""
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    torch.manual_seed(0)
+    bb = models.build(name, "DEFAULT" if name != "resnet18" else "none", 2)
+    pre = bb.preprocess.with_size(size)
+    plan = freeze.make_plan(bb.model, bb.stages, strategy, lr)
+    freeze.apply_plan(bb.model, bb.stages, plan)
+    norm = T.Normalize(pre.mean, pre.std)
+    train_tf = T.Compose([T.RandomResizedCrop(size, scale=(0.35, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    val_tf = T.Compose([T.Resize(pre.resize_size), T.CenterCrop(size), T.ToTensor(), norm])
+    tr = torch.utils.data.DataLoader(datasets.ImageFolder(train_dir, train_tf), batch_size=batch, shuffle=True)
+    va = torch.utils.data.DataLoader(datasets.ImageFolder(val_dir, val_tf), batch_size=batch)
+    opt = torch.optim.AdamW(freeze.param_groups(bb.model, bb.stages, plan, 0.01), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    seen, train_s, acc = 0, 0.0, 0.0
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        bb.model.train()
+        t = time.perf_counter()
+        for i, (x, y) in enumerate(tr):
+            if steps is not None and i >= steps:
+                break
+            opt.zero_grad()
+            loss_fn(models.logits_of(bb.model(x)), y).backward()
+            opt.step()
+            seen += len(y)
+        train_s += time.perf_counter() - t
+        if steps is None:
+            bb.model.eval()
+            correct = total = 0
+            with torch.no_grad():
+                for x, y in va:
+                    correct += int((bb.model(x).argmax(1) == y).sum())
+                    total += len(y)
+            acc = correct / total
+    return {"wall": time.perf_counter() - t0, "images_per_s": seen / train_s, "acc": acc, "model": bb.model}
+
+
+def cnnft_run(overrides: list[str], cache_dir: Path) -> dict:
+    """``cnnft train`` with these overrides; wall time of the whole recipe (data check, caching)."""
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        s = train_recipe.train(None, [*overrides, f"output_dir={out}", f"train.cache_dir={cache_dir}",
+                                      "data.num_workers=0"], log=lambda m: None)
+        wall = time.perf_counter() - t0
+        import csv
+
+        with open(Path(s.run_dir) / "metrics.csv") as f:
+            rows = [r for r in csv.DictReader(f) if r["phase"] == "train"]
+    ips = sum(float(r["images_per_second"]) for r in rows) / max(len(rows), 1)
+    return {"wall": wall, "images_per_s": ips, "acc": s.best_val_acc}
+
+
+def row(case: str, who: str, r: dict, base: dict | None, extra: str = "") -> str:
+    ratio = f"{base['wall'] / r['wall']:.1f}x" if base else "1.0x"
+    return (f"| {case} | {who} | {r['wall']:.1f} | {r['images_per_s']:.0f} | {ratio} | "
+            f"{r['acc']:.4f} | {extra} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get(
+        "CNNFT_DATASETS", REPO.parent / "shared" / "datasets")) / "hymenoptera_data")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="2 epochs per case (a smoke run of the script)")
+    args = ap.parse_args()
+    epochs = 2 if args.quick else args.epochs
+    torch.set_num_threads(os.cpu_count() or 1)
+    peak = matmul_peak()
+    print(f"machine: {os.cpu_count()} CPU threads, torch {torch.__version__}; fp32 matmul peak {peak:.0f} GFLOP/s")
+    print(f"\n| case | run | wall s | train images/s | speed-up | best val acc | notes |\n|---|---|---|---|---|---|---|")
+    tr, va = args.data / "train", args.data / "val"
+
+    # 1. head_only, Lite0 at 224 px, ants/bees
+    plain = plain_loop("efficientnet_lite0", tr, va, "head_only", 224, epochs, lr=0.01)
+    print(row("head_only, Lite0 224 px, hymenoptera", "plain loop", plain, None), flush=True)
+    common = [f"data.train={tr}", f"data.val={va}", "model.backbone=efficientnet_lite0",
+              "freeze.strategy=head_only", f"train.epochs={epochs}", "train.lr=0.01", "data.augment=light"]
+    with tempfile.TemporaryDirectory() as cache:
+        cold = cnnft_run(common, Path(cache))
+        print(row("", "cnnft, cold cache", cold, plain), flush=True)
+        warm = cnnft_run(common, Path(cache))
+        print(row("", "cnnft, warm cache", warm, plain), flush=True)
+
+    # 2. freeze_most, Lite0 at 64 px, digits: cached vs uncached, everything else equal
+    digits = ["data.dataset=digits", "data.image_size=64", "model.backbone=efficientnet_lite0",
+              "freeze.strategy=freeze_most", "freeze.similar=false", f"train.epochs={epochs}"]
+    with tempfile.TemporaryDirectory() as cache:
+        off = cnnft_run([*digits, "train.feature_cache=off", "train.head_phase=false"], Path(cache))
+        print(row("freeze_most, Lite0 64 px, digits", "cnnft, uncached", off, None), flush=True)
+        on = cnnft_run([*digits, "train.head_phase=false"], Path(cache))
+        print(row("", "cnnft, cached", on, off), flush=True)
+
+    # 3. full fine-tune, ResNet-18 at 112 px: training steps only (a fixed number per run)
+    steps = 4 if args.quick else 8
+    plain = plain_loop("resnet18", tr, va, "full", 112, 1, lr=0.001, steps=steps)
+    flops = train_flops_per_image(plain.pop("model"), 112)
+    rate = plain["images_per_s"] * flops / 1e9
+    print(row("full, ResNet-18 112 px", "plain loop", plain, None, f"{rate:.0f} GFLOP/s = {rate / peak:.2f} of peak"))
+    ours = cnnft_run([f"data.train={tr}", f"data.val={va}", "model.backbone=resnet18", "model.weights=none",
+                      "freeze.strategy=full", "data.image_size=112", "train.epochs=1"], Path(tempfile.mkdtemp()))
+    rate = ours["images_per_s"] * flops / 1e9
+    ours["wall"] = plain["wall"] * plain["images_per_s"] / ours["images_per_s"]  # compare the steps' rates
+    print(row("", "cnnft (channels_last)", ours, plain, f"{rate:.0f} GFLOP/s = {rate / peak:.2f} of peak; "
+              "speed-up of the training steps' images/s"))
+
+
+if __name__ == "__main__":
+    main()
