@@ -71,7 +71,8 @@ class DataConfig(_Section):
     augment: Augment = Field("auto", description="auto: light for photos like ImageNet's, mild otherwise")
     hflip: Bool | Literal["auto"] = Field("auto", description="mirror images at random (auto: for photos like ImageNet's)")
     batch_size: Int = Field(32, ge=1, le=1_000_000)
-    num_workers: Int = Field(2, ge=0, le=1024)
+    num_workers: Int | Literal["auto"] = Field(
+        "auto", ge=0, le=1024, description="processes decoding images; auto: none on 2 cores or fewer, else cores - 1 (at most 8)")
     on_bad_image: Literal["skip", "error"] = "skip"
     limit_per_class: Int | None = Field(
         None, ge=1, description="use at most N images per class (quick trials)"
@@ -121,6 +122,7 @@ class TrainConfig(_Section):
     amp: Bool = Field(True, description="mixed precision on CUDA (never on CPU)")
     channels_last: Bool = True
     tensorboard: Bool = False
+    compile: Bool = Field(False, description="torch.compile the part of the model that trains")
     head_phase: Bool = Field(True, description="first train the new head alone on the frozen "
                              "backbone's cached features until the validation loss stops improving")
     monitor: Literal["val_acc", "val_loss", "val_f1"] = Field(

@@ -265,8 +265,18 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def loader_workers(setting: int | str) -> int:
+    """``data.num_workers``: a number as given; ``auto`` none on 2 cores or fewer (decoding in
+    other processes takes the cores the model computes on, measured slower there), else one
+    per core but one, at most 8."""
+    if setting != "auto":
+        return int(setting)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if cores <= 2 else min(8, cores - 1)
+
+
 def make_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, *, sampler: Sampler | None = None,
+    dataset: Dataset, batch_size: int, num_workers: int | str, *, sampler: Sampler | None = None,
     generator: torch.Generator | None = None, pin_memory: bool = False, collate_fn: Callable | None = None,
 ) -> DataLoader:
     """A DataLoader with seeded workers that leave Ctrl-C and SIGTERM to the main process: the
@@ -277,6 +287,7 @@ def make_loader(
     because BatchNorm cannot train on a batch of one ("Expected more than 1 value per
     channel") and a dataset of 4k+1 images would crash the run at the end of epoch 1."""
     lone_last = sampler is not None and batch_size > 1 and len(sampler) % batch_size == 1
+    num_workers = loader_workers(num_workers)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers else None, generator=generator,

@@ -94,5 +94,7 @@ class Runtime:
 def make_runtime(device: str, amp: bool, channels_last: bool, option: str = "train.device") -> Runtime:
     """The runtime for a device spec (from ``option``) and the ``train.amp`` / ``train.channels_last`` settings."""
     dev = resolve_device(device, option)
+    if dev.type == "cuda":  # fixed input sizes: let cuDNN pick its fastest kernels once
+        torch.backends.cudnn.benchmark = True
     amp_dtype, scaler = amp_settings(dev, amp)
     return Runtime(dev, amp_dtype, channels_last and dev.type != "mps", scaler)

@@ -83,7 +83,8 @@ def train(
     model = _setup_model(bb, plan, rt, _part(resumed, "model"))
 
     loaders = _setup_loaders(cfg.data, bundle, bb.preprocess, cfg.seed, rt.pin_memory)
-    fit = loaders.use_cache(_cached.setup(cfg, bb, plan.frozen, bundle, loaders.sampler, rt, log, progress_bar), model)
+    fit = _compiled(loaders.use_cache(_cached.setup(cfg, bb, plan.frozen, bundle, loaders.sampler, rt, log,
+                                                    progress_bar), model), cfg.train.compile)
     groups = freeze.param_groups(model, bb.stages, plan, cfg.train.weight_decay)
     optimizer = engine.build_optimizer(groups, cfg.train, _part(resumed, "optimizer"))
     steps = len(loaders.train)
@@ -126,6 +127,11 @@ def train(
     summary = _summary(run, state, plan, bb, bundle, rt.device)
     checkpoint.atomic_write_json(run.summary, summary.to_dict())
     return summary
+
+
+def _compiled(fit: nn.Module, enabled: bool) -> nn.Module:
+    """``fit`` through torch.compile when ``train.compile`` asks (it shares the model's parameters)."""
+    return torch.compile(fit) if enabled else fit
 
 
 def _describe(bb: models.Backbone, bundle: data.DataBundle, plan: FreezePlan, device: torch.device) -> str:
