@@ -73,6 +73,7 @@ class DataConfig(_Section):
     batch_size: Int = Field(32, ge=1, le=1_000_000)
     num_workers: Int | Literal["auto"] = Field(
         "auto", ge=0, le=1024, description="processes decoding images; auto: none on 2 cores or fewer, else cores - 1 (at most 8)")
+    balanced_sampler: Bool = Field(False, description="draw every class equally often in each epoch")
     on_bad_image: Literal["skip", "error"] = "skip"
     limit_per_class: Int | None = Field(
         None, ge=1, description="use at most N images per class (quick trials)"
@@ -122,6 +123,8 @@ class TrainConfig(_Section):
     amp: Bool = Field(True, description="mixed precision on CUDA (never on CPU)")
     channels_last: Bool = True
     tensorboard: Bool = False
+    class_weights: Literal["auto", "none"] | dict[str, Float] = Field(
+        "auto", description="loss weight per class; auto: inverse frequency when the classes are imbalanced")
     compile: Bool = Field(False, description="torch.compile the part of the model that trains")
     head_phase: Bool = Field(True, description="first train the new head alone on the frozen "
                              "backbone's cached features until the validation loss stops improving")

@@ -213,10 +213,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 class EpochSampler(Sampler[int]):
     """A permutation fixed by (seed, epoch), optionally starting part-way through, so that a
-    resumed epoch sees exactly the batches the interrupted one had left."""
+    resumed epoch sees exactly the batches the interrupted one had left. With ``weights``, an
+    epoch draws ``n`` samples by weight instead (the balanced sampler)."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
-        self.n, self.seed, self.shuffle = n, seed, shuffle
+    def __init__(self, n: int, seed: int, shuffle: bool, weights: torch.Tensor | None = None) -> None:
+        self.n, self.seed, self.shuffle, self.weights = n, seed, shuffle, weights
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -226,6 +227,8 @@ class EpochSampler(Sampler[int]):
         if not self.shuffle:
             return list(range(self.n))
         g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        if self.weights is not None:  # drawn by weight, with replacement (a balanced epoch)
+            return torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
         return torch.randperm(self.n, generator=g).tolist()
 
     def __iter__(self):

@@ -30,7 +30,8 @@ Log = Callable[[str], None]
 
 
 def head_phase(cfg: Config, bb: models.Backbone, bundle: data.DataBundle, rt: runtime.Runtime,
-               log: Log, show: bool) -> tuple[engine.Running, engine.EvalResult, int] | None:
+               log: Log, show: bool, criterion: nn.Module,
+               sample_weights: torch.Tensor | None = None) -> tuple[engine.Running, engine.EvalResult, int] | None:
     """Train the head alone on cached features; None (logged) when the features cannot be cached.
     Returns the training sums of its last epoch, the validation result and the head epochs run."""
     model = bb.model
@@ -39,22 +40,21 @@ def head_phase(cfg: Config, bb: models.Backbone, bundle: data.DataBundle, rt: ru
     for n, p in model.named_parameters():  # only the head learns in this phase
         p.requires_grad_(any(n.startswith(h + ".") for h in head))
     try:
-        sampler = data.EpochSampler(len(bundle.train), cfg.seed, shuffle=True)
+        sampler = data.EpochSampler(len(bundle.train), cfg.seed, shuffle=True, weights=sample_weights)
         cached = _cached.setup(cfg, bb, ["backbone"], bundle, sampler, rt, log, show, part="head")
         if cached is None:
             log("head phase: skipped (the backbone's features cannot be cached for this model)")
             return None
-        return _fit_head(cfg, cached, sampler, model, rt, log)
+        return _fit_head(cfg, cached, sampler, model, rt, log, criterion)
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(trainable[n])
 
 
 def _fit_head(cfg: Config, cached: _cached.Cached, sampler: data.EpochSampler, model: nn.Module,
-              rt: runtime.Runtime, log: Log):
+              rt: runtime.Runtime, log: Log, criterion: nn.Module):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     best_loss, best_state, best, bad, t0 = float("inf"), None, None, 0, time.perf_counter()
     epoch = 0
     for epoch in range(1, MAX_HEAD_EPOCHS + 1):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__, cache, checkpoint, data, engine, freeze, metrics, models, progress, runtime, strategies, transforms
+from .. import __version__, balance, cache, checkpoint, data, engine, freeze, metrics, models, progress, runtime, strategies, transforms
 from ..checkpoint import RunDir
 from ..config import Config, DataConfig
 from ..errors import ConfigError
@@ -91,7 +91,7 @@ def train(
     start = _schedule_start(resumed, cfg.train.epochs)
     scheduler = engine.build_scheduler(optimizer, cfg.train, steps, _part(resumed, "scheduler"), start)
     scaler = _restored(rt.grad_scaler(), _part(resumed, "scaler"))
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    criterion = nn.CrossEntropyLoss(weight=_class_weights(cfg, bundle, log), label_smoothing=cfg.train.label_smoothing)
     state = _setup_state(resumed, resume, log, cfg.train.monitor)  # last: restores the RNGs of the stop
 
     run = _run.open_run_dir(cfg, resume, _plan_record(plan, bb, why), log)
@@ -99,7 +99,8 @@ def train(
     saved = _Saved({**_header(bb, bundle, plan, cfg), "schedule_start": start}, model, optimizer, scheduler, scaler)
 
     with engine.StopFlag() as stop, _run.failed_summary(run, state.history, log):
-        _run_head_phase(cfg, bb, bundle, rt, state, saved, run, writer, log, progress_bar)
+        _run_head_phase(cfg, bb, bundle, rt, state, saved, run, writer, log, progress_bar, criterion,
+                        loaders.sampler.weights)
         while state.epoch < cfg.train.epochs and not _patience_spent(state, cfg.train.patience, log):
             epoch = state.epoch
             if state.step == 0:  # a new epoch, not the rest of a stopped one
@@ -127,6 +128,18 @@ def train(
     summary = _summary(run, state, plan, bb, bundle, rt.device)
     checkpoint.atomic_write_json(run.summary, summary.to_dict())
     return summary
+
+
+def _class_weights(cfg: Config, bundle: data.DataBundle, log: Callable[[str], None]) -> torch.Tensor | None:
+    """``train.class_weights`` for this training set, with a warning when it is imbalanced."""
+    per_class = balance.counts(bundle.train.labels, len(bundle.classes))
+    note = balance.imbalance(bundle.classes, per_class)
+    weights = balance.loss_weights(cfg.train.class_weights, bundle.classes, per_class)
+    if note:
+        how = ("the loss weights classes by inverse frequency (train.class_weights)" if weights is not None
+               else "consider train.class_weights=auto or data.balanced_sampler=true")
+        log(f"{note}; {how}")
+    return weights
 
 
 def _compiled(fit: nn.Module, enabled: bool) -> nn.Module:
@@ -238,7 +251,9 @@ def _setup_loaders(cfg: DataConfig, bundle: data.DataBundle, pre: models.Preproc
     draft = pre.resize_size
     train_ds = data.ImageDataset(bundle.train, transforms.train_transform(pre, cfg.augment, cfg.hflip), draft)
     val_ds = data.ImageDataset(bundle.val, transforms.eval_transform(pre), draft)
-    sampler = data.EpochSampler(len(train_ds), seed, shuffle=True)
+    per_class = balance.counts(bundle.train.labels, len(bundle.classes))
+    weights = balance.sample_weights(bundle.train.labels, per_class) if cfg.balanced_sampler else None
+    sampler = data.EpochSampler(len(train_ds), seed, shuffle=True, weights=weights)
     gen = torch.Generator()
     train_loader = data.make_loader(train_ds, cfg.batch_size, cfg.num_workers, sampler=sampler, generator=gen, pin_memory=pin)
     val_loader = data.make_loader(val_ds, cfg.batch_size, cfg.num_workers, pin_memory=pin)
@@ -356,12 +371,13 @@ def _end_epoch(state: engine.TrainState, row: dict, saved: _Saved, run: RunDir,
 
 
 def _run_head_phase(cfg: Config, bb: models.Backbone, bundle: data.DataBundle, rt: runtime.Runtime,
-                    state: engine.TrainState, saved: _Saved, run: RunDir, writer, log, show: bool) -> None:
+                    state: engine.TrainState, saved: _Saved, run: RunDir, writer, log, show: bool,
+                    criterion: nn.Module, sample_weights: torch.Tensor | None) -> None:
     """Train the new head alone first and record it as epoch 0 (a candidate for best.pt); only
     on pretrained layers (a random backbone has no features worth a probe) and only once."""
     if not (cfg.train.head_phase and bb.pretrained and not state.history and state.step == 0):
         return
-    done = _phases.head_phase(cfg, bb, bundle, rt, log, show)
+    done = _phases.head_phase(cfg, bb, bundle, rt, log, show, criterion, sample_weights)
     if done is not None:
         running, ev, _ = done
         lrs = {"lr_head": cfg.train.lr, "lr_backbone": None}
