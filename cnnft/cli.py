@@ -224,6 +224,7 @@ def evaluate_cmd(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Results folder; default: RUN/eval/<data name>."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: the run's batch size."),
+    tta: bool = typer.Option(False, "--tta", help="Average each image's prediction with its mirror's (runs trained with flips)."),
     json_out: bool = typer.Option(False, "--json", help="Print all results as JSON."),
 ) -> None:
     """Evaluate a trained model: accuracy, loss, per-class F1, confusion matrix, worst errors.
@@ -231,7 +232,7 @@ def evaluate_cmd(
     Everything comes from the checkpoint (no config needed); results go to RUN/eval/<data>/.
     """
     from .recipes import evaluate as evaluate_recipe
-    res = evaluate_recipe.evaluate(checkpoint, data_dir=data, out_dir=out_dir, device=device, batch_size=batch_size,
+    res = evaluate_recipe.evaluate(checkpoint, data_dir=data, out_dir=out_dir, device=device, batch_size=batch_size, tta=tta,
                                    log=_log, show_progress=err.is_terminal and not json_out)
     if json_out:
         _print_json(res.to_dict())
@@ -250,6 +251,7 @@ def predict_cmd(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     workers: int = typer.Option(0, "--workers", min=0, help="Processes decoding images."),
+    tta: bool = typer.Option(False, "--tta", help="Average each image's prediction with its mirror's (runs trained with flips)."),
 ) -> None:
     """Predict the classes of image files and folders.
 
@@ -259,7 +261,7 @@ def predict_cmd(
     from .recipes import predict as predict_recipe
     if json_out and csv_out:
         raise typer.BadParameter("choose one of --json and --csv")
-    res = predict_recipe.predict(checkpoint, [str(p) for p in images], top_k=top_k, batch_size=batch_size,
+    res = predict_recipe.predict(checkpoint, [str(p) for p in images], top_k=top_k, batch_size=batch_size, tta=tta,
                                  device=device, num_workers=workers, log=_log,
                                  show_progress=err.is_terminal and not (json_out or csv_out))
     if json_out:

@@ -71,8 +71,8 @@ class DataConfig(_Section):
     augment: Augment = Field("auto", description="auto: light for photos like ImageNet's, mild otherwise")
     hflip: Bool | Literal["auto"] = Field("auto", description="mirror images at random (auto: for photos like ImageNet's)")
     batch_size: Int = Field(32, ge=1, le=1_000_000)
-    num_workers: Int | Literal["auto"] = Field(
-        "auto", ge=0, le=1024, description="processes decoding images; auto: none on 2 cores or fewer, else cores - 1 (at most 8)")
+    num_workers: Annotated[Int, Field(ge=0, le=1024)] | Literal["auto"] = Field(
+        "auto", description="processes decoding images; auto: none on 2 cores or fewer, else cores - 1 (at most 8)")
     balanced_sampler: Bool = Field(False, description="draw every class equally often in each epoch")
     on_bad_image: Literal["skip", "error"] = "skip"
     limit_per_class: Int | None = Field(

@@ -20,6 +20,7 @@ from torch import nn
 from .. import checkpoint, data, engine, metrics, plots, progress, transforms
 from ..checkpoint import RunDir
 from ..config import Config
+from ..tta import with_tta
 from ..errors import DataError, InputError
 
 Log = Callable[[str], None]
@@ -103,6 +104,7 @@ def evaluate(
     num_workers: int | None = None,
     log: Log = _stderr,
     show_progress: bool = False,
+    tta: bool = False,
 ) -> Evaluation:
     """Evaluate a checkpoint on the run's validation data (or a folder of class folders):
     accuracy, top-5, loss, per-class precision/recall/F1, confusion matrix (CSV + PNG),
@@ -121,14 +123,15 @@ def evaluate(
         log(f"skipping {len(skipped)} unreadable image(s):")
         for p, why in skipped:
             log(f"  {p}: {why}")
-    out = _eval_dir(lm.path, data_name, out_dir)
+    model = with_tta(lm.model, tta, lm.config.data.hflip is True)
+    out = _eval_dir(lm.path, data_name + ("-tta" if tta else ""), out_dir)
 
     pre = lm.preprocess
     ds = data.ImageDataset(src, transforms.eval_transform(pre), pre.resize_size)
     loader = data.make_loader(ds, batch_size or d.batch_size, d.num_workers if num_workers is None else num_workers,
                               pin_memory=rt.pin_memory)
     # plain cross-entropy (no label smoothing), as the run's validation loss
-    ev = engine.evaluate(lm.model, progress.bar(loader, "evaluate", show_progress), rt, criterion=nn.CrossEntropyLoss())
+    ev = engine.evaluate(model, progress.bar(loader, "evaluate", show_progress), rt, criterion=nn.CrossEntropyLoss())
 
     classes = lm.classes
     probs, y = ev.probs.numpy().astype(np.float64), ev.labels.numpy()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .. import checkpoint, data
+from ..tta import with_tta
 from ..errors import DataError, InputError
 from ..imagefiles import forward_files
 
@@ -70,6 +71,7 @@ def predict(
     num_workers: int = 0,
     log: Log = _stderr,
     show_progress: bool = False,
+    tta: bool = False,
 ) -> Predictions:
     """Class probabilities for image files and folders (walked recursively), in batches.
 
@@ -81,13 +83,14 @@ def predict(
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
     lm = checkpoint.load_model(source)
+    model = with_tta(lm.model, tta, lm.config.data.hflip is True)
     rt = lm.to_device(device)
     paths = collect_images(inputs, log)
     if not paths:
         raise InputError("no image files to predict", hint="pass image files or folders that contain images")
     k = min(top_k, len(lm.classes))
     rows: list[dict] = [{"path": p, "class": None, "prob": None, "top_k": [], "error": None} for p in paths]
-    for idx, logits, errors in forward_files(lm.model, paths, lm.preprocess, rt, batch_size, num_workers,
+    for idx, logits, errors in forward_files(model, paths, lm.preprocess, rt, batch_size, num_workers,
                                              "predict" if show_progress else None):
         for i, why in errors.items():
             rows[i]["error"] = why
