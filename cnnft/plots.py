@@ -146,7 +146,7 @@ def image_grid(path: str | Path, rows: Sequence[Sequence[Tile]], *, title: str,
     """Thumbnails in rows (fastai's ``plot_top_losses``), a caption under each; an image that
     cannot be read is a grey tile saying so. Returns the number of tiles drawn."""
     rows = [list(r) for r in rows]
-    ncols = max((len(r) for r in rows), default=1)
+    ncols = max([len(r) for r in rows] + [1])
     fig = _figure(max(2.0 * ncols, 4.0) + (1.2 if row_labels else 0.0), 2.6 * max(len(rows), 1) + 0.9)
     grid = fig.subplots(max(len(rows), 1), ncols, squeeze=False)
     drawn = 0
