@@ -16,14 +16,13 @@ best checkpoint is evaluated. A failed or interrupted run gets a report of what 
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from .. import config as config_mod
-from .. import metrics, plots
+from .. import plots
 from ..checkpoint import RunDir, atomic_write_text
 from ..errors import CnnftError, InputError
 from . import _report_data as rd
