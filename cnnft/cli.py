@@ -280,7 +280,7 @@ def report_cmd(
     device: str = typer.Option("auto", "--device", help="Device for evaluating the best checkpoint if needed."),
     json_out: bool = typer.Option(False, "--json", help="Print the key figures as JSON."),
 ) -> None:
-    """Write RUN/report/: loss and accuracy curves, confusion matrix and report.md."""
+    """Write RUN/report/: report.html (one file) and report.md with curves, confusion matrices and the worst errors."""
     from .recipes import report as report_recipe
     res = report_recipe.write_report(run_dir, device=device, log=_log)
     if json_out:
@@ -288,7 +288,9 @@ def report_cmd(
         return
     out.print(f"best val acc {tables.pct(res.best_val_acc)} (epoch {res.best_epoch}), final {tables.pct(res.final_val_acc)}, "
               f"{res.epochs} epochs, strategy {res.strategy}")
-    out.print(f"report: {res.files['report.md']}", highlight=False)
+    out.print(f"report: {res.files['report.html']} (open in a browser), {res.files['report.md']}", highlight=False)
+    if res.eval_error:
+        err.print(f"[yellow]no evaluation in the report: {res.eval_error}[/yellow]", highlight=False)
 
 
 @app.command("inspect", cls=_Command)

@@ -1,5 +1,8 @@
 """cnnft report: real PNG figures (not blank), the confusion matrix, and report.md."""
 
+# The page a user opens after a run (grids, curves, hyperparameters, report.html, failed runs):
+# tests/test_report_page.py
+
 from __future__ import annotations
 
 import json

@@ -1,28 +1,39 @@
-"""A run's report: loss and accuracy curves, the confusion matrix, and ``report.md``.
+"""A run's report: the page to open after a run.
 
-Everything lands in ``RUN/report/`` (self-contained: the markdown links files beside it).
-The confusion matrix comes from ``RUN/eval/val`` when ``evaluate`` already wrote it for
-the best checkpoint; otherwise the best checkpoint is evaluated on the run's validation data.
+Everything lands in ``RUN/report/``: the curves (loss, accuracy, learning rate per group, with
+phase boundaries when metrics.csv has a ``phase`` column), the confusion matrices, a grid of
+the most confidently wrong validation images and one of the most confused class pairs, the
+hyperparameters, ``report.md`` (links the PNGs beside it) and ``report.html`` (one
+self-contained file, pictures embedded).
+
+Only files at their known places in the run folder are read; image paths listed in an
+evaluation are opened only when they lie in the run's own data folders (so a doctored
+metrics.json cannot pull other files into a report that may be shared). The evaluation comes
+from ``RUN/eval/val`` when ``evaluate`` already wrote it for the best checkpoint; otherwise the
+best checkpoint is evaluated. A failed or interrupted run gets a report of what exists.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .. import checkpoint, metrics, plots
-from ..checkpoint import RunDir
-from ..errors import InputError
-from .evaluate import EVAL_FILES, PER_CLASS_COLUMNS, Evaluation, evaluate
+from .. import config as config_mod
+from .. import plots
+from ..checkpoint import RunDir, atomic_write_text
+from ..errors import CnnftError, InputError
+from . import _report_data as rd
+from . import _report_page as page
+from .evaluate import Evaluation, evaluate
 
 Log = Callable[[str], None]
-TOP_ERRORS_SHOWN = 5
-FIGURES = {"confusion_png": "confusion_matrix.png", "confusion_normalized_png": "confusion_matrix_normalized.png"}
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ERRORS_SHOWN = 16  # tiles in the confidently-wrong grid (and rows in its table)
+ERRORS_PER_ROW = 4
+PAIRS_SHOWN = 4  # most confused (true, predicted) pairs, one grid row each
+PAIR_EXAMPLES = 5
 
 
 def _stderr(msg: str) -> None:
@@ -31,9 +42,11 @@ def _stderr(msg: str) -> None:
 
 @dataclass(frozen=True)
 class Report:
-    """A run's key figures and the report files written for it."""
+    """A run's key figures, what the report shows, and the files written for it."""
 
     run: str
+    status: str
+    error: str | None
     model: str
     weights: str
     strategy: str
@@ -45,184 +58,169 @@ class Report:
     final_val_acc: float | None
     final_val_loss: float | None
     wall_seconds: float | None
-    eval_accuracy: float
-    eval_loss: float
-    macro_f1: float
+    images_per_second: float | None
+    eval_accuracy: float | None
+    eval_loss: float | None
+    macro_f1: float | None
+    eval_error: str | None
+    hyperparameters: dict[str, str]
+    class_counts: list[dict]
+    confident_errors_shown: int
+    error_tiles: int
+    confused_pairs: list[dict]
+    pair_tiles: int
+    titles: dict[str, str]
     out_dir: str
     files: dict[str, str]
-    eval_dir: str
-    status: str  # completed, failed or interrupted
-    error: str | None  # why a failed run stopped
+    eval_dir: str | None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _float(v: str) -> float | str | None:
-    """A metrics.csv cell: a number, None when empty, the text itself otherwise (the phase)."""
-    if v in ("", None):
-        return None
-    try:
-        return float(v)
-    except ValueError:
-        return v
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _existing_eval(run: RunDir) -> Evaluation | None:
-    """The evaluation of this run's best checkpoint on its validation data, if already written.
-
-    Only the files at their known places in ``RUN/eval/val/`` are used, never paths read from
-    metrics.json: a doctored run folder must not make the report copy files from elsewhere."""
-    folder = run.eval_dir("val")
-    metrics_json = folder / EVAL_FILES["metrics"]
-    result = _read_json(metrics_json)
-    if not result:
-        return None
-    try:
-        same = Path(result["checkpoint"]).resolve() == run.best.resolve()
-        newer = metrics_json.stat().st_mtime >= run.best.stat().st_mtime
-        pngs = all(_is_png(folder / EVAL_FILES[k]) for k in FIGURES)
-        ev = Evaluation.from_dict(result)
-    except (KeyError, OSError, TypeError, ValueError):
-        return None
-    return ev if same and newer and pngs else None
-
-
-def _is_png(path: Path) -> bool:
-    """A regular file (not a link to one elsewhere) that starts as a PNG does."""
-    try:
-        if path.is_symlink() or not path.is_file():
-            return False
-        with open(path, "rb") as f:
-            return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
-    except OSError:
-        return False
-
-
-def _status(summary: dict | None, epochs: int) -> tuple[str, str | None]:
-    """How the run ended: completed, failed (with its error) or interrupted (no summary of
-    these epochs: stopped, killed, or still running)."""
-    if summary and summary.get("epochs_completed") == epochs and summary.get("status") in ("completed", "failed"):
-        return summary["status"], summary.get("error") if summary["status"] == "failed" else None
-    return "interrupted", None
-
-
 def write_report(run_dir: str | Path, *, device: str = "auto", log: Log = _stderr) -> Report:
-    """Write ``RUN/report/``: loss.png, accuracy.png, the confusion matrices and report.md.
+    """Write ``RUN/report/``: curves, confusion matrices, image grids, report.md and report.html.
 
-    read metrics.csv -> plot curves -> evaluate best.pt if not done -> write report.md.
+    read the run's files -> evaluate best.pt if not done -> figures -> report.md, report.html.
     """
     run_dir = Path(run_dir).expanduser()
     run = RunDir(run_dir)
     if not run.metrics.is_file():
         raise InputError(f"{run_dir} has no metrics.csv; is it a cnnft run folder with at least one finished epoch?",
                          hint="pass the folder `cnnft train` printed (runs/<name>)")
-    history = [{k: _float(v) for k, v in row.items()} for row in metrics.read_csv(run.metrics)]
+    history = rd.read_history(run.metrics)
     if not history:
         raise InputError(f"{run_dir}/metrics.csv has no epochs yet")
-    plan = _read_json(run.freeze_plan)
+    plan = rd.read_json(run.freeze_plan)
     if plan is None:
         raise InputError(f"{run_dir} has no readable freeze_plan.json; is it a cnnft run folder?")
-    epochs = [int(r["epoch"]) for r in history]
-    val_acc = [r["val_acc"] for r in history]
-    # from metrics.csv whatever the run's fate: the first epoch with the highest val accuracy,
-    # as training picks it (a failed or stopped run has no summary of its epochs)
-    best_acc = max(v for v in val_acc if v is not None)
-    best_epoch = epochs[val_acc.index(best_acc)]
-    summary = _read_json(run.summary)
-    status, error = _status(summary, len(history))
-    summary = summary if status != "interrupted" else None  # an earlier process's, not these epochs'
-    if status != "completed":
-        log(f"the run {status} after {len(history)} epoch(s); reporting the epochs it finished")
+    summary = rd.read_json(run.summary) or {}
+    cfg = _read_config(run)
+    best_epoch, best_acc = rd.best_of(history, summary)
+    status, error = rd.run_status(summary)
 
+    ev, eval_error = _evaluation(run, device, log)
     out = run.report
     out.mkdir(exist_ok=True)
-    plots.curve(out / "loss.png", epochs, {"train": [r["train_loss"] for r in history],
-                                           "val": [r["val_loss"] for r in history]},
-                ylabel="cross-entropy loss", title="Loss", best_epoch=best_epoch)
-    plots.curve(out / "accuracy.png", epochs, {"train": [r["train_acc"] for r in history], "val": val_acc},
-                ylabel="accuracy", title="Accuracy", best_epoch=best_epoch)
+    head = f"{run_dir.name} · {plan['model']} · best val acc {best_acc:.1%} (epoch {best_epoch})"
+    titles = _curves(out, history, head, best_epoch)
+    files = {f"{k}.png": str(out / f"{k}.png") for k in titles}
 
-    ev, folder = _existing_eval(run), run.eval_dir("val")
-    if ev is None:
-        log("evaluating the best checkpoint on the run's validation data")
-        ev = evaluate(run_dir, device=device, log=log)
-        folder = Path(ev.out_dir)
-    for key, name in FIGURES.items():  # from their known place: ev.files may come from a doctored metrics.json
-        checkpoint.atomic_write_bytes(out / name, (folder / EVAL_FILES[key]).read_bytes())
-
-    files = {n: str(out / n) for n in ("report.md", "loss.png", "accuracy.png", "confusion_matrix.png",
-                                      "confusion_matrix_normalized.png")}
+    hp = rd.hyperparameters(plan, cfg, summary, history)
+    counts, shown, error_tiles, pairs, pair_tiles = [], 0, 0, [], 0
+    if ev is not None:
+        images = rd.ImageAccess(cfg, ev.classes)
+        counts = rd.class_counts(cfg, summary, ev)
+        shown, error_tiles, pairs, pair_tiles = _evaluation_figures(out, run, ev, images, head, titles)
+        files.update({n: str(out / n) for n in ("confusion_matrices.png", "confusion_matrix.png",
+                                                "confusion_matrix_normalized.png", "top_errors.png",
+                                                "confused_pairs.png")})
+    files.update({n: str(out / n) for n in ("report.md", "report.html")})
     rep = Report(
-        run=run_dir.name, model=plan["model"], weights=plan["weights"], strategy=plan["strategy"],
-        trainable_params=plan["trainable_params"], total_params=plan["total_params"], epochs=len(history),
-        best_epoch=best_epoch, best_val_acc=best_acc, final_val_acc=val_acc[-1],
-        final_val_loss=history[-1]["val_loss"], wall_seconds=(summary or {}).get("wall_seconds"),
-        eval_accuracy=ev.accuracy, eval_loss=ev.loss, macro_f1=ev.macro_avg["f1"],
-        out_dir=str(out), files=files, eval_dir=str(folder), status=status, error=error,
+        run=run_dir.name, status=status, error=error, model=plan["model"], weights=plan["weights"],
+        strategy=plan["strategy"], trainable_params=plan["trainable_params"], total_params=plan["total_params"],
+        epochs=len(history), best_epoch=best_epoch, best_val_acc=best_acc, final_val_acc=history[-1]["val_acc"],
+        final_val_loss=history[-1]["val_loss"], wall_seconds=rd.wall_seconds(summary, history),
+        images_per_second=rd.images_per_second(history),
+        eval_accuracy=ev.accuracy if ev else None, eval_loss=ev.loss if ev else None,
+        macro_f1=ev.macro_avg["f1"] if ev else None, eval_error=eval_error, hyperparameters=hp,
+        class_counts=counts, confident_errors_shown=shown, error_tiles=error_tiles, confused_pairs=pairs,
+        pair_tiles=pair_tiles, titles=titles, out_dir=str(out), files=files, eval_dir=ev.out_dir if ev else None,
     )
-    checkpoint.atomic_write_text(out / "report.md", _markdown(rep, ev, summary))
+    top = ev.confident_errors[:shown] if ev else []
+    atomic_write_text(out / "report.md", page.markdown(rep, ev, top))
+    atomic_write_text(out / "report.html", page.html(rep, ev, top, out))
     return rep
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2%}"
+def _read_config(run: RunDir) -> config_mod.Config | None:
+    """The run's resolved config through the schema; None when it is missing or no longer valid."""
+    try:
+        return config_mod.load(run.config) if run.config.is_file() else None
+    except CnnftError:
+        return None
 
 
-def _markdown(f: Report, ev: Evaluation, summary: dict | None) -> str:
-    trainable = (f"{f.trainable_params:,} of {f.total_params:,} "
-                 f"({f.trainable_params / max(f.total_params, 1):.2%})")
-    lines = [
-        f"# Run report: {f.run}",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| status | {f.status}{f': {f.error}' if f.error else ''} |",
-        f"| model | {f.model} ({f.weights}) |",
-        f"| strategy | {f.strategy} |",
-        f"| trainable parameters | {trainable} |",
-        f"| epochs | {f.epochs} |",
-        f"| best val accuracy | {_pct(f.best_val_acc)} (epoch {f.best_epoch}) |",
-        f"| final val accuracy | {_pct(f.final_val_acc)} |",
-        f"| classes | {len(ev.classes)}: {', '.join(ev.classes[:20])}{' ...' if len(ev.classes) > 20 else ''} |",
-    ]
-    if summary and "train_images" in summary:  # a failed run's summary does not count them
-        lines.append(f"| images | {summary['train_images']} train / {summary['val_images']} val |")
-    if f.wall_seconds is not None:
-        lines.append(f"| training time | {f.wall_seconds:.0f} s |")
-    lines += [
-        "",
-        "## Training curves",
-        "",
-        "![loss](loss.png)",
-        "",
-        "![accuracy](accuracy.png)",
-        "",
-        f"## Validation: {Path(ev.checkpoint).name} (epoch {ev.epoch}) on {ev.data}",
-        "",
-        f"Accuracy **{_pct(ev.accuracy)}**"
-        + (f", top-5 {_pct(ev.top5_accuracy)}" if ev.top5_accuracy is not None else "")
-        + f", loss {ev.loss:.4f}, macro F1 {ev.macro_avg['f1']:.4f} over {ev.images} images.",
-        "",
-        "| " + " | ".join(PER_CLASS_COLUMNS) + " |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    per_class, averages = ev.per_class_table()
-    lines += ["| " + " | ".join(cells) + " |" for cells in per_class]
-    lines += ["| " + " | ".join([f"*{name}*", *rest]) + " |" for name, *rest in averages]
-    lines += ["", "![confusion matrix](confusion_matrix.png)", "",
-              "![confusion matrix, row-normalised](confusion_matrix_normalized.png)", ""]
-    if ev.confident_errors:
-        lines += ["### Most confidently wrong", "", "| image | true | predicted | probability |", "|---|---|---|---:|"]
-        for e in ev.confident_errors[:TOP_ERRORS_SHOWN]:
-            lines.append(f"| {e['path']} | {e['true']} | {e['pred']} | {e['prob']:.3f} |")
-        lines.append("")
-    lines.append(f"Full results: `{f.eval_dir}` (metrics.json, predictions.csv, per_class.csv).")
-    return "\n".join(lines) + "\n"
+def _existing_eval(run: RunDir) -> Evaluation | None:
+    """The evaluation of this run's best checkpoint on its validation data, if already written
+    after the checkpoint (read from its known place, never from paths the file names)."""
+    path = run.eval_dir("val") / "metrics.json"
+    result = rd.read_json(path)
+    if not result:
+        return None
+    try:
+        same = Path(result["checkpoint"]).resolve() == run.best.resolve()
+        newer = path.stat().st_mtime >= run.best.stat().st_mtime
+        ev = Evaluation.from_dict(result)
+    except (KeyError, OSError, TypeError):
+        return None
+    return ev if same and newer else None
+
+
+def _evaluation(run: RunDir, device: str, log: Log) -> tuple[Evaluation | None, str | None]:
+    """The best checkpoint's evaluation, or why there is none (the report then shows the rest)."""
+    ev = _existing_eval(run)
+    if ev is not None:
+        return ev, None
+    if not run.best.is_file():
+        return None, f"no best checkpoint ({run.best}): the run stopped before finishing an epoch's save"
+    log("evaluating the best checkpoint on the run's validation data")
+    try:
+        return evaluate(run.root, device=device, log=log), None
+    except CnnftError as exc:
+        log(f"no evaluation in the report: {exc.message}")
+        return None, exc.message
+
+
+def _curves(out: Path, history: list[dict], head: str, best_epoch: int) -> dict[str, str]:
+    """loss.png, accuracy.png (axis fixed at 0-1) and learning_rate.png (one line per group)."""
+    epochs = [int(r["epoch"]) for r in history]
+    phases = rd.phase_starts(history)
+    lrs = {k[3:]: [r[k] for r in history] for k in history[0] if k.startswith("lr_")}
+    specs = {
+        "loss": ({"train": [r["train_loss"] for r in history], "val": [r["val_loss"] for r in history]},
+                 "cross-entropy loss", None),
+        "accuracy": ({"train": [r["train_acc"] for r in history], "val": [r["val_acc"] for r in history]},
+                     "accuracy", (0.0, 1.0)),
+        "learning_rate": (lrs, "learning rate (end of epoch)", None),
+    }
+    titles = {}
+    for name, (series, ylabel, ylim) in specs.items():
+        titles[name] = f"{head}\n{name.replace('_', ' ')}"
+        plots.curve(out / f"{name}.png", epochs, series, ylabel=ylabel, title=titles[name],
+                    best_epoch=best_epoch, ylim=ylim, phases=phases)
+    return titles
+
+
+def _evaluation_figures(out: Path, run: RunDir, ev: Evaluation, images: "rd.ImageAccess", head: str,
+                        titles: dict[str, str]) -> tuple[int, int, list[dict], int]:
+    """Confusion matrices and the two image grids; returns (errors listed, their tiles,
+    confused pairs, their tiles). The matrices are drawn again from the numbers, not copied."""
+    cm, classes = ev.confusion_matrix, ev.classes
+    titles["confusion_matrices"] = f"{head}\nconfusion matrix: row-normalised and counts"
+    plots.confusion_pair(out / "confusion_matrices.png", cm, classes, title=titles["confusion_matrices"])
+    for name, norm in (("confusion_matrix", False), ("confusion_matrix_normalized", True)):
+        titles[name] = f"{head}\nconfusion matrix ({'row-normalised' if norm else 'counts'})"
+        plots.confusion(out / f"{name}.png", cm, classes, normalize=norm, title=titles[name])
+
+    top = ev.confident_errors[:ERRORS_SHOWN]
+    tiles = [plots.Tile(images.thumbnail(e["path"]), f"true: {e['true']}\npred: {e['pred']} ({e['prob']:.2f})",
+                        "tab:red") for e in top]
+    titles["top_errors"] = f"{head}\nmost confidently wrong ({len(top)} of {ev.images} images)"
+    error_tiles = plots.image_grid(out / "top_errors.png",
+                                   [tiles[i:i + ERRORS_PER_ROW] for i in range(0, len(tiles), ERRORS_PER_ROW)],
+                                   title=titles["top_errors"])
+
+    pairs = rd.confused_pairs(cm, classes, PAIRS_SHOWN)
+    wrong = rd.wrong_predictions(run, ev)
+    rows, labels = [], []
+    for p in pairs:
+        ex = [w for w in wrong if w["true"] == p["true"] and w["pred"] == p["pred"]][:PAIR_EXAMPLES]
+        rows.append([plots.Tile(images.thumbnail(w["path"]), f"{Path(w['path']).name[:18]}\np={w['prob']:.2f}",
+                                "tab:red") for w in ex])
+        labels.append(f"{p['true']}\n→ {p['pred']}\n({p['count']}×)")
+        p["examples"] = len(ex)
+    titles["confused_pairs"] = f"{head}\nmost confused pairs (true → predicted)"
+    pair_tiles = plots.image_grid(out / "confused_pairs.png", rows, title=titles["confused_pairs"],
+                                  row_labels=labels)
+    return len(top), error_tiles, pairs, pair_tiles
