@@ -232,7 +232,7 @@ def test_report_of_an_interrupted_run_without_checkpoint_or_data(run_dir, tmp_pa
     (run_dir / "checkpoints" / "best.pt").unlink()
     messages = []
     res = report.write_report(run_dir, log=messages.append)
-    assert res.status == "incomplete" and res.eval_accuracy is None and "best checkpoint" in res.eval_error
+    assert res.status == "interrupted" and res.eval_accuracy is None and "best checkpoint" in res.eval_error
     names = sorted(p.name for p in (run_dir / "report").iterdir())
     assert names == ["accuracy.png", "learning_rate.png", "loss.png", "report.html", "report.md"]
     assert sorted(res.files) == names

@@ -17,7 +17,7 @@ from ..errors import CnnftError
 from .evaluate import Evaluation
 
 THUMBNAIL = 160  # pixels, longest side
-INCOMPLETE = "incomplete"  # no summary.json: interrupted, or still running
+INCOMPLETE = "interrupted"  # no summary.json: stopped (Ctrl-C, SIGTERM, a kill), or still running
 
 
 def read_json(path: Path) -> dict | None:
@@ -55,7 +55,7 @@ def best_of(history: list[dict], summary: dict) -> tuple[int, float]:
 
 
 def run_status(summary: dict) -> tuple[str, str | None]:
-    """(status, error): completed, failed (with the error summary.json gives) or incomplete."""
+    """(status, error): completed, failed (with the error summary.json gives) or interrupted."""
     if not summary:
         return INCOMPLETE, None
     return str(summary.get("status", INCOMPLETE)), summary.get("error")

@@ -94,7 +94,7 @@ body { font: 15px/1.45 system-ui, sans-serif; color: #1d2330; background: #fff; 
 h1 { font-size: 26px; margin: 0 0 4px; } h2 { margin-top: 36px; border-bottom: 2px solid #dde3ee; }
 .status { display: inline-block; padding: 2px 10px; border-radius: 10px; font-weight: 600;
           background: #d9f2e0; color: #17603a; }
-.status.failed, .status.incomplete { background: #fde2e1; color: #8a1c1c; }
+.status.failed, .status.interrupted { background: #fde2e1; color: #8a1c1c; }
 table { border-collapse: collapse; margin: 12px 0; } td, th { padding: 4px 12px; border-bottom: 1px solid #e6e9f0; }
 th { text-align: left; background: #f3f5fa; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
 .grid { display: flex; flex-wrap: wrap; gap: 16px; } .grid figure { margin: 0; }
