@@ -242,7 +242,8 @@ def evaluate_cmd(
 
 @app.command("predict", cls=_Command)
 def predict_cmd(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint or a run folder."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint, a run folder, or an exported model.onnx / model.pt "
+                                      "(with the FILE.json export wrote beside it)."),
     images: list[Path] = typer.Argument(..., help="Image files and/or folders (walked recursively)."),
     top_k: int = typer.Option(5, "--top-k", min=1, help="Classes shown per image."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
