@@ -220,7 +220,8 @@ def _log(message: str) -> None:
 @app.command("evaluate", cls=_Command)
 def evaluate_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint (run/checkpoints/best.pt) or a run folder (uses its best.pt)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Folder with one sub-folder per class; default: the run's validation data."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder with one sub-folder per class; default: the run's own --split."),
+    split: str = typer.Option("val", "--split", help="The run's own data: val (picked best.pt) or test (data.test)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Results folder; default: RUN/eval/<data name>."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: the run's batch size."),
@@ -231,7 +232,9 @@ def evaluate_cmd(
     Everything comes from the checkpoint (no config needed); results go to RUN/eval/<data>/.
     """
     from .recipes import evaluate as evaluate_recipe
-    res = evaluate_recipe.evaluate(checkpoint, data_dir=data, out_dir=out_dir, device=device, batch_size=batch_size,
+    if data is not None and split != "val":
+        raise typer.BadParameter("choose one of --data and --split test")
+    res = evaluate_recipe.evaluate(checkpoint, data_dir=data, split=split, out_dir=out_dir, device=device, batch_size=batch_size,
                                    log=_log, show_progress=err.is_terminal and not json_out)
     if json_out:
         _print_json(res.to_dict())
