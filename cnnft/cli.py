@@ -203,8 +203,10 @@ def train(
         _print_json(summary.to_dict())
     else:
         out.print(f"[bold]best val acc {summary.best_val_acc:.4f}[/bold] (epoch {summary.best_epoch}), "
-                  f"final {summary.final_val_acc:.4f}, {summary.wall_seconds:.0f}s -> {summary.run_dir}")
-        run = summary.run_dir
+                  f"final {summary.final_val_acc:.4f}, {summary.wall_seconds:.0f}s -> {tables.shown_path(summary.run_dir)}")
+        if summary.test_acc is not None:
+            out.print(f"test acc {summary.test_acc:.4f} on {summary.test_images} images (best.pt; data.test)")
+        run = tables.shown_path(summary.run_dir)
         err.print(f"next: cnnft evaluate {run} | cnnft report {run} | cnnft predict {run} IMAGES...",
                   highlight=False, markup=False)
 
@@ -290,7 +292,7 @@ def report_cmd(
         return
     out.print(f"best val acc {tables.pct(res.best_val_acc)} (epoch {res.best_epoch}), final {tables.pct(res.final_val_acc)}, "
               f"{res.epochs} epochs, strategy {res.strategy}")
-    out.print(f"report: {res.files['report.md']}", highlight=False)
+    out.print(f"report: {tables.shown_path(res.files['report.md'])}", highlight=False)
 
 
 @app.command("inspect", cls=_Command)
@@ -373,19 +375,15 @@ def models_cmd(
     filter_text: Optional[str] = typer.Option(None, "--filter", help="Only names containing this text."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """List backbones with parameter counts, default weights and input size."""
+    """List backbones: parameters, default weights, input size, ImageNet top-1, GFLOPs, offline."""
     from .recipes import inspect as modelinfo
     with err.status("building the models on the meta device to count parameters..."):
         rows = modelinfo.list_models(filter_text)
     if json_out:
         _print_json(rows)
         return
-    t = Table(title="backbones")
-    for col in ("name", "source", "params", "default weights", "input"):
-        t.add_column(col, justify="right" if col in ("params", "input") else "left")
-    for r in rows:
-        t.add_row(r["name"], r["source"], f"{r['params']:,}", r["default_weights"], str(r["input_size"]))
-    out.print(t)
+    out.print(tables.models(rows, "top-1: ImageNet-1K accuracy of the default weights (%); offline: packaged or "
+                                  "in the cache, no download needed"))
     out.print(f"[dim]also: {modelinfo.TIMM_NOTE}[/dim]")
 
 

