@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -34,13 +35,20 @@ def readme_command(readme: str) -> list[str]:
     return [step.strip() for step in block.group(1).strip().split("&&")]
 
 
-def run_step(step: str, cwd: Path, env: dict[str, str]) -> float:
-    t0 = time.perf_counter()
+def _child_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_step(step: str, cwd: Path, env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one step. CPU time hardly changes when other jobs share
+    the cores; wall time does, so both are reported."""
+    t0, c0 = time.perf_counter(), _child_cpu()
     proc = subprocess.run(step, shell=True, cwd=cwd, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _child_cpu() - c0
     if proc.returncode != 0:
         raise SystemExit(f"step failed ({proc.returncode}): {step}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return seconds
+    return seconds, cpu
 
 
 def main() -> None:
@@ -61,7 +69,10 @@ def main() -> None:
         subprocess.run(["git", "clone", "--quiet", args.repo, str(clone)], check=True)
         clone_s = time.perf_counter() - t0
         steps = readme_command((clone / "README.md").read_text())
-        times = [run_step(step, clone, env) for step in steps]
+        load_before = os.getloadavg()[0]
+        measured = [run_step(step, clone, env) for step in steps]
+        times, cpus = [m[0] for m in measured], [m[1] for m in measured]
+        load_after = os.getloadavg()[0]
         summaries = sorted((clone / "runs").glob("*/summary.json"))
         if len(summaries) != 1:
             raise SystemExit(f"expected one run folder under {clone / 'runs'}, found {len(summaries)}")
@@ -78,9 +89,12 @@ def main() -> None:
             "clone_seconds": round(clone_s, 1),
             "setup_seconds": round(sum(times[:-1]), 1),
             "train_command_seconds": round(times[-1], 1),
+            "train_command_cpu_seconds": round(cpus[-1], 1),
             "total_seconds": round(clone_s + sum(times), 1),
-            "steps": [{"command": s, "seconds": round(t, 1)} for s, t in zip(steps, times)],
+            "steps": [{"command": s, "seconds": round(t, 1), "cpu_seconds": round(c, 1)}
+                      for s, t, c in zip(steps, times, cpus)],
             "cpu_cores": os.cpu_count(),
+            "load_average": [round(load_before, 2), round(load_after, 2)],  # > cores: others shared them
             "python": sys.version.split()[0],
             "torch": torch_version,
             "pip_cache": not args.no_pip_cache,
@@ -95,13 +109,14 @@ def main() -> None:
         print(json.dumps(figures, indent=2))
         return
     for step in figures["steps"]:
-        print(f"{step['seconds']:7.1f} s  {step['command']}")
+        print(f"{step['seconds']:7.1f} s ({step['cpu_seconds']:.0f} CPU s)  {step['command']}")
     print(f"best val accuracy {figures['best_val_acc']:.4f} (epoch {figures['best_epoch']} of "
           f"{figures['epochs_completed']})")
     print(f"setup {figures['setup_seconds']:.0f} s, training command {figures['train_command_seconds']:.0f} s "
           f"(the run's own wall_seconds {figures['training_wall_seconds']:.0f} s), whole command "
           f"{figures['setup_seconds'] + figures['train_command_seconds']:.0f} s; clone {figures['clone_seconds']:.0f} s")
-    print(f"{figures['cpu_cores']} CPU cores, Python {figures['python']}, torch {figures['torch']}, "
+    print(f"{figures['cpu_cores']} CPU cores (load average {figures['load_average'][0]} before, "
+          f"{figures['load_average'][1]} after: above the core count, other jobs shared them), Python {figures['python']}, torch {figures['torch']}, "
           f"pip cache {'used' if figures['pip_cache'] else 'off'}")
 
 
