@@ -203,8 +203,10 @@ def train(
         _print_json(summary.to_dict())
     else:
         out.print(f"[bold]best val acc {summary.best_val_acc:.4f}[/bold] (epoch {summary.best_epoch}), "
-                  f"final {summary.final_val_acc:.4f}, {summary.wall_seconds:.0f}s -> {summary.run_dir}")
-        run = summary.run_dir
+                  f"final {summary.final_val_acc:.4f}, {summary.wall_seconds:.0f}s -> {tables.shown_path(summary.run_dir)}")
+        if summary.test_acc is not None:
+            out.print(f"test acc {summary.test_acc:.4f} on {summary.test_images} images (best.pt; data.test)")
+        run = tables.shown_path(summary.run_dir)
         err.print(f"next: cnnft evaluate {run} | cnnft report {run} | cnnft predict {run} IMAGES...",
                   highlight=False, markup=False)
 
@@ -220,7 +222,8 @@ def _log(message: str) -> None:
 @app.command("evaluate", cls=_Command)
 def evaluate_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint (run/checkpoints/best.pt) or a run folder (uses its best.pt)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Folder with one sub-folder per class; default: the run's validation data."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder with one sub-folder per class; default: the run's own --split."),
+    split: str = typer.Option("val", "--split", help="The run's own data: val (picked best.pt) or test (data.test)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Results folder; default: RUN/eval/<data name>."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: the run's batch size."),
@@ -232,7 +235,9 @@ def evaluate_cmd(
     Everything comes from the checkpoint (no config needed); results go to RUN/eval/<data>/.
     """
     from .recipes import evaluate as evaluate_recipe
-    res = evaluate_recipe.evaluate(checkpoint, data_dir=data, out_dir=out_dir, device=device, batch_size=batch_size, tta=tta,
+    if data is not None and split != "val":
+        raise typer.BadParameter("choose one of --data and --split test")
+    res = evaluate_recipe.evaluate(checkpoint, data_dir=data, split=split, out_dir=out_dir, device=device, batch_size=batch_size, tta=tta,
                                    log=_log, show_progress=err.is_terminal and not json_out)
     if json_out:
         _print_json(res.to_dict())
@@ -243,7 +248,8 @@ def evaluate_cmd(
 
 @app.command("predict", cls=_Command)
 def predict_cmd(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint or a run folder."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint, a run folder, or an exported model.onnx / model.pt "
+                                      "(with the FILE.json export wrote beside it)."),
     images: list[Path] = typer.Argument(..., help="Image files and/or folders (walked recursively)."),
     top_k: int = typer.Option(5, "--top-k", min=1, help="Classes shown per image."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -288,7 +294,7 @@ def report_cmd(
         return
     out.print(f"best val acc {tables.pct(res.best_val_acc)} (epoch {res.best_epoch}), final {tables.pct(res.final_val_acc)}, "
               f"{res.epochs} epochs, strategy {res.strategy}")
-    out.print(f"report: {res.files['report.html']} (open in a browser), {res.files['report.md']}", highlight=False)
+    out.print(f"report: {tables.shown_path(res.files['report.html'])} (open in a browser), {tables.shown_path(res.files['report.md'])}", highlight=False)
     if res.eval_error:
         err.print(f"[yellow]no evaluation in the report: {res.eval_error}[/yellow]", highlight=False)
 

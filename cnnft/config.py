@@ -59,6 +59,9 @@ class DataConfig(_Section):
 
     train: str | None = Field(None, description="folder with one sub-folder per class")
     val: str | None = Field(None, description="validation folder; omit to split `train`")
+    test: str | None = Field(
+        None, description="test folder (class folders): evaluated apart, never used to pick best.pt"
+    )
     dataset: str | None = Field(
         None, description="a packaged dataset instead of folders: digits, cifar10, flowers102, ..."
     )

@@ -80,6 +80,8 @@ class DataBundle:
     train: Source
     val: Source
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    test: Source | None = None  # data.test: evaluated apart, never used to pick best.pt
+    test_skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _folder_source(paths: list[str], labels: list[int]) -> Source:
@@ -133,7 +135,7 @@ def build_data(cfg: "DataConfig", seed: int, log: Callable[[str], None] | None =
         classes, tr, va = load_packaged(dataset, cfg.root, cfg.download, cfg.val_split, seed)
         tr = tr.subset(_limit(tr.labels, limit_per_class))
         va = va.subset(_limit(va.labels, limit_per_class))
-        return DataBundle(classes, tr, va, skipped)
+        return DataBundle(classes, tr, va, skipped, *_test_source(cfg, classes))
 
     classes, paths, labels = scan_folder(train, "data.train")
     keep = _limit(labels, limit_per_class)
@@ -189,7 +191,32 @@ def build_data(cfg: "DataConfig", seed: int, log: Callable[[str], None] | None =
             hint="add readable images to data.val" if val is not None else
             "a validation image is split off per class with at least 2 images; add images or give data.val",
         )
-    return DataBundle(classes, train_src, val_src, skipped)
+    return DataBundle(classes, train_src, val_src, skipped, *_test_source(cfg, classes))
+
+
+def _test_source(cfg: "DataConfig", classes: list[str]) -> tuple[Source | None, list[tuple[str, str]]]:
+    """The ``data.test`` folder (all of it: ``limit_per_class`` is for training trials, a test
+    set is only worth its full size) with its unreadable files; (None, []) when there is none."""
+    if cfg.test is None:
+        return None, []
+    t_classes, paths, labels = scan_folder(cfg.test, "data.test")
+    if sorted(t_classes) != sorted(classes):
+        only_c = sorted(set(classes) - set(t_classes))
+        only_t = sorted(set(t_classes) - set(classes))
+        raise DataError(
+            "data.test: class folders differ from the training classes"
+            + (f"; missing in test: {', '.join(only_c[:10])}" if only_c else "")
+            + (f"; only in test: {', '.join(only_t[:10])}" if only_t else ""),
+            hint="give data.test one sub-folder per training class, with the same names",
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index[t_classes[y]] for y in labels]
+    bad = verify_images(paths, cfg.on_bad_image, "data.test")
+    bad_set = {p for p, _ in bad}
+    kept = [(p, y) for p, y in zip(paths, labels) if p not in bad_set]
+    if not kept:
+        raise DataError(f"data.test: none of the {len(paths)} image(s) in {cfg.test} could be read")
+    return _folder_source([p for p, _ in kept], [y for _, y in kept]), bad
 
 
 class ImageDataset(Dataset):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
 from pathlib import Path
 from typing import IO
 
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -16,11 +18,31 @@ def pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.2%}"
 
 
+def shown_path(path: str | Path, base: str | Path | None = None) -> str:
+    """``path`` relative to ``base`` (default: the current folder) when it lies inside it, else as
+    given: a run folder under ./runs reads runs/x, not /home/.../runs/x. JSON keeps full paths."""
+    p = Path(path)
+    try:
+        rel = p.resolve().relative_to(Path(base if base is not None else Path.cwd()).resolve())
+    except (ValueError, OSError):
+        return str(path)
+    return str(rel) if str(rel) != "." else str(path)
+
+
+def _images_root(paths: list[str]) -> str | None:
+    """The folder that holds the class folders of ``paths`` (their common grand-parent), if any."""
+    try:
+        root = os.path.commonpath([str(Path(p).parent.parent) for p in paths])
+    except ValueError:  # relative and absolute mixed, or none
+        return None
+    return root if root not in ("", os.sep) else None
+
+
 def evaluation(res) -> list:
     """Headline, per-class table, confusion matrix (up to 12 classes) and the worst errors."""
     shown: list = [
-        Text.from_markup(f"[bold]{escape(res.model)}[/bold] {escape(Path(res.checkpoint).name)} (epoch {res.epoch}) on "
-                         f"{escape(res.data)}: {res.images} images"),
+        Text.from_markup(f"[bold]{escape(res.model)}[/bold] {escape(shown_path(res.checkpoint))} (epoch {res.epoch}) "
+                         f"on {escape(shown_path(res.data))}: {res.images} images"),
         Text.from_markup(f"accuracy [bold]{pct(res.accuracy)}[/bold]"
                          + (f"   top-5 {pct(res.top5_accuracy)}" if res.top5_accuracy is not None else "")
                          + f"   loss {res.loss:.4f}"),
@@ -45,13 +67,15 @@ def evaluation(res) -> list:
             cm.add_row(escape(c), *(f"[bold]{v}[/bold]" if i == j else str(v) for j, v in enumerate(row)))
         shown.append(cm)
     if res.confident_errors:
-        e = Table(title="most confidently wrong")
+        worst = res.confident_errors[:10]
+        root = _images_root([r["path"] for r in worst])
+        e = Table(title="most confidently wrong" + (f" (in {escape(shown_path(root))})" if root else ""))
         for col in ("image", "true", "predicted", "prob"):
             e.add_column(col, justify="right" if col == "prob" else "left", overflow="fold")
-        for r in res.confident_errors[:10]:
-            e.add_row(escape(r["path"]), escape(r["true"]), escape(r["pred"]), f"{r['prob']:.3f}")
+        for r in worst:
+            e.add_row(escape(shown_path(r["path"], root)), escape(r["true"]), escape(r["pred"]), f"{r['prob']:.3f}")
         shown.append(e)
-    shown.append(Text(f"results: {res.out_dir}"))
+    shown.append(Text(f"results: {shown_path(res.out_dir)}"))
     return shown
 
 
@@ -148,3 +172,20 @@ def preflight(res) -> list[Text]:
         lines.append(Text(f"run folder: {res.run_dir}"))
     lines += [Text.assemble(("note: ", "yellow"), n) for n in res.notes]
     return lines
+
+
+def models(rows: list[dict], note: str | None = None) -> Table:
+    """The backbone list: parameters, default weights, input size, ImageNet-1K top-1, GFLOPs
+    and whether the weights are here without network (packaged or cached). The source is in
+    the name (timm/...) and in --json."""
+    t = Table(title="backbones", caption=note, box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("name", "params", "default weights", "px", "top-1", "GFLOPs", "offline"):
+        t.add_column(col, justify="right" if col in ("params", "px", "top-1", "GFLOPs") else "left",
+                     no_wrap=col != "default weights", overflow="fold", min_width=13 if col == "default weights" else None)
+    for r in rows:
+        t.add_row(escape(r["name"]), "-" if r["params"] is None else f"{r['params']:,}",
+                  escape(r["default_weights"]), str(r["input_size"]),
+                  "-" if r["imagenet_acc1"] is None else f"{r['imagenet_acc1']:.1f}",
+                  "-" if r["gflops"] is None else f"{r['gflops']:.2f}",
+                  "[green]yes[/green]" if r["offline"] else "no")
+    return t

@@ -27,4 +27,6 @@ def test_quickstart_json_summary_matches_readme(tmp_path):
     summary = json.loads(proc.stdout)
     print(f"quickstart: best val acc {summary['best_val_acc']:.4f}, {summary['wall_seconds']:.0f}s")
     assert summary["model"] == "efficientnet_lite0" and summary["weights"] == "DEFAULT"
-    assert summary["best_val_acc"] == pytest.approx(float(stated.group(1)), abs=0.02)
+    # the run is deterministic on one machine: README's figure (measured by benchmarks/quickstart.py
+    # from a fresh clone) must match to within less than one of the 359 validation images
+    assert summary["best_val_acc"] == pytest.approx(float(stated.group(1)), abs=1e-3)

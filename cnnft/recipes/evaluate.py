@@ -37,6 +37,7 @@ EVAL_FILES = {
     "confusion_normalized_png": "confusion_matrix_normalized.png",
     "confident_errors": "confident_errors.csv",
 }
+SPLITS = ("val", "test")  # the run's own evaluation sets: val picked best.pt, test never took part
 
 
 def _stderr(msg: str) -> None:
@@ -72,6 +73,8 @@ class Evaluation:
     device: str
     out_dir: str | None = None
     files: dict[str, str] | None = None
+    split: str | None = None  # val, test, or None for a --data folder
+    note: str | None = None  # what the figures are of, when it is not what one would assume
     predictions: list[dict] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -80,7 +83,7 @@ class Evaluation:
     @classmethod
     def from_dict(cls, d: dict) -> "Evaluation":
         """Read back ``metrics.json`` (without the per-image predictions)."""
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name != "predictions"})
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name != "predictions" and f.name in d})
 
     PER_CLASS_COLUMNS: ClassVar[tuple[str, ...]] = PER_CLASS_COLUMNS
 
@@ -98,6 +101,7 @@ def evaluate(
     source: str | Path,
     *,
     data_dir: str | Path | None = None,
+    split: str = "val",
     out_dir: str | Path | None = None,
     device: str = "auto",
     batch_size: int | None = None,
@@ -106,19 +110,29 @@ def evaluate(
     show_progress: bool = False,
     tta: bool = False,
 ) -> Evaluation:
-    """Evaluate a checkpoint on the run's validation data (or a folder of class folders):
-    accuracy, top-5, loss, per-class precision/recall/F1, confusion matrix (CSV + PNG),
+    """Evaluate a checkpoint on the run's validation data, its ``data.test`` folder
+    (``split="test"``) or a folder of class folders (``data_dir``): accuracy, top-5, loss, per-class precision/recall/F1, confusion matrix (CSV + PNG),
     the most confidently wrong images, and every prediction, written under the run folder.
 
     load checkpoint -> rebuild model -> build data -> evaluate -> write results.
     """
+    if split not in SPLITS:
+        raise InputError(f"--split: unknown split {split!r}; use {' or '.join(SPLITS)}")
     lm = checkpoint.load_model(source)
     d = lm.config.data
+    if data_dir is None and split == "test" and d.test is None:
+        raise InputError("--split test: the run has no test set (data.test was not set when it was trained)",
+                         hint="pass --data DIR (a folder with one sub-folder per class) to evaluate on other images")
     rt = lm.to_device(device)
-    if data_dir is None:
-        src, data_name, described, skipped = _run_val_data(lm.config, lm.classes)
-    else:
+    note = None
+    if data_dir is not None:
         src, data_name, described, skipped = _folder_data(data_dir, lm.classes)
+    else:
+        src, data_name, described, skipped = _run_data(lm.config, lm.classes, split)
+        if split == "val" and d.limit_per_class is not None:
+            note = (f"the run was trained with data.limit_per_class={d.limit_per_class}: this is its limited "
+                    f"validation set ({len(src)} images), as in training; --data DIR evaluates a whole folder")
+            log(f"note: {note}")
     if skipped:
         log(f"skipping {len(skipped)} unreadable image(s):")
         for p, why in skipped:
@@ -150,6 +164,7 @@ def evaluate(
         confusion_matrix=cm.tolist(),
         confusion_matrix_normalized=[[round(float(v), 6) for v in r] for r in _row_normalise(cm)],
         confident_errors=wrong, seconds=round(ev.seconds, 3), device=str(rt.device), predictions=rows,
+        split=None if data_dir is not None else split, note=note,
     )
     return write_evaluation(result, out)
 
@@ -179,18 +194,21 @@ def _row_normalise(cm: np.ndarray) -> np.ndarray:
     return np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
 
 
-def _run_val_data(cfg: Config, classes: list[str]) -> tuple[data.Source, str, str, list]:
-    """The run's own validation set: the same folders, split and seed as in training."""
+def _run_data(cfg: Config, classes: list[str], split: str) -> tuple[data.Source, str, str, list]:
+    """The run's own validation set (the same folders, split and seed as in training) or its
+    ``data.test`` folder."""
     d = cfg.data
     try:
         bundle = data.build_data(d, cfg.seed)
     except DataError as exc:
-        raise DataError(f"the run's validation data cannot be loaded: {exc.message}",
+        raise DataError(f"the run's {'validation' if split == 'val' else 'test'} data cannot be loaded: {exc.message}",
                         hint="pass --data DIR (a folder with one sub-folder per class) to evaluate on other images") from None
     if bundle.classes != classes:
         raise DataError(
             f"the run's data now has classes {bundle.classes[:10]}, the checkpoint {classes[:10]}",
             hint="the data folders changed since training; pass --data DIR to evaluate on a folder")
+    if split == "test":
+        return bundle.test, "test", str(d.test), bundle.test_skipped
     if d.val is not None:
         described = str(d.val)
     elif d.dataset is not None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .. import checkpoint, data
+from .. import checkpoint, data, runtime
 from ..tta import with_tta
 from ..errors import DataError, InputError
 from ..imagefiles import forward_files
@@ -61,6 +61,22 @@ def collect_images(inputs: Iterable[str | Path], log: Log = _stderr) -> list[str
     return list(seen)
 
 
+def _load(source: str | Path, device: str):
+    """(model, name, classes, preprocess, path, runtime, trained with flips) of a checkpoint, a run folder, or an
+    exported TorchScript / ONNX file with the FILE.json that ``export`` wrote beside it."""
+    from . import export
+
+    meta = export.export_metadata(source)
+    if meta is None:
+        lm = checkpoint.load_model(source)
+        return lm.model, lm.name, lm.classes, lm.preprocess, lm.path, lm.to_device(device), lm.config.data.hflip is True
+    ex = export.load_export(source, meta)
+    # onnxruntime runs here on the CPU; a TorchScript module goes to the device asked for, in fp32
+    rt = runtime.make_runtime(device if ex.export_format == "torchscript" else "cpu", False, False, "--device")
+    rt.prepare(ex.model)
+    return ex.model, ex.name, ex.classes, ex.preprocess, ex.path, rt, meta.get("hflip") is True
+
+
 def predict(
     source: str | Path,
     inputs: list[str | Path],
@@ -75,6 +91,9 @@ def predict(
 ) -> Predictions:
     """Class probabilities for image files and folders (walked recursively), in batches.
 
+    ``source`` is a checkpoint, a run folder, or a file written by ``export`` (TorchScript or
+    ONNX) with its ``FILE.json`` beside it (classes and preprocessing).
+
     An unreadable file gets a row with an ``error`` and a line on ``log``; it is fatal only
     when no file at all could be read (DataError, exit code 2).
     """
@@ -82,15 +101,14 @@ def predict(
         raise InputError(f"--top-k must be at least 1 (got {top_k})")
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
-    lm = checkpoint.load_model(source)
-    model = with_tta(lm.model, tta, lm.config.data.hflip is True)
-    rt = lm.to_device(device)
+    model, name, classes, pre, path, rt, hflip_trained = _load(source, device)
+    model = with_tta(model, tta, hflip_trained)
     paths = collect_images(inputs, log)
     if not paths:
         raise InputError("no image files to predict", hint="pass image files or folders that contain images")
-    k = min(top_k, len(lm.classes))
+    k = min(top_k, len(classes))
     rows: list[dict] = [{"path": p, "class": None, "prob": None, "top_k": [], "error": None} for p in paths]
-    for idx, logits, errors in forward_files(model, paths, lm.preprocess, rt, batch_size, num_workers,
+    for idx, logits, errors in forward_files(model, paths, pre, rt, batch_size, num_workers,
                                              "predict" if show_progress else None):
         for i, why in errors.items():
             rows[i]["error"] = why
@@ -99,10 +117,10 @@ def predict(
             continue
         p, c = logits.softmax(1).topk(k, dim=1)
         for row_i, ps, cs in zip(idx, p.tolist(), c.tolist()):
-            top = [{"class": lm.classes[ci], "prob": float(pi)} for pi, ci in zip(ps, cs)]
+            top = [{"class": classes[ci], "prob": float(pi)} for pi, ci in zip(ps, cs)]
             rows[row_i].update({"class": top[0]["class"], "prob": top[0]["prob"], "top_k": top})
     failed = sum(r["error"] is not None for r in rows)
     if failed == len(rows):
         raise DataError(f"none of the {len(rows)} file(s) could be read as an image",
                         hint="check the paths; readable types: " + ", ".join(sorted(data.IMAGE_EXTENSIONS)))
-    return Predictions(str(lm.path), lm.name, lm.classes, k, len(rows), len(rows) - failed, failed, rows)
+    return Predictions(str(path), name, classes, k, len(rows), len(rows) - failed, failed, rows)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -50,6 +50,8 @@ class TrainSummary:
     skipped_images: int
     skipped: list[dict]
     device: str
+    test_acc: float | None = None  # best.pt on data.test, when set: reported apart from val
+    test_images: int | None = None
 
     def to_dict(self) -> dict:
         """The summary as plain JSON-ready values, keys in summary.json's order."""
@@ -126,6 +128,11 @@ def train(
                 raise _run.interrupted(stop.signum, run, epoch + 1, 0, steps)
 
     summary = _summary(run, state, plan, bb, bundle, rt.device)
+    if bundle.test is not None:  # best.pt was picked on val; the test set is its unbiased figure
+        from .evaluate import evaluate
+        ev = evaluate(run.best, split="test", device=cfg.train.device, log=log)
+        log(f"test accuracy {ev.accuracy:.4f} (best.pt, epoch {ev.epoch}) on {ev.images} images: {ev.out_dir}")
+        summary = replace(summary, test_acc=ev.accuracy, test_images=ev.images)
     checkpoint.atomic_write_json(run.summary, summary.to_dict())
     return summary
 
