@@ -119,6 +119,7 @@ class TrainConfig(_Section):
     amp: Bool = Field(True, description="mixed precision on CUDA (never on CPU)")
     channels_last: Bool = True
     tensorboard: Bool = False
+    sync_bn: Bool = Field(False, description="torchrun: trainable BatchNorm normalises over the global batch (CUDA)")
     feature_cache: Literal["auto", "memory", "disk", "off"] = Field(
         "auto", description="store the frozen prefix's outputs once (auto: in memory within the budget, "
         "kept on disk for later runs)")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__, cache, checkpoint, data, engine, freeze, metrics, models, progress, runtime, strategies, transforms
+from .. import __version__, cache, checkpoint, data, distributed, engine, freeze, metrics, models, progress, runtime, strategies, transforms
 from ..checkpoint import RunDir
 from ..config import Config, DataConfig
 from ..errors import ConfigError, InputError
@@ -73,9 +73,11 @@ def train(
     write the run folder and return its summary."""
     resume = Path(resume) if resume is not None else None
     cfg, resumed = _run.resolve(config_path, list(overrides or []), resume)
+    dd = distributed.setup(cfg.train.device)  # torchrun: this process's rank; else one process
+    log, progress_bar = dd.quiet(log), progress_bar and dd.is_main
     seed_everything(cfg.seed)
-    rt = runtime.make_runtime(cfg.train.device, cfg.train.amp, cfg.train.channels_last)
-    writer = _tensorboard(cfg.train.tensorboard)
+    rt = runtime.make_runtime(dd.device(cfg.train.device), cfg.train.amp, cfg.train.channels_last)
+    writer = _tensorboard(cfg.train.tensorboard and dd.is_main)
 
     bundle = _setup_data(cfg.data, cfg.model.num_classes, cfg.seed, log)
     bb = models.build(cfg.model.backbone, cfg.model.weights, len(bundle.classes))
@@ -86,23 +88,25 @@ def train(
         _run.check_resumable(resumed, bb, bundle.classes, plan)
     model = _setup_model(bb, plan, rt, _part(resumed, "model"))
 
-    loaders = _setup_loaders(cfg.data, bundle, bb.preprocess, cfg.seed, rt.pin_memory)
-    fit = loaders.use_cache(_cached.setup(cfg, bb, plan.frozen, bundle, loaders.sampler, rt, log, progress_bar), model)
+    loaders = _setup_loaders(cfg.data, bundle, bb.preprocess, cfg.seed, rt.pin_memory, dd)
+    fit = loaders.use_cache(dd.main_first(_cached.setup, cfg, bb, plan.frozen, bundle, loaders.sampler, rt, log,
+                                          progress_bar), model)
+    fit = dd.wrap(fit, rt.device, cfg.train.sync_bn, log)
     groups = freeze.param_groups(model, bb.stages, plan, cfg.train.weight_decay)
     optimizer = engine.build_optimizer(groups, cfg.train, _part(resumed, "optimizer"))
     steps = len(loaders.train)
     scheduler = engine.build_scheduler(optimizer, cfg.train, steps, _part(resumed, "scheduler"))
     scaler = _restored(rt.grad_scaler(), _part(resumed, "scaler"))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    state = _setup_state(resumed, resume, log)  # last: it restores the RNGs as they were at the stop
+    state = dd.own_share(_setup_state(resumed, resume, log))  # last: it restores the RNGs as they were at the stop
 
-    run = _run.open_run_dir(cfg, resume, _plan_record(plan, bb, why), log)
+    run = dd.run_dir(_run.open_run_dir, cfg, resume, _plan_record(plan, bb, why), log)
     log(f"{bb.name} ({bb.weights}) -> {len(bundle.classes)} classes, strategy {plan.strategy}: "
         f"{plan.trainable_params:,} of {plan.total_params:,} parameters train; "
         f"{len(bundle.train)} train / {len(bundle.val)} val images; device {rt.device}")
     saved = _Saved(_header(bb, bundle, plan, cfg), model, optimizer, scheduler, scaler)
 
-    with engine.StopFlag() as stop, _run.failed_summary(run, state.history, log):
+    with dd.stop_flag(engine.StopFlag()) as stop, _run.failed_summary(run, state.history, log, write=dd.is_main):
         while state.epoch < cfg.train.epochs:
             epoch = state.epoch
             if state.step == 0:  # a new epoch, not the rest of a stopped one
@@ -111,23 +115,25 @@ def train(
             loaders.position(epoch, state.step)
             fit.train()
             loader = _progress(loaders.train, epoch, cfg.train.epochs, progress_bar)
-            state.running = engine.train_one_epoch(
+            state.running = dd.sum_running(engine.train_one_epoch(
                 fit, loader, optimizer, scheduler, criterion, rt, epoch=epoch + 1,
                 running=state.running, scaler=scaler, grad_clip=cfg.train.grad_clip, stop=stop,
-                on_step=getattr(loader, "on_step", None))
+                on_step=getattr(loader, "on_step", None)))
             state.step = state.running.steps
             if stop.stopped and state.step < steps:
-                checkpoint.save(saved.checkpoint(state), run.last)
+                if dd.is_main:
+                    checkpoint.save(saved.checkpoint(state), run.last)
                 raise _run.interrupted(stop.signum, run, epoch + 1, state.step, steps)
             # validation loss is plain cross-entropy: comparable across label_smoothing values and
             # equal to what `cnnft evaluate` reports
-            ev = engine.evaluate(fit, loaders.val, rt, criterion=nn.CrossEntropyLoss())
-            _end_epoch(state, ev, saved, run, writer, log, cfg.train.epochs)
+            ev = dd.evaluate(fit, loaders.val, rt, criterion=nn.CrossEntropyLoss())
+            _end_epoch(state, ev, saved, run, writer, log, cfg.train.epochs, write=dd.is_main)
             if stop.stopped:
                 raise _run.interrupted(stop.signum, run, epoch + 1, 0, steps)
 
     summary = _summary(run, state, plan, bb, bundle, rt.device)
-    checkpoint.atomic_write_json(run.summary, summary.to_dict())
+    if dd.is_main:
+        checkpoint.atomic_write_json(run.summary, summary.to_dict())
     return summary
 
 
@@ -224,14 +230,18 @@ class _Loaders:
         return cached.rest
 
 
-def _setup_loaders(cfg: DataConfig, bundle: data.DataBundle, pre: models.Preprocess, seed: int, pin: bool) -> _Loaders:
-    """Training (augmented, shuffled per epoch) and validation loaders."""
+def _setup_loaders(cfg: DataConfig, bundle: data.DataBundle, pre: models.Preprocess, seed: int, pin: bool,
+                   dd: distributed.Dist = distributed.Dist()) -> _Loaders:
+    """Training (augmented, shuffled per epoch) and validation loaders; under torchrun, this
+    process's shard of each."""
     draft = pre.resize_size
     train_ds = data.ImageDataset(bundle.train, transforms.train_transform(pre, cfg.augment), draft)
     val_ds = data.ImageDataset(bundle.val, transforms.eval_transform(pre), draft)
-    sampler = data.EpochSampler(len(train_ds), seed, shuffle=True)
+    sampler = dd.sampler(len(train_ds), seed, cfg.batch_size)
     gen = torch.Generator()
     train_loader = data.make_loader(train_ds, cfg.batch_size, cfg.num_workers, sampler=sampler, generator=gen, pin_memory=pin)
+    if dd.active:
+        val_ds = torch.utils.data.Subset(val_ds, dd.eval_indices(len(val_ds)))
     val_loader = data.make_loader(val_ds, cfg.batch_size, cfg.num_workers, pin_memory=pin)
     return _Loaders(train_loader, val_loader, sampler, gen, seed, cfg.batch_size)
 
@@ -305,8 +315,9 @@ def _group_lr(optimizer: torch.optim.Optimizer, role: str) -> float | None:
 
 
 def _end_epoch(state: engine.TrainState, ev: engine.EvalResult, saved: _Saved, run: RunDir,
-               writer, log: Callable[[str], None], epochs: int) -> None:
-    """Record a finished epoch: metrics row, checkpoints (best too when it improved), log line."""
+               writer, log: Callable[[str], None], epochs: int, *, write: bool = True) -> None:
+    """Record a finished epoch: metrics row, checkpoints (best too when it improved), log line.
+    ``write=False`` (the other processes of a distributed run) keeps the state in step, writes nothing."""
     running, optimizer = state.running, saved.optimizer
     row = {
         "epoch": state.epoch + 1,
@@ -323,6 +334,9 @@ def _end_epoch(state: engine.TrainState, ev: engine.EvalResult, saved: _Saved, r
     after = copy.copy(state)
     after.history = list(state.history)
     improved = after.end_epoch(row)
+    if not write:
+        state.end_epoch(row)
+        return
     ckpt = saved.checkpoint(after)
     if improved:  # the same bytes: link rather than write them twice. best first: a kill in
         checkpoint.save(ckpt, run.best)  # between leaves last.pt one epoch behind, and the
