@@ -206,6 +206,22 @@ class Dist:
         torch.distributed.broadcast_object_list(path, src=0)
         return RunDir(path[0])
 
+    def header(self) -> dict:
+        """What a checkpoint records of the launch: the process count (only when several; a
+        single-process checkpoint stays as it was)."""
+        return {"world_size": self.world} if self.active else {}
+
+    def check_resumable(self, resumed: dict | None) -> None:
+        """Refuse to continue a checkpoint with another number of processes: the steps per
+        epoch, the position in a stopped epoch and the learning-rate schedule depend on it."""
+        if resumed is None:
+            return
+        before = resumed.get("world_size", 1)  # absent: written by a single process
+        if before != self.world:
+            how = f"--nproc {before}" if before > 1 else "without torchrun (or --nproc)"
+            raise InputError(f"--resume: the run trained in {before} process(es), this launch has {self.world}",
+                             hint=f"resume it the way it started: cnnft train --resume RUN_DIR {how}")
+
     # -- the loop ---------------------------------------------------------------------
 
     def stop_flag(self, flag):

@@ -86,6 +86,18 @@ def test_sync_bn_converts_only_batchnorm_that_trains():
     assert after.keys() == before.keys() and all(after[k] is before[k] or torch.equal(after[k], before[k]) for k in after)
 
 
+def test_resume_needs_the_process_count_the_run_started_with():
+    from cnnft.errors import InputError
+
+    distributed.Dist(0, 2).check_resumable({"world_size": 2})
+    distributed.Dist().check_resumable({})  # a single-process checkpoint records nothing
+    with pytest.raises(InputError, match="2 process"):
+        distributed.Dist().check_resumable({"world_size": 2})
+    with pytest.raises(InputError, match="1 process"):
+        distributed.Dist(1, 2).check_resumable({})
+    assert distributed.Dist().header() == {} and distributed.Dist(0, 2).header() == {"world_size": 2}
+
+
 def test_a_single_process_is_not_distributed(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     dd = distributed.setup("cpu")
@@ -145,6 +157,11 @@ def test_two_processes_write_one_run_see_each_sample_once_and_resume(tmp_path):
     assert p.stderr.count("run folder:") == 1 and p.stderr.count("epoch 1/1") == 1, "other ranks are quiet"
     assert summary["train_images"] == N_TRAIN
 
+    # a run of two processes resumes only with two: its schedule counts their steps
+    from cnnft.errors import InputError
+
+    with pytest.raises(InputError, match="2 process"):
+        train_recipe.train(None, ["train.epochs=2"], resume=run, log=lambda m: None)
     # the run goes on under torchrun (--nproc launches it) from its checkpoint
     p = subprocess.run([sys.executable, "-m", "cnnft", "train", "--resume", str(run), "train.epochs=2", "--nproc",
                         "2", "--json"], env=_env(**{distributed.SAMPLE_LOG_ENV: str(logs)}), capture_output=True,

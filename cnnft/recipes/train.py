@@ -75,6 +75,7 @@ def train(
     cfg, resumed = _run.resolve(config_path, list(overrides or []), resume)
     dd = distributed.setup(cfg.train.device)  # torchrun: this process's rank; else one process
     log, progress_bar = dd.quiet(log), progress_bar and dd.is_main
+    dd.check_resumable(resumed)
     seed_everything(cfg.seed)
     rt = runtime.make_runtime(dd.device(cfg.train.device), cfg.train.amp, cfg.train.channels_last)
     writer = _tensorboard(cfg.train.tensorboard and dd.is_main)
@@ -104,7 +105,7 @@ def train(
     log(f"{bb.name} ({bb.weights}) -> {len(bundle.classes)} classes, strategy {plan.strategy}: "
         f"{plan.trainable_params:,} of {plan.total_params:,} parameters train; "
         f"{len(bundle.train)} train / {len(bundle.val)} val images; device {rt.device}")
-    saved = _Saved(_header(bb, bundle, plan, cfg), model, optimizer, scheduler, scaler)
+    saved = _Saved({**_header(bb, bundle, plan, cfg), **dd.header()}, model, optimizer, scheduler, scaler)
 
     with dd.stop_flag(engine.StopFlag()) as stop, _run.failed_summary(run, state.history, log, write=dd.is_main):
         while state.epoch < cfg.train.epochs:
