@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, replace
@@ -68,11 +69,26 @@ def torchrun_command(nproc: int, cnnft_args: Sequence[str]) -> list[str]:
 
 
 def launch(nproc: int, cnnft_args: Sequence[str]) -> int:
-    """Run ``cnnft <cnnft_args>`` under torchrun with ``nproc`` processes; its exit code."""
+    """Run ``cnnft <cnnft_args>`` under torchrun with ``nproc`` processes; its exit code.
+
+    Ctrl-C and SIGTERM reach torchrun once, from here (it runs in its own session, out of
+    the terminal's reach), and torchrun hands them to every process, which stop together
+    and save; the exit code is then 130 / 143, as for a single process."""
+    proc = subprocess.Popen(torchrun_command(nproc, cnnft_args), start_new_session=True)
+    got: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        got.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return subprocess.run(torchrun_command(nproc, cnnft_args), check=False).returncode
-    except KeyboardInterrupt:  # torchrun passed the signal on to its workers and stopped them
-        return 130
+        code = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 128 + got[0] if got and code != 0 else code
 
 
 # --------------------------------------------------------------------------------- samplers

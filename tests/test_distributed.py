@@ -228,3 +228,26 @@ def test_two_nodes_on_one_machine_finish_a_run_with_the_feature_cache(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2, "val and train activations stored once"
     ev = evaluate_recipe.evaluate(summary["run_dir"], device="cpu", log=lambda m: None)
     assert ev.accuracy == summary["best_val_acc"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process_at_the_same_step_and_rank_0_saves(tmp_path):
+    import signal
+    import time
+
+    cfg = _config(tmp_path, epochs=10_000)
+    proc = subprocess.Popen([sys.executable, "-m", "cnnft", "train", str(cfg), "--quiet", "--nproc", "2"],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "runs" / "t" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    out, errs = proc.communicate(timeout=120)
+    assert proc.returncode == 130, errs[-3000:]
+    assert errs.count("error: stopped by SIGINT") == 1, errs[-3000:]
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["world_size"] == 2
+    if ckpt["running"]:  # stopped inside an epoch: the sums of both processes' batches
+        assert ckpt["running"]["seen"] == 2 * 4 * ckpt["step"]
