@@ -17,7 +17,6 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 from rich.text import Text
 
 from . import __version__, tables
@@ -161,18 +160,7 @@ def freeze_plan(
     if advice.size_rule:
         out.print(f"[dim]{advice.size_rule}[/dim]")
     if advice.plan is not None:
-        n = f"{advice.num_classes} classes" + (" (default; --classes N)" if advice.classes_defaulted else "")
-        t = Table(title=f"{escape(advice.model)}: {n}")
-        t.add_column("stage")
-        t.add_column("state")
-        t.add_column("params", justify="right")
-        t.add_column("lr", justify="right")
-        for s in advice.plan.stages:
-            t.add_row(s.name, "[blue]frozen[/blue]" if s.frozen else "[green]trainable[/green]",
-                      f"{s.params:,}", "-" if s.lr is None else f"{s.lr:.2g}")
-        t.add_section()
-        t.add_row("total", f"{advice.plan.trainable_params:,} trainable", f"{advice.plan.total_params:,}", "")
-        out.print(t)
+        out.print(tables.freeze_plan(advice))
         out.print("[dim]BatchNorm in frozen stages stays in eval mode (running statistics unchanged).[/dim]")
 
 
@@ -183,13 +171,14 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder (may extend train.epochs)."),
     json_out: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar: one plain line per epoch."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Train in N processes on this machine "
+                                        "(torchrun; one per GPU): data.batch_size is per process."),
 ) -> None:
     """Fine-tune a pretrained backbone on your images and write a run folder.
 
     The run folder holds the resolved config, the freeze plan, metrics.csv, summary.json and
     checkpoints/best.pt and last.pt; --resume RUN_DIR continues an interrupted run.
     """
-    from .recipes import train as train_recipe
     # `cnnft train --resume RUN train.epochs=5`, `cnnft train data.dataset=digits model.backbone=lenet5`
     config, overrides = _config_and_overrides(config, overrides)
     if config is None and resume is None and not overrides:
@@ -197,8 +186,13 @@ def train(
                                  "from the defaults)", param_hint="CONFIG")
     if config is not None and resume is not None:
         raise typer.BadParameter("give either CONFIG or --resume RUN_DIR (the run keeps its own config)")
+    if nproc is not None:
+        _launch_train(nproc, config, overrides, resume, json_out, quiet)
+    from .recipes import train as train_recipe
     summary = train_recipe.train(config, overrides, resume=resume, log=lambda m: err.print(m, highlight=False, markup=False),
                                  progress_bar=err.is_terminal and not quiet and not json_out)
+    if _other_rank():  # rank 0 of a torchrun launch reports the run
+        return
     if json_out:
         _print_json(summary.to_dict())
     else:
@@ -209,6 +203,25 @@ def train(
         run = tables.shown_path(summary.run_dir)
         err.print(f"next: cnnft evaluate {run} | cnnft report {run} | cnnft predict {run} IMAGES...",
                   highlight=False, markup=False)
+
+
+def _other_rank() -> bool:
+    """True in a torchrun process other than rank 0 (read from the environment: no torch import)."""
+    return os.environ.get("RANK", "0") != "0"
+
+
+def _launch_train(nproc: int, config: str | None, overrides: list[str], resume: Path | None,
+                  json_out: bool, quiet: bool) -> None:
+    """`cnnft train --nproc N ...`: the same command in N torchrun processes; exits with their code."""
+    if "LOCAL_RANK" in os.environ:
+        raise typer.BadParameter("--nproc inside a torchrun process; leave it out (torchrun already "
+                                 "started the processes)", param_hint="--nproc")
+    from . import distributed
+
+    args = ["train", *([config] if config is not None else []), *overrides,
+            *(["--resume", str(resume)] if resume is not None else []),
+            *(["--json"] if json_out else []), *(["--quiet"] if quiet else [])]
+    raise typer.Exit(distributed.launch(nproc, args))
 
 
 # ------------------------------------------------------------------ using a trained model
@@ -389,12 +402,7 @@ def models_cmd(
     if json_out:
         _print_json(rows)
         return
-    t = Table(title="backbones")
-    for col in ("name", "source", "params", "default weights", "input"):
-        t.add_column(col, justify="right" if col in ("params", "input") else "left")
-    for r in rows:
-        t.add_row(r["name"], r["source"], f"{r['params']:,}", r["default_weights"], str(r["input_size"]))
-    out.print(t)
+    out.print(tables.backbones(rows))
     out.print(f"[dim]also: {escape(backbones.TIMM_NOTE)}[/dim]")
 
 
@@ -437,7 +445,8 @@ def main(argv: list[str] | None = None) -> None:
             import traceback
 
             traceback.print_exc()
-        _error(exc.message, exc.hint)
+        if not _other_rank():  # every torchrun process meets the same error; rank 0 reports it
+            _error(exc.message, exc.hint)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")

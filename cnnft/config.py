@@ -134,6 +134,7 @@ class TrainConfig(_Section):
     monitor: Literal["val_acc", "val_loss", "val_f1"] = Field(
         "val_acc", description="what picks best.pt (val_f1: macro-F1) and what patience watches")
     patience: Int | None = Field(None, ge=1, description="stop after this many epochs without a better monitor value")
+    sync_bn: Bool = Field(False, description="torchrun: trainable BatchNorm normalises over the global batch (CUDA)")
     feature_cache: Literal["auto", "memory", "disk", "off"] = Field(
         "auto", description="store the frozen prefix's outputs once (auto: in memory within the budget, "
         "kept on disk for later runs)")

@@ -189,3 +189,29 @@ def models(rows: list[dict], note: str | None = None) -> Table:
                   "-" if r["gflops"] is None else f"{r['gflops']:.2f}",
                   "[green]yes[/green]" if r["offline"] else "no")
     return t
+
+
+def freeze_plan(advice) -> Table:
+    """The plan per stage: frozen or trainable, parameters, learning rate."""
+    n = f"{advice.num_classes} classes" + (" (default; --classes N)" if advice.classes_defaulted else "")
+    t = Table(title=f"{escape(advice.model)}: {n}")
+    t.add_column("stage")
+    t.add_column("state")
+    t.add_column("params", justify="right")
+    t.add_column("lr", justify="right")
+    for s in advice.plan.stages:
+        t.add_row(s.name, "[blue]frozen[/blue]" if s.frozen else "[green]trainable[/green]",
+                  f"{s.params:,}", "-" if s.lr is None else f"{s.lr:.2g}")
+    t.add_section()
+    t.add_row("total", f"{advice.plan.trainable_params:,} trainable", f"{advice.plan.total_params:,}", "")
+    return t
+
+
+def backbones(rows: list[dict]) -> Table:
+    """``cnnft models``: name, source, parameters, default weights, input size."""
+    t = Table(title="backbones")
+    for col in ("name", "source", "params", "default weights", "input"):
+        t.add_column(col, justify="right" if col in ("params", "input") else "left")
+    for r in rows:
+        t.add_row(r["name"], r["source"], f"{r['params']:,}", r["default_weights"], str(r["input_size"]))
+    return t

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .. import __version__, cache, data, models, progress, runtime, transforms
+from .. import __version__, cache, data, distributed, models, progress, runtime, transforms
 from ..config import Config
 
 Log = Callable[[str], None]
@@ -70,8 +70,17 @@ def setup(cfg: Config, bb: models.Backbone, frozen: list[str], bundle: data.Data
         f"activations ({aug}; {(val.nbytes + train.nbytes) / 2**20:.0f} MiB)")
     train_ds = cache.CachedFeatures(train, bundle.train.labels, views)
     val_ds = cache.CachedFeatures(val, bundle.val.labels, 1)
-    val_loader = cache.cached_loader(val_ds, data.EpochSampler(len(val_ds), 0, shuffle=False), cfg.data.batch_size)
+    val_loader = cache.cached_loader(val_ds, _val_sampler(sampler, len(val_ds)), cfg.data.batch_size)
     return Cached(split.rest, cache.cached_loader(train_ds, sampler, cfg.data.batch_size), val_loader, train_ds)
+
+
+def _val_sampler(train_sampler: data.EpochSampler, n: int) -> data.EpochSampler:
+    """Every validation sample in order; under torchrun, this process's shard of them (taken
+    as the training sampler takes its shard), all samples kept."""
+    if isinstance(train_sampler, distributed.ShardedSampler):
+        return distributed.ShardedSampler(n, 0, False, rank=train_sampler.rank, world=train_sampler.world,
+                                          batch_size=train_sampler.batch_size, drop_tail=False)
+    return data.EpochSampler(n, 0, shuffle=False)
 
 
 def _key_base(cfg: Config, bb: models.Backbone, frozen: list[str], boundary: str) -> dict:
@@ -96,7 +105,8 @@ def _store(split: cache.Split, ds: data.ImageDataset, views: int, part: str, key
     sample = split.prefix(rt.images(ds[0][0][None])) if len(ds) else None
     need = 0 if sample is None else views * len(ds) * sample[0].numel() * 4
     in_memory = t.feature_cache != "disk" and need <= t.cache_budget_mb * 2**20
-    on_disk = t.feature_cache == "disk" or (t.feature_cache == "auto") or not in_memory
+    # under torchrun the cache folder is how rank 0's activations reach the other processes
+    on_disk = t.feature_cache in ("disk", "auto") or not in_memory or distributed.world_size() > 1
     folder = cache_folder(t.cache_dir)
     if on_disk:
         found = cache.load_disk(folder, key, in_memory)

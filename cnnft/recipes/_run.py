@@ -158,14 +158,18 @@ def check_resumable(state: dict, bb: models.Backbone, classes: list[str], plan: 
 
 
 @contextlib.contextmanager
-def failed_summary(run: RunDir, history: list[dict], log: Callable[[str], None]) -> Iterator[None]:
+def failed_summary(run: RunDir, history: list[dict], log: Callable[[str], None], *,
+                   write: bool = True) -> Iterator[None]:
     """A run that dies of an error (NaN loss, a bug) says so in summary.json; what it saved
-    (metrics.csv, best.pt, last.pt of the last finished epoch) is kept."""
+    (metrics.csv, best.pt, last.pt of the last finished epoch) is kept. ``write=False``: a
+    process that does not own the run folder (rank > 0) leaves it alone."""
     try:
         yield
     except Interrupted:
         raise
     except Exception as exc:
+        if not write:
+            raise
         best = max(history, key=lambda r: r["val_acc"]) if history else None  # first of equals, as in fit
         kept = {"best": run.best, "last": run.last}
         summary = {

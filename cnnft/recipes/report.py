@@ -98,7 +98,9 @@ def write_report(run_dir: str | Path, *, device: str = "auto", log: Log = _stder
     cfg = _read_config(run)
     best_epoch, best_acc = rd.best_of(history, summary)
     status, error = rd.run_status(summary)
-    if status == rd.INCOMPLETE:
+    if status == "failed":
+        log(f"the run failed after {len(history)} epoch(s): {error}; reporting what exists")
+    elif status == rd.INCOMPLETE:
         log(f"{run_dir.name} has no summary.json: interrupted after {len(history)} epoch(s) (or still running); "
             f"reporting what exists")
 

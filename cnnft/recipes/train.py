@@ -7,7 +7,6 @@ part of the checkpoint where it is built.
 
 from __future__ import annotations
 
-import copy
 import random
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -18,12 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__, balance, cache, checkpoint, data, engine, freeze, metrics, models, progress, runtime, strategies, transforms
+from .. import balance, cache, checkpoint, data, distributed, engine, freeze, models, progress, runtime, strategies, transforms
 from ..checkpoint import RunDir
 from ..config import Config, DataConfig
 from ..errors import ConfigError
 from ..freeze import FreezePlan
-from . import _cached, _phases, _run, _tensorboard
+from . import _cached, _phases, _records, _run, _tensorboard
 
 
 @dataclass(frozen=True)
@@ -71,9 +70,10 @@ def train(
     resume = Path(resume) if resume is not None else None
     cfg, resumed = _run.resolve(config_path, list(overrides or []), resume)
     cfg.data.augment, cfg.data.hflip = transforms.resolve_augment(cfg.data.augment, cfg.data.hflip, cfg.freeze.similar)
+    dd, log, progress_bar = _setup_process(cfg.train.device, resumed, log, progress_bar)
     seed_everything(cfg.seed)
-    rt = runtime.make_runtime(cfg.train.device, cfg.train.amp, cfg.train.channels_last)
-    writer = _tensorboard.writer(cfg.train.tensorboard)
+    rt = runtime.make_runtime(dd.device(cfg.train.device), cfg.train.amp, cfg.train.channels_last)
+    writer = _tensorboard.writer(cfg.train.tensorboard and dd.is_main)
 
     bundle = _setup_data(cfg.data, cfg.model.num_classes, cfg.seed, log)
     bb = models.build(cfg.model.backbone, cfg.model.weights, len(bundle.classes))
@@ -84,9 +84,10 @@ def train(
         _run.check_resumable(resumed, bb, bundle.classes, plan)
     model = _setup_model(bb, plan, rt, _part(resumed, "model"))
 
-    loaders = _setup_loaders(cfg.data, bundle, bb.preprocess, cfg.seed, rt.pin_memory)
-    fit = _compiled(loaders.use_cache(_cached.setup(cfg, bb, plan.frozen, bundle, loaders.sampler, rt, log,
-                                                    progress_bar), model), cfg.train.compile)
+    loaders = _setup_loaders(cfg.data, bundle, bb.preprocess, cfg.seed, rt.pin_memory, dd)
+    fit = loaders.use_cache(dd.main_first(_cached.setup, cfg, bb, plan.frozen, bundle, loaders.sampler, rt, log,
+                                          progress_bar), model)
+    fit = _compiled(dd.wrap(fit, rt.device, cfg.train.sync_bn, log), cfg.train.compile)
     groups = freeze.param_groups(model, bb.stages, plan, cfg.train.weight_decay)
     optimizer = engine.build_optimizer(groups, cfg.train, _part(resumed, "optimizer"))
     steps = len(loaders.train)
@@ -94,46 +95,86 @@ def train(
     scheduler = engine.build_scheduler(optimizer, cfg.train, steps, _part(resumed, "scheduler"), start)
     scaler = _restored(rt.grad_scaler(), _part(resumed, "scaler"))
     criterion = nn.CrossEntropyLoss(weight=_class_weights(cfg, bundle, log), label_smoothing=cfg.train.label_smoothing)
-    state = _setup_state(resumed, resume, log, cfg.train.monitor)  # last: restores the RNGs of the stop
+    state = dd.own_share(_setup_state(resumed, resume, log, cfg.train.monitor))  # last: restores the RNGs of the stop
 
-    run = _run.open_run_dir(cfg, resume, _plan_record(plan, bb, why), log)
+    run = dd.run_dir(_run.open_run_dir, cfg, resume, _records.plan_record(plan, bb, why), log)
     log(_describe(bb, bundle, plan, rt.device))
-    saved = _Saved({**_header(bb, bundle, plan, cfg), "schedule_start": start}, model, optimizer, scheduler, scaler)
+    saved = _records.Saved({**_records.header(bb, bundle, plan, cfg), "schedule_start": start, **dd.header()},
+                   model, optimizer, scheduler, scaler)
 
-    with engine.StopFlag() as stop, _run.failed_summary(run, state.history, log):
+    with dd.stop_flag(engine.StopFlag()) as stop, _run.failed_summary(run, state.history, log, write=dd.is_main):
         _run_head_phase(cfg, bb, bundle, rt, state, saved, run, writer, log, progress_bar, criterion,
-                        loaders.sampler.weights)
-        while state.epoch < cfg.train.epochs and not _patience_spent(state, cfg.train.patience, log):
-            epoch = state.epoch
-            if state.step == 0:  # a new epoch, not the rest of a stopped one
-                seed_everything(data.epoch_seed(cfg.seed, epoch))
-                state.running = None
-            loaders.position(epoch, state.step)
-            fit.train()
-            lrs = _lrs(optimizer)  # the rates this epoch starts with, as it trains with them
-            loader = _progress(loaders.train, epoch, cfg.train.epochs, progress_bar)
-            state.running = engine.train_one_epoch(
-                fit, loader, optimizer, scheduler, criterion, rt, epoch=epoch + 1,
-                running=state.running, scaler=scaler, grad_clip=cfg.train.grad_clip, stop=stop,
-                on_step=getattr(loader, "on_step", None))
-            state.step = state.running.steps
-            if stop.stopped and state.step < steps:
-                checkpoint.save(saved.checkpoint(state), run.last)
-                raise _run.interrupted(stop.signum, run, epoch + 1, state.step, steps)
-            # validation loss is plain cross-entropy: comparable across label_smoothing values and
-            # equal to what `cnnft evaluate` reports
-            ev = engine.evaluate(fit, loaders.val, rt, criterion=nn.CrossEntropyLoss())
-            _end_epoch(state, _row(state, "train", lrs, state.running, ev), saved, run, writer, log, cfg.train.epochs)
-            if stop.stopped:
-                raise _run.interrupted(stop.signum, run, epoch + 1, 0, steps)
+                        loaders.sampler.weights, dd)
+        while state.epoch < cfg.train.epochs and not _records.patience_spent(state, cfg.train.patience, log):
+            _Epoch(fit, loaders, optimizer, scheduler, scaler, criterion, rt, dd, saved, run, writer, log).run(
+                state, stop, cfg, progress_bar)
 
-    summary = _summary(run, state, plan, bb, bundle, rt.device)
-    if bundle.test is not None:  # best.pt was picked on val; the test set is its unbiased figure
+    return _finish(_summary(run, state, plan, bb, bundle, rt.device), run, bundle, cfg.train.device, dd, log)
+
+
+def _setup_process(device: str, resumed: dict | None, log: Callable[[str], None], progress_bar: bool):
+    """This process's place in a torchrun job (one process otherwise); only rank 0 logs."""
+    dd = distributed.setup(device)
+    dd.check_resumable(resumed)
+    return dd, dd.quiet(log), progress_bar and dd.is_main
+
+
+@dataclass
+class _Epoch:
+    """What one training epoch uses; ``run`` trains it, validates it and records it."""
+
+    fit: nn.Module
+    loaders: "_Loaders"
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler | None
+    criterion: nn.Module
+    rt: runtime.Runtime
+    dd: distributed.Dist
+    saved: "_records.Saved"
+    run_dir: RunDir
+    writer: Callable | None
+    log: Callable[[str], None]
+
+    def run(self, state: engine.TrainState, stop, cfg: Config, progress_bar: bool) -> None:
+        """Train epoch ``state.epoch + 1`` (or the rest of it), validate, save; a stop request
+        saves a resumable checkpoint and raises Interrupted."""
+        epoch, steps = state.epoch, len(self.loaders.train)
+        if state.step == 0:  # a new epoch, not the rest of a stopped one
+            seed_everything(data.epoch_seed(cfg.seed, epoch))
+            state.running = None
+        self.loaders.position(epoch, state.step)
+        self.fit.train()
+        lrs = _records.lrs(self.optimizer)  # the rates this epoch starts with, as it trains with them
+        loader = _progress(self.loaders.train, epoch, cfg.train.epochs, progress_bar)
+        state.running = self.dd.sum_running(engine.train_one_epoch(
+            self.fit, loader, self.optimizer, self.scheduler, self.criterion, self.rt, epoch=epoch + 1,
+            running=state.running, scaler=self.scaler, grad_clip=cfg.train.grad_clip, stop=stop,
+            on_step=getattr(loader, "on_step", None)))
+        state.step = state.running.steps
+        if stop.stopped and state.step < steps:
+            if self.dd.is_main:
+                checkpoint.save(self.saved.checkpoint(state), self.run_dir.last)
+            raise _run.interrupted(stop.signum, self.run_dir, epoch + 1, state.step, steps)
+        # validation loss is plain cross-entropy: comparable across label_smoothing values and
+        # equal to what `cnnft evaluate` reports
+        ev = self.dd.evaluate(self.fit, self.loaders.val, self.rt, criterion=nn.CrossEntropyLoss())
+        _records.end_epoch(state, _records.row(state, "train", lrs, state.running, ev), self.saved, self.run_dir, self.writer,
+                   self.log, cfg.train.epochs, write=self.dd.is_main)
+        if stop.stopped:
+            raise _run.interrupted(stop.signum, self.run_dir, epoch + 1, 0, steps)
+
+
+def _finish(summary: "TrainSummary", run: RunDir, bundle: data.DataBundle, device: str, dd: distributed.Dist,
+            log: Callable[[str], None]) -> "TrainSummary":
+    """Evaluate best.pt on data.test when there is one; write summary.json (rank 0)."""
+    if dd.is_main and bundle.test is not None:  # best.pt was picked on val; the test set is its unbiased figure
         from .evaluate import evaluate
-        ev = evaluate(run.best, split="test", device=cfg.train.device, log=log)
+        ev = evaluate(run.best, split="test", device=device, log=log)
         log(f"test accuracy {ev.accuracy:.4f} (best.pt, epoch {ev.epoch}) on {ev.images} images: {ev.out_dir}")
         summary = replace(summary, test_acc=ev.accuracy, test_images=ev.images)
-    checkpoint.atomic_write_json(run.summary, summary.to_dict())
+    if dd.is_main:
+        checkpoint.atomic_write_json(run.summary, summary.to_dict())
     return summary
 
 
@@ -253,16 +294,20 @@ class _Loaders:
         return cached.rest
 
 
-def _setup_loaders(cfg: DataConfig, bundle: data.DataBundle, pre: models.Preprocess, seed: int, pin: bool) -> _Loaders:
-    """Training (augmented, shuffled per epoch) and validation loaders."""
+def _setup_loaders(cfg: DataConfig, bundle: data.DataBundle, pre: models.Preprocess, seed: int, pin: bool,
+                   dd: distributed.Dist = distributed.Dist()) -> _Loaders:
+    """Training (augmented, shuffled per epoch) and validation loaders; under torchrun, this
+    process's shard of each."""
     draft = pre.resize_size
     train_ds = data.ImageDataset(bundle.train, transforms.train_transform(pre, cfg.augment, cfg.hflip), draft)
     val_ds = data.ImageDataset(bundle.val, transforms.eval_transform(pre), draft)
     per_class = balance.counts(bundle.train.labels, len(bundle.classes))
     weights = balance.sample_weights(bundle.train.labels, per_class) if cfg.balanced_sampler else None
-    sampler = data.EpochSampler(len(train_ds), seed, shuffle=True, weights=weights)
+    sampler = dd.sampler(len(train_ds), seed, cfg.batch_size, weights)
     gen = torch.Generator()
     train_loader = data.make_loader(train_ds, cfg.batch_size, cfg.num_workers, sampler=sampler, generator=gen, pin_memory=pin)
+    if dd.active:
+        val_ds = torch.utils.data.Subset(val_ds, dd.eval_indices(len(val_ds)))
     val_loader = data.make_loader(val_ds, cfg.batch_size, cfg.num_workers, pin_memory=pin)
     return _Loaders(train_loader, val_loader, sampler, gen, seed, cfg.batch_size)
 
@@ -282,121 +327,22 @@ def _setup_state(resumed: dict | None, run_dir: Path | None, log: Callable[[str]
 
 # ---------------------------------------------------------------------- records of the run
 
-def _plan_record(plan: FreezePlan, bb: models.Backbone, why: str | None) -> dict:
-    """freeze_plan.json: the plan and the model it was made for."""
-    return {**plan.to_dict(), "model": bb.name, "weights": bb.weights, "pretrained": bb.pretrained,
-            "num_classes": bb.num_classes, "auto": why}
-
-
-def _header(bb: models.Backbone, bundle: data.DataBundle, plan: FreezePlan, cfg: Config) -> dict:
-    """What every checkpoint of a run says about itself: enough to use it with nothing else."""
-    return {
-        "format": checkpoint.FORMAT,
-        "version": checkpoint.VERSION,
-        "cnnft_version": __version__,
-        "model_name": bb.name,
-        "weights": bb.weights,
-        "pretrained": bb.pretrained,
-        "num_classes": bb.num_classes,
-        "classes": list(bundle.classes),
-        "preprocess": bb.preprocess.to_dict(),
-        "freeze_plan": plan.to_dict(),
-        "skipped_images": [list(s) for s in bundle.skipped],
-        "config": cfg.to_dict(),
-    }
-
-
-@dataclass
-class _Saved:
-    """What a checkpoint holds: the run's header and the state of what training changes."""
-
-    header: dict
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None
-    scaler: torch.amp.GradScaler | None
-
-    def checkpoint(self, state: engine.TrainState) -> dict:
-        """A resumable checkpoint at ``state``."""
-        return {
-            **self.header,
-            **state.state_dict(),
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": checkpoint.rng_state(),
-        }
-
-
-def _lrs(optimizer: torch.optim.Optimizer) -> dict[str, float | None]:
-    """The current rate of the head and of the trainable pretrained stages (None: none train)."""
-    rates = {g["name"].removesuffix("_no_decay"): g["lr"] for g in optimizer.param_groups}
-    return {"lr_head": rates.get("head"), "lr_backbone": rates.get("backbone")}
-
-
-def _row(state: engine.TrainState, phase: str, lrs: dict, running: engine.Running, ev: engine.EvalResult) -> dict:
-    """metrics.csv's row for an epoch just finished (the head phase is epoch 0)."""
-    return {
-        "epoch": state.epoch + 1 if phase == "train" else 0, "phase": phase, **lrs,
-        "train_loss": running.loss, "train_acc": running.acc,
-        "val_loss": ev.loss, "val_acc": ev.acc, "val_f1": _macro_f1(ev),
-        "epoch_seconds": round(running.seconds + ev.seconds, 3),
-        "images_per_second": round(running.seen / max(running.seconds, 1e-9), 1),
-        "wall_seconds": round(state.wall_seconds, 3),
-    }
-
-
-def _macro_f1(ev: engine.EvalResult) -> float:
-    classes = ev.probs.shape[1] if ev.probs.ndim == 2 else 0
-    cm = metrics.confusion_matrix(ev.labels.numpy(), ev.probs.argmax(1).numpy(), classes)
-    return metrics.per_class(cm, [str(i) for i in range(classes)])["macro"]["f1"]
-
-
-def _end_epoch(state: engine.TrainState, row: dict, saved: _Saved, run: RunDir,
-               writer, log: Callable[[str], None], epochs: int) -> None:
-    """Record a finished epoch: metrics row, checkpoints (best too when it improved), log line."""
-    # the epoch is recorded (history, metrics.csv, and so the summary of a run that fails
-    # later) only once its checkpoint is on disk: a failed save leaves no false bookkeeping
-    after = copy.copy(state)
-    after.history = list(state.history)
-    improved = after.end_epoch(row)
-    ckpt = saved.checkpoint(after)
-    if improved:  # the same bytes: link rather than write them twice. best first: a kill in
-        checkpoint.save(ckpt, run.best)  # between leaves last.pt one epoch behind, and the
-        checkpoint.atomic_link(run.best, run.last)  # resumed run redoes it (never a stale best)
-    else:
-        checkpoint.save(ckpt, run.last)
-    state.end_epoch(row)
-    metrics.write_csv(run.metrics, state.history, metrics.EPOCH_COLUMNS)
-    if writer is not None:
-        writer(run.tensorboard, row)
-    where = "head phase" if row["phase"] == "head" else f"epoch {row['epoch']}/{epochs}"
-    log(f"{where}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
-        f"  |  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{'  *' if improved else ''}"
-        f"  |  {row['epoch_seconds']:.1f}s, {row['images_per_second']:.0f} img/s")
-
 
 def _run_head_phase(cfg: Config, bb: models.Backbone, bundle: data.DataBundle, rt: runtime.Runtime,
-                    state: engine.TrainState, saved: _Saved, run: RunDir, writer, log, show: bool,
-                    criterion: nn.Module, sample_weights: torch.Tensor | None) -> None:
+                    state: engine.TrainState, saved: _records.Saved, run: RunDir, writer, log, show: bool,
+                    criterion: nn.Module, sample_weights: torch.Tensor | None, dd: distributed.Dist) -> None:
     """Train the new head alone first and record it as epoch 0 (a candidate for best.pt); only
     on pretrained layers (a random backbone has no features worth a probe) and only once."""
     if not (cfg.train.head_phase and bb.pretrained and not state.history and state.step == 0):
+        return
+    if dd.active:  # its cached features are not sharded across processes
+        log("head phase: skipped under torchrun (train.head_phase runs in a single process)")
         return
     done = _phases.head_phase(cfg, bb, bundle, rt, log, show, criterion, sample_weights)
     if done is not None:
         running, ev, _ = done
         lrs = {"lr_head": cfg.train.lr, "lr_backbone": None}
-        _end_epoch(state, _row(state, "head", lrs, running, ev), saved, run, writer, log, cfg.train.epochs)
-
-
-def _patience_spent(state: engine.TrainState, patience: int | None, log: Callable[[str], None]) -> bool:
-    """True (and said once) when ``train.patience`` epochs passed without a better monitor value."""
-    if patience is None or state.epoch == 0 or state.epochs_since_best() < patience:
-        return False
-    log(f"early stop: {state.monitor} has not improved for {patience} epoch(s) since epoch {state.best_epoch}")
-    return True
+        _records.end_epoch(state, _records.row(state, "head", lrs, running, ev), saved, run, writer, log, cfg.train.epochs)
 
 
 def _schedule_start(resumed: dict | None, epochs: int) -> int:
