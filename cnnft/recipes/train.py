@@ -206,6 +206,7 @@ class _Loaders:
 
     train: torch.utils.data.DataLoader
     val: torch.utils.data.DataLoader
+    dataset: data.ImageDataset  # the training images, augmented per (seed, epoch, image)
     sampler: data.EpochSampler
     generator: torch.Generator
     seed: int
@@ -216,6 +217,7 @@ class _Loaders:
         """Serve ``epoch``'s batches from ``step`` on, as a run that never stopped saw them."""
         self.generator.manual_seed(self.seed * 7_919 + epoch * 104_729 + step)
         self.sampler.set_epoch(epoch, start=step * self.batch_size)
+        self.dataset.set_epoch(epoch)
         if self.views is not None:
             self.views.set_epoch(epoch)
 
@@ -230,13 +232,13 @@ class _Loaders:
 def _setup_loaders(cfg: DataConfig, bundle: data.DataBundle, pre: models.Preprocess, seed: int, pin: bool) -> _Loaders:
     """Training (augmented, shuffled per epoch) and validation loaders."""
     draft = pre.resize_size
-    train_ds = data.ImageDataset(bundle.train, transforms.train_transform(pre, cfg.augment, cfg.hflip), draft)
+    train_ds = data.ImageDataset(bundle.train, transforms.train_transform(pre, cfg.augment, cfg.hflip), draft, seed)
     val_ds = data.ImageDataset(bundle.val, transforms.eval_transform(pre), draft)
     sampler = data.EpochSampler(len(train_ds), seed, shuffle=True)
     gen = torch.Generator()
     train_loader = data.make_loader(train_ds, cfg.batch_size, cfg.num_workers, sampler=sampler, generator=gen, pin_memory=pin)
     val_loader = data.make_loader(val_ds, cfg.batch_size, cfg.num_workers, pin_memory=pin)
-    return _Loaders(train_loader, val_loader, sampler, gen, seed, cfg.batch_size)
+    return _Loaders(train_loader, val_loader, train_ds, sampler, gen, seed, cfg.batch_size)
 
 
 def _setup_state(resumed: dict | None, run_dir: Path | None, log: Callable[[str], None],
