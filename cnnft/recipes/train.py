@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import random
+import shlex
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,7 +68,21 @@ def train(
     """Fine-tune a pretrained backbone as the config says (or continue the run in ``resume``);
     write the run folder and return its summary."""
     resume = Path(resume) if resume is not None else None
-    cfg, resumed = _run.resolve(config_path, list(overrides or []), resume)
+    with _run.on_ctrl_c(_rerun(config_path, overrides, resume)) as disk:
+        return _train(config_path, list(overrides or []), resume, log, progress_bar, disk)
+
+
+def _rerun(config_path: str | Path | None, overrides: list[str] | None, resume: Path | None) -> str:
+    """The command line that starts this run again."""
+    head = ["--resume", str(resume)] if resume is not None else [str(config_path)] if config_path else []
+    return shlex.join(["cnnft", "train", *head, *(overrides or [])])
+
+
+def _train(config_path: str | Path | None, overrides: list[str], resume: Path | None,
+           log: Callable[[str], None], progress_bar: bool, disk: _run.OnDisk) -> TrainSummary:
+    cfg, resumed = _run.resolve(config_path, overrides, resume)
+    if resume is not None:  # what a Ctrl-C from here on leaves: the run's own last checkpoint
+        disk.run, disk.last = RunDir(resume), None if resumed is None else (resumed["epoch"], resumed["step"])
     cfg.data.augment, cfg.data.hflip = transforms.resolve_augment(cfg.data.augment, cfg.data.hflip, cfg.freeze.similar)
     seed_everything(cfg.seed)
     rt = runtime.make_runtime(cfg.train.device, cfg.train.amp, cfg.train.channels_last)
@@ -93,9 +108,9 @@ def train(
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     state = _setup_state(resumed, resume, log, cfg.train.monitor)  # last: restores the RNGs of the stop
 
-    run = _run.open_run_dir(cfg, resume, _plan_record(plan, bb, why), log)
+    run = disk.run = _run.open_run_dir(cfg, resume, _plan_record(plan, bb, why), log)
     log(_describe(bb, bundle, plan, rt.device))
-    saved = _Saved({**_header(bb, bundle, plan, cfg), "schedule_start": start}, model, optimizer, scheduler, scaler)
+    saved = _Saved({**_header(bb, bundle, plan, cfg), "schedule_start": start}, model, optimizer, scheduler, scaler, disk)
 
     with engine.StopFlag() as stop, _run.failed_summary(run, state.history, log):
         _run_head_phase(cfg, bb, bundle, rt, state, saved, run, writer, log, progress_bar)
@@ -115,6 +130,7 @@ def train(
             state.step = state.running.steps
             if stop.stopped and state.step < steps:
                 checkpoint.save(saved.checkpoint(state), run.last)
+                disk.last = (state.epoch, state.step)
                 raise _run.interrupted(stop.signum, run, epoch + 1, state.step, steps)
             # validation loss is plain cross-entropy: comparable across label_smoothing values and
             # equal to what `cnnft evaluate` reports
@@ -289,6 +305,7 @@ class _Saved:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     scaler: torch.amp.GradScaler | None
+    disk: _run.OnDisk  # updated as last.pt is written
 
     def checkpoint(self, state: engine.TrainState) -> dict:
         """A resumable checkpoint at ``state``."""
@@ -341,6 +358,7 @@ def _end_epoch(state: engine.TrainState, row: dict, saved: _Saved, run: RunDir,
         checkpoint.atomic_link(run.best, run.last)  # resumed run redoes it (never a stale best)
     else:
         checkpoint.save(ckpt, run.last)
+    saved.disk.last = (after.epoch, 0)
     state.end_epoch(row)
     metrics.write_csv(run.metrics, state.history, metrics.EPOCH_COLUMNS)
     if writer is not None:
