@@ -6,13 +6,16 @@ Errors are mapped to a message and an exit code in one place (:func:`main`): 0 s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -23,7 +26,7 @@ from . import __version__, tables
 from .strategies import STRATEGIES
 
 from .helpformat import Command as _Command, Group as _Group, click_errors
-from .errors import CnnftError, ConfigError
+from .errors import CnnftError, ConfigError, Interrupted
 
 app = typer.Typer(
     name="cnnft",
@@ -423,43 +426,77 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn errors into a message and an exit code."""
     settings = Settings(debug=bool(os.environ.get("CNNFT_DEBUG")))
     command = typer.main.get_command(app)
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        with command.make_context("cnnft", list(sys.argv[1:] if argv is None else argv), obj=settings) as ctx:
+        with command.make_context("cnnft", args, obj=settings) as ctx:
             command.invoke(ctx)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click_errors.NoArgsIsHelpError:  # the help is already shown
-        sys.exit(2)
-    except click_errors.UsageError as exc:
+    except (Exception, KeyboardInterrupt) as exc:
+        # the command is over; a further Ctrl-C must not cut its last message short
+        with _ctrl_c_ignored():
+            code = _report(exc, settings.debug, _command_name(command, args))
+        sys.exit(code)
+
+
+def _report(exc: BaseException, debug: bool, name: str) -> int:
+    """Say what went wrong (and what to do next) on stderr; return the exit code."""
+    if isinstance(exc, typer.Exit):
+        return exc.exit_code
+    if isinstance(exc, click_errors.NoArgsIsHelpError):  # the help is already shown
+        return 2
+    if isinstance(exc, click_errors.UsageError):
         where = exc.ctx.command_path if exc.ctx else "cnnft"
         _error(exc.format_message(), f"see `{where} --help`")
-        sys.exit(2)
-    except click_errors.ClickException as exc:
+        return 2
+    if isinstance(exc, click_errors.ClickException):
         _error(exc.format_message(), None)
-        sys.exit(exc.exit_code)
-    except typer.Abort:  # Ctrl-C at a prompt
-        err.print("interrupted")
-        sys.exit(130)
-    except CnnftError as exc:
-        if settings.debug:
+        return exc.exit_code
+    if isinstance(exc, Interrupted):  # stopped on request: not an error, but the run is unfinished
+        if _other_rank():
+            return exc.exit_code
+        err.print(Text(exc.message, style="bold yellow"), highlight=False)
+        if exc.hint:
+            err.print(Text.assemble(("hint: ", "yellow"), exc.hint), highlight=False)
+        return exc.exit_code
+    if isinstance(exc, CnnftError):
+        if debug:
             import traceback
 
-            traceback.print_exc()
+            traceback.print_exception(exc)
         if not _other_rank():  # every torchrun process meets the same error; rank 0 reports it
             _error(exc.message, exc.hint)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
-    except BrokenPipeError:  # `cnnft ... | head`: the reader is gone, so is our output
+        return exc.exit_code
+    if isinstance(exc, (KeyboardInterrupt, typer.Abort)):  # Abort: Ctrl-C at a prompt
+        saved = "nothing was saved" if name == "train" else "its results are missing or incomplete"
+        err.print(Text(f"interrupted by Ctrl-C before `cnnft {name}` finished: {saved}", style="bold yellow"),
+                  highlight=False)
+        err.print(Text.assemble(("hint: ", "yellow"), "run the same command again"), highlight=False)
+        return 130
+    if isinstance(exc, BrokenPipeError):  # `cnnft ... | head`: the reader is gone, so is our output
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
-    except Exception as exc:  # noqa: BLE001 - last resort: a message, not a traceback
-        if settings.debug:
-            raise
-        err.print(Text.assemble(("internal error: ", "bold red"), f"{type(exc).__name__}: {exc}"), highlight=False)
-        err.print("[dim]run again with --debug for the traceback, and please report it[/dim]")
-        sys.exit(1)
+        return 0
+    if debug:  # last resort below: a message, not a traceback
+        raise exc
+    err.print(Text.assemble(("internal error: ", "bold red"), f"{type(exc).__name__}: {exc}"), highlight=False)
+    err.print("[dim]run again with --debug for the traceback, and please report it[/dim]")
+    return 1
+
+
+def _command_name(group, args: list[str]) -> str:
+    """The subcommand named in ``args`` ("cnnft" when there is none)."""
+    return next((a for a in args if a in group.commands), "cnnft")
+
+
+@contextlib.contextmanager
+def _ctrl_c_ignored() -> Iterator[None]:
+    """Ctrl-C does nothing inside (in the main thread; elsewhere signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _error(message: str, hint: str | None) -> None:

@@ -7,6 +7,7 @@ front, so a corrupt file is found before training starts, not in epoch 7.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import threading
@@ -220,17 +221,39 @@ def _test_source(cfg: "DataConfig", classes: list[str]) -> tuple[Source | None, 
 
 
 class ImageDataset(Dataset):
-    """A Source with a transform: item i -> (tensor, label)."""
+    """A Source with a transform: item i -> (tensor, label).
 
-    def __init__(self, source: Source, transform, draft: int | None = None) -> None:
+    With a ``seed``, the random transform of item i draws from its own generator state, fixed
+    by (seed, epoch, i) (see :meth:`set_epoch`), not from whichever process loads it: the
+    augmentation of a run is the same for any number of loader workers, and an epoch resumed
+    part-way gives its remaining images the augmentation they would have had. The calling
+    process's global generator is left as it was."""
+
+    def __init__(self, source: Source, transform, draft: int | None = None, seed: int | None = None) -> None:
         self.source, self.transform, self.draft = source, transform, draft
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the augmentation of ``epoch`` (read by the loader's workers when it starts a pass)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int):
         img = self.source.load(i, self.draft)
-        return self.transform(img), self.source.labels[i]
+        if self.seed is None:
+            return self.transform(img), self.source.labels[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, i))
+            return self.transform(img), self.source.labels[i]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index``'s random augmentation in ``epoch`` of a run seeded ``seed``:
+    a hash, so that nearby (seed, epoch, index) triples give unrelated draws."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # a non-negative int64
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

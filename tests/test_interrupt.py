@@ -151,12 +151,16 @@ def resume_until_done(exp: Path, out: str, attempts: int = 3) -> Path:
     raise AssertionError(f"{out}: not completed after {attempts} attempts")
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
-def test_signal_saves_a_resumable_checkpoint(exp: Path, baseline: dict, sig: int, code: int) -> None:
+@pytest.mark.parametrize("sig, code, workers", [(signal.SIGINT, 130, 0), (signal.SIGTERM, 143, 0), (signal.SIGINT, 130, 2)],
+                         ids=["SIGINT", "SIGTERM", "SIGINT-2-workers"])
+def test_signal_saves_a_resumable_checkpoint(exp: Path, baseline: dict, sig: int, code: int, workers: int) -> None:
+    """With loader workers too: each image's augmentation is fixed by (seed, epoch, image), so
+    the resumed epoch draws what the stopped one would have, and the run matches the baseline
+    (which has no workers)."""
     from cnnft import checkpoint
 
-    out = f"sig{int(sig)}"
-    proc = Proc(["train", "cfg.yaml", f"output_dir={out}", "-q"], exp)
+    out = f"sig{int(sig)}-w{workers}"
+    proc = Proc(["train", "cfg.yaml", f"output_dir={out}", f"data.num_workers={workers}", "-q"], exp)
     proc.wait_for("parameters train")  # logged just before the stop flag is armed and the first step
     # a third into the first epoch (80 steps of a few ms each): the stop must come mid-epoch,
     # where resuming needs the saved RNG state to draw the same augmentations
@@ -257,4 +261,29 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves(exp: Path, basel
         assert res.code == 0 and TRACEBACK not in res.err, res.err
         s = summary_of(run)
         assert s["status"] == "completed" and s["epochs_completed"] == EPOCHS
+        assert metrics_of(run) == baseline["metrics"], f"{report[-1]}: resumed with workers, not bit-exact"
     print("\n".join(report))
+
+
+def test_double_sigint_names_the_last_checkpoint_and_resume_matches(exp: Path, baseline: dict) -> None:
+    """Ctrl-C twice in quick succession, as an impatient user does: the second one may come
+    before the first's checkpoint is written (then the run stops at once and says which
+    checkpoint is the last one) or after (then it must not cut the report short). Either way:
+    one message, exit 130, no traceback, and the resume command gives the uninterrupted run."""
+    out = "double"
+    proc = Proc(["train", "cfg.yaml", f"output_dir={out}", "-q"], exp)
+    proc.wait_for("epoch 1/")  # a checkpoint exists: the second Ctrl-C has one to name
+    time.sleep((baseline["epochs_at"][1] - baseline["epochs_at"][0]) / 3)
+    proc.p.send_signal(signal.SIGINT)
+    time.sleep(0.003)
+    proc.p.send_signal(signal.SIGINT)
+    assert proc.finish() == 130, proc.stderr
+    err, run = proc.stderr, Path(out) / "t"
+    assert TRACEBACK not in err and "internal error" not in err, err
+    assert f"resume with: cnnft train --resume {run}" in err, err
+    second = "interrupted by Ctrl-C; the last checkpoint saved is" in err
+    assert second or "stopped by SIGINT" in err, err
+    print("the second Ctrl-C came", "before the checkpoint was written" if second else "after it", "\n" + err)
+    res = run_subprocess(["train", "--resume", str(run), "-q"], exp)
+    assert res.code == 0, res.err
+    assert metrics_of(exp / run) == baseline["metrics"]

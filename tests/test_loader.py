@@ -93,3 +93,49 @@ def test_hidden_files_and_folders_are_never_data(tmp_path: Path) -> None:
     assert rel == ["a/000.png", "a/001.png", "b/000.png", "b/001.png", "b/sub/deep/000.png"]
     assert labels == [0, 0, 1, 1, 1]
     assert data.image_files(root / "a", "x") == [str(root / "a" / "000.png"), str(root / "a" / "001.png")]
+
+
+def _augmented(root: Path, seed: int = 5):
+    from cnnft import transforms
+    from cnnft.models import Preprocess
+
+    classes, paths, labels = data.scan_folder(str(make_dataset(root, n=5, size=24)), "data.train")
+    pre = Preprocess(resize_size=32, crop_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return data.ImageDataset(data._folder_source(paths, labels), transforms.train_transform(pre, "strong", True),
+                             seed=seed)
+
+
+def test_augmentation_is_fixed_per_image_and_epoch_whatever_the_worker(tmp_path: Path) -> None:
+    """A sample's augmentation depends on (seed, epoch, index) only: not on the loader worker
+    that draws it, nor on what was drawn before; the caller's global generator is untouched."""
+    ds = _augmented(tmp_path)
+    ds.set_epoch(3)
+    state = torch.get_rng_state()
+    alone = torch.stack([ds[i][0] for i in range(len(ds))])
+    assert torch.equal(torch.get_rng_state(), state), "augmenting must not move the global generator"
+    for workers in (0, 2):
+        loader = data.make_loader(ds, batch_size=5, num_workers=workers, sampler=data.EpochSampler(len(ds), 0, True),
+                                  generator=torch.Generator().manual_seed(workers))
+        order = list(loader.sampler)
+        drawn = torch.cat([x for x, _ in loader])
+        assert torch.equal(drawn, alone[order]), f"num_workers={workers}"
+    ds.set_epoch(4)
+    assert not torch.equal(ds[0][0], alone[0]), "another epoch draws another augmentation"
+
+
+def test_a_run_is_the_same_with_and_without_loader_workers(tmp_path: Path) -> None:
+    """data.num_workers changes how fast images are augmented, never which augmentation they get."""
+    import csv
+
+    from cnnft.recipes import train as train_recipe
+
+    make_dataset(tmp_path / "data", n=10, size=24)
+    rows = {}
+    for workers in (0, 2):
+        s = train_recipe.train(None, [f"data.train={tmp_path / 'data'}", "data.image_size=32", "data.batch_size=4",
+                                      "data.augment=light", f"data.num_workers={workers}", "model.backbone=lenet5",
+                                      "model.weights=none", "train.epochs=2", "train.device=cpu", "seed=7",
+                                      f"output_dir={tmp_path / 'runs'}", f"name=w{workers}"], log=lambda m: None)
+        with open(Path(s.run_dir) / "metrics.csv", newline="") as f:
+            rows[workers] = [(r["train_loss"], r["train_acc"], r["val_loss"], r["val_acc"]) for r in csv.DictReader(f)]
+    assert rows[0] == rows[2]

@@ -9,6 +9,7 @@ in a cache folder that later runs with the same model, data and settings reuse.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,8 @@ def setup(cfg: Config, bb: models.Backbone, frozen: list[str], bundle: data.Data
     key_base = _key_base(cfg, bb, frozen, split.boundary)
     val = _store(split, eval_ds, 1, f"{part} val".strip(), key_base, cfg, rt, log, show)
     train_tf = transforms.train_transform(pre, cfg.data.augment, cfg.data.hflip)
-    train = _store(split, data.ImageDataset(bundle.train, train_tf, pre.resize_size), views, f"{part} train".strip(),
+    train_ds = data.ImageDataset(bundle.train, train_tf, pre.resize_size, seed=cfg.seed)
+    train = _store(split, train_ds, views, f"{part} train".strip(),
                    key_base, cfg, rt, log, show)
     aug = f"{views} augmented view(s) per image, one per epoch in turn" if views > 1 else "one view per image"
     log(f"feature cache{' (' + part + ' phase)' if part else ''}: the frozen layers up to {split.boundary} run once; training reads stored "
@@ -88,13 +90,18 @@ def _key_base(cfg: Config, bb: models.Backbone, frozen: list[str], boundary: str
     identity = cache.file_identity([weights])[0] if Path(weights).is_file() else weights
     return {"cnnft": __version__, "torch": torch.__version__, "model": bb.name, "weights": identity,
             "frozen": sorted(frozen), "boundary": boundary, "preprocess": bb.preprocess.to_dict(),
-            "augment": cfg.data.augment, "hflip": cfg.data.hflip, "seed": cfg.seed}
+            "augment": cfg.data.augment, "hflip": cfg.data.hflip, "seed": cfg.seed,
+            "draws": "per-image"}  # views drawn per (seed, view, image); earlier caches drew otherwise
 
 
-def _seeded(ds: data.ImageDataset, seed: int, cfg: Config, rt: runtime.Runtime):
-    """One pass over ``ds`` in order whose random augmentation is fixed by ``seed``."""
-    torch.manual_seed(seed)  # augmentation drawn in this process
-    gen = torch.Generator().manual_seed(seed)  # and in worker processes
+VIEW_EPOCH = 1_000_000  # view v is augmented as "epoch" VIEW_EPOCH + v: no training epoch draws the same
+
+
+def _seeded(ds: data.ImageDataset, view: int, cfg: Config, rt: runtime.Runtime):
+    """One pass over ``ds`` in order, augmented as view ``view`` (the same for any data.num_workers)."""
+    ds = copy.copy(ds)
+    ds.set_epoch(VIEW_EPOCH + view)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the workers' base seed, so the global RNG is not used
     yield from data.make_loader(ds, cfg.data.batch_size, cfg.data.num_workers, generator=gen, pin_memory=rt.pin_memory)
 
 
@@ -113,7 +120,7 @@ def _store(split: cache.Split, ds: data.ImageDataset, views: int, part: str, key
         if found is not None:
             log(f"feature cache: {part} activations read from {folder}")
             return found
-    loaders = [_seeded(ds, data.epoch_seed(cfg.seed, 1_000_000 + v), cfg, rt) for v in range(views)]
+    loaders = [_seeded(ds, v, cfg, rt) for v in range(views)]
     bar = progress.bar(range(views * len(ds)), f"caching {part} activations", show) if show else None
     counter = iter(bar) if bar is not None else None
 

@@ -14,6 +14,7 @@ from .. import __version__, checkpoint, data, engine, metrics, models
 from ..checkpoint import RunDir
 from ..config import Config
 from ..freeze import FreezePlan
+from . import _run
 
 def plan_record(plan: FreezePlan, bb: models.Backbone, why: str | None) -> dict:
     """freeze_plan.json: the plan and the model it was made for."""
@@ -50,6 +51,7 @@ class Saved:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     scaler: torch.amp.GradScaler | None
+    disk: _run.OnDisk  # what the run holds on disk, updated as last.pt is written (for Ctrl-C's message)
 
     def checkpoint(self, state: engine.TrainState) -> dict:
         """A resumable checkpoint at ``state``."""
@@ -110,6 +112,7 @@ def end_epoch(state: engine.TrainState, row: dict, saved: Saved, run: RunDir,
         checkpoint.atomic_link(run.best, run.last)  # resumed run redoes it (never a stale best)
     else:
         checkpoint.save(ckpt, run.last)
+    saved.disk.last = (after.epoch, 0)
     state.end_epoch(row)
     metrics.write_csv(run.metrics, state.history, metrics.EPOCH_COLUMNS)
     if writer is not None:

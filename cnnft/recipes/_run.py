@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -198,6 +199,43 @@ def interrupted(signum: int, run: RunDir, epoch: int, step: int, steps: int) -> 
     where = f"epoch {epoch}, step {step}/{steps}" if step else f"the end of epoch {epoch}"
     return Interrupted(f"stopped by {name} at {where}; checkpoint saved in {run.last}",
                        signum=signum, hint=f"resume with: cnnft train --resume {run}")
+
+
+@dataclass
+class OnDisk:
+    """What a run has saved so far: its folder (None until there is one) and the (epoch, step)
+    of the checkpoint in its last.pt (None: none yet); what a Ctrl-C that cannot wait reports."""
+
+    run: RunDir | None = None
+    last: tuple[int, int] | None = None
+
+
+@contextlib.contextmanager
+def on_ctrl_c(rerun: str) -> Iterator[OnDisk]:
+    """Turn a KeyboardInterrupt (a Ctrl-C before training starts, or a second one during it, which
+    does not wait for a checkpoint) into an :class:`Interrupted` that says what was saved and how
+    to go on. ``rerun``: the command that starts the run again while nothing is saved."""
+    disk = OnDisk()
+    try:
+        yield disk
+    except KeyboardInterrupt:
+        raise ctrl_c(disk, rerun) from None
+
+
+def ctrl_c(disk: OnDisk, rerun: str) -> Interrupted:
+    """The error of a run cut short by Ctrl-C, given what it has on disk."""
+    if disk.run is None:
+        return Interrupted("interrupted by Ctrl-C before training started: nothing was saved",
+                           signum=signal.SIGINT, hint=f"start it again: {rerun}")
+    if disk.last is None:
+        return Interrupted(f"interrupted by Ctrl-C before the run's first checkpoint: {disk.run} holds nothing "
+                           "to resume from", signum=signal.SIGINT,
+                           hint=f"start it over in the same folder: cnnft train --resume {disk.run}")
+    epoch, step = disk.last
+    at = (f"epoch {epoch + 1}, step {step}" if step else
+          "the end of the head phase" if epoch == 0 else f"the end of epoch {epoch}")
+    return Interrupted(f"interrupted by Ctrl-C; the last checkpoint saved is {disk.run.last}, from {at}",
+                       signum=signal.SIGINT, hint=f"resume with: cnnft train --resume {disk.run}")
 
 
 def _yaml(d: dict) -> str:

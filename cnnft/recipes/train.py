@@ -8,6 +8,7 @@ part of the checkpoint where it is built.
 from __future__ import annotations
 
 import random
+import shlex
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -68,7 +69,21 @@ def train(
     """Fine-tune a pretrained backbone as the config says (or continue the run in ``resume``);
     write the run folder and return its summary."""
     resume = Path(resume) if resume is not None else None
-    cfg, resumed = _run.resolve(config_path, list(overrides or []), resume)
+    with _run.on_ctrl_c(_rerun(config_path, overrides, resume)) as disk:
+        return _train(config_path, list(overrides or []), resume, log, progress_bar, disk)
+
+
+def _rerun(config_path: str | Path | None, overrides: list[str] | None, resume: Path | None) -> str:
+    """The command line that starts this run again."""
+    head = ["--resume", str(resume)] if resume is not None else [str(config_path)] if config_path else []
+    return shlex.join(["cnnft", "train", *head, *(overrides or [])])
+
+
+def _train(config_path: str | Path | None, overrides: list[str], resume: Path | None,
+           log: Callable[[str], None], progress_bar: bool, disk: _run.OnDisk) -> TrainSummary:
+    cfg, resumed = _run.resolve(config_path, overrides, resume)
+    if resume is not None:  # what a Ctrl-C from here on leaves: the run's own last checkpoint
+        disk.run, disk.last = RunDir(resume), None if resumed is None else (resumed["epoch"], resumed["step"])
     cfg.data.augment, cfg.data.hflip = transforms.resolve_augment(cfg.data.augment, cfg.data.hflip, cfg.freeze.similar)
     dd, log, progress_bar = _setup_process(cfg.train.device, resumed, log, progress_bar)
     seed_everything(cfg.seed)
@@ -97,10 +112,10 @@ def train(
     criterion = nn.CrossEntropyLoss(weight=_class_weights(cfg, bundle, log), label_smoothing=cfg.train.label_smoothing)
     state = dd.own_share(_setup_state(resumed, resume, log, cfg.train.monitor))  # last: restores the RNGs of the stop
 
-    run = dd.run_dir(_run.open_run_dir, cfg, resume, _records.plan_record(plan, bb, why), log)
+    run = disk.run = dd.run_dir(_run.open_run_dir, cfg, resume, _records.plan_record(plan, bb, why), log)
     log(_describe(bb, bundle, plan, rt.device))
     saved = _records.Saved({**_records.header(bb, bundle, plan, cfg), "schedule_start": start, **dd.header()},
-                   model, optimizer, scheduler, scaler)
+                           model, optimizer, scheduler, scaler, disk)
 
     with dd.stop_flag(engine.StopFlag()) as stop, _run.failed_summary(run, state.history, log, write=dd.is_main):
         _run_head_phase(cfg, bb, bundle, rt, state, saved, run, writer, log, progress_bar, criterion,
@@ -155,6 +170,7 @@ class _Epoch:
         if stop.stopped and state.step < steps:
             if self.dd.is_main:
                 checkpoint.save(self.saved.checkpoint(state), self.run_dir.last)
+                self.saved.disk.last = (state.epoch, state.step)
             raise _run.interrupted(stop.signum, self.run_dir, epoch + 1, state.step, steps)
         # validation loss is plain cross-entropy: comparable across label_smoothing values and
         # equal to what `cnnft evaluate` reports
@@ -273,6 +289,7 @@ class _Loaders:
 
     train: torch.utils.data.DataLoader
     val: torch.utils.data.DataLoader
+    dataset: data.ImageDataset  # the training images, augmented per (seed, epoch, image)
     sampler: data.EpochSampler
     generator: torch.Generator
     seed: int
@@ -283,6 +300,7 @@ class _Loaders:
         """Serve ``epoch``'s batches from ``step`` on, as a run that never stopped saw them."""
         self.generator.manual_seed(self.seed * 7_919 + epoch * 104_729 + step)
         self.sampler.set_epoch(epoch, start=step * self.batch_size)
+        self.dataset.set_epoch(epoch)
         if self.views is not None:
             self.views.set_epoch(epoch)
 
@@ -299,7 +317,7 @@ def _setup_loaders(cfg: DataConfig, bundle: data.DataBundle, pre: models.Preproc
     """Training (augmented, shuffled per epoch) and validation loaders; under torchrun, this
     process's shard of each."""
     draft = pre.resize_size
-    train_ds = data.ImageDataset(bundle.train, transforms.train_transform(pre, cfg.augment, cfg.hflip), draft)
+    train_ds = data.ImageDataset(bundle.train, transforms.train_transform(pre, cfg.augment, cfg.hflip), draft, seed)
     val_ds = data.ImageDataset(bundle.val, transforms.eval_transform(pre), draft)
     per_class = balance.counts(bundle.train.labels, len(bundle.classes))
     weights = balance.sample_weights(bundle.train.labels, per_class) if cfg.balanced_sampler else None
@@ -309,7 +327,7 @@ def _setup_loaders(cfg: DataConfig, bundle: data.DataBundle, pre: models.Preproc
     if dd.active:
         val_ds = torch.utils.data.Subset(val_ds, dd.eval_indices(len(val_ds)))
     val_loader = data.make_loader(val_ds, cfg.batch_size, cfg.num_workers, pin_memory=pin)
-    return _Loaders(train_loader, val_loader, sampler, gen, seed, cfg.batch_size)
+    return _Loaders(train_loader, val_loader, train_ds, sampler, gen, seed, cfg.batch_size)
 
 
 def _setup_state(resumed: dict | None, run_dir: Path | None, log: Callable[[str], None],
