@@ -6,27 +6,23 @@ Errors are mapped to a message and an exit code in one place (:func:`main`): 0 s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import sys
-import threading
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.text import Text
 
-from . import __version__, tables
+from . import __version__, exits, tables
 from .strategies import STRATEGIES
 
-from .helpformat import Command as _Command, Group as _Group, click_errors
-from .errors import CnnftError, ConfigError, Interrupted
+from .helpformat import Command as _Command, Group as _Group
+from .errors import ConfigError
 
 app = typer.Typer(
     name="cnnft",
@@ -194,7 +190,7 @@ def train(
     from .recipes import train as train_recipe
     summary = train_recipe.train(config, overrides, resume=resume, log=lambda m: err.print(m, highlight=False, markup=False),
                                  progress_bar=err.is_terminal and not quiet and not json_out)
-    if _other_rank():  # rank 0 of a torchrun launch reports the run
+    if exits.other_rank():  # rank 0 of a torchrun launch reports the run
         return
     if json_out:
         _print_json(summary.to_dict())
@@ -206,11 +202,6 @@ def train(
         run = tables.shown_path(summary.run_dir)
         err.print(f"next: cnnft evaluate {run} | cnnft report {run} | cnnft predict {run} IMAGES...",
                   highlight=False, markup=False)
-
-
-def _other_rank() -> bool:
-    """True in a torchrun process other than rank 0 (read from the environment: no torch import)."""
-    return os.environ.get("RANK", "0") != "0"
 
 
 def _launch_train(nproc: int, config: str | None, overrides: list[str], resume: Path | None,
@@ -231,8 +222,6 @@ def _launch_train(nproc: int, config: str | None, overrides: list[str], resume: 
 
 def _log(message: str) -> None:
     err.print(message, highlight=False, markup=False)
-
-
 
 
 @app.command("evaluate", cls=_Command)
@@ -421,7 +410,6 @@ def init_cmd(
     out.print(f"wrote {path}; check it with `cnnft validate {path}`, run it with `cnnft train {path}`", highlight=False)
 
 
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn errors into a message and an exit code."""
     settings = Settings(debug=bool(os.environ.get("CNNFT_DEBUG")))
@@ -432,74 +420,8 @@ def main(argv: list[str] | None = None) -> None:
             command.invoke(ctx)
     except (Exception, KeyboardInterrupt) as exc:
         # the command is over; a further Ctrl-C must not cut its last message short
-        with _ctrl_c_ignored():
-            code = _report(exc, settings.debug, _command_name(command, args))
+        with exits.ctrl_c_ignored():
+            code = exits.report(exc, settings.debug, exits.command_name(command, args))
         sys.exit(code)
 
 
-def _report(exc: BaseException, debug: bool, name: str) -> int:
-    """Say what went wrong (and what to do next) on stderr; return the exit code."""
-    if isinstance(exc, typer.Exit):
-        return exc.exit_code
-    if isinstance(exc, click_errors.NoArgsIsHelpError):  # the help is already shown
-        return 2
-    if isinstance(exc, click_errors.UsageError):
-        where = exc.ctx.command_path if exc.ctx else "cnnft"
-        _error(exc.format_message(), f"see `{where} --help`")
-        return 2
-    if isinstance(exc, click_errors.ClickException):
-        _error(exc.format_message(), None)
-        return exc.exit_code
-    if isinstance(exc, Interrupted):  # stopped on request: not an error, but the run is unfinished
-        if _other_rank():
-            return exc.exit_code
-        err.print(Text(exc.message, style="bold yellow"), highlight=False)
-        if exc.hint:
-            err.print(Text.assemble(("hint: ", "yellow"), exc.hint), highlight=False)
-        return exc.exit_code
-    if isinstance(exc, CnnftError):
-        if debug:
-            import traceback
-
-            traceback.print_exception(exc)
-        if not _other_rank():  # every torchrun process meets the same error; rank 0 reports it
-            _error(exc.message, exc.hint)
-        return exc.exit_code
-    if isinstance(exc, (KeyboardInterrupt, typer.Abort)):  # Abort: Ctrl-C at a prompt
-        saved = "nothing was saved" if name == "train" else "its results are missing or incomplete"
-        err.print(Text(f"interrupted by Ctrl-C before `cnnft {name}` finished: {saved}", style="bold yellow"),
-                  highlight=False)
-        err.print(Text.assemble(("hint: ", "yellow"), "run the same command again"), highlight=False)
-        return 130
-    if isinstance(exc, BrokenPipeError):  # `cnnft ... | head`: the reader is gone, so is our output
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    if debug:  # last resort below: a message, not a traceback
-        raise exc
-    err.print(Text.assemble(("internal error: ", "bold red"), f"{type(exc).__name__}: {exc}"), highlight=False)
-    err.print("[dim]run again with --debug for the traceback, and please report it[/dim]")
-    return 1
-
-
-def _command_name(group, args: list[str]) -> str:
-    """The subcommand named in ``args`` ("cnnft" when there is none)."""
-    return next((a for a in args if a in group.commands), "cnnft")
-
-
-@contextlib.contextmanager
-def _ctrl_c_ignored() -> Iterator[None]:
-    """Ctrl-C does nothing inside (in the main thread; elsewhere signals cannot be set)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-
-
-def _error(message: str, hint: str | None) -> None:
-    err.print(Text.assemble(("error: ", "bold red"), message), highlight=False)
-    if hint:
-        err.print(Text.assemble(("hint: ", "yellow"), hint), highlight=False)
