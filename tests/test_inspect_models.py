@@ -176,25 +176,6 @@ def test_inspect_table_compacts_numbered_blocks():
         ["features.0", "features.2..3", "layer4"]
 
 
-def test_models_shows_offline_accuracy_gflops_and_searches_timm(monkeypatch, capsys):
-    code, out, err = run_cli(monkeypatch, capsys, "models", "--filter", "convnext_t", "--json")
-    assert code == 0, err
-    rows = {r["name"]: r for r in json.loads(out)}
-    tiny = rows["convnext_tiny"]  # torchvision's weights metadata: acc@1 82.52, 4.456 GFLOPs
-    assert tiny["imagenet_acc1"] == pytest.approx(82.52) and tiny["gflops"] == pytest.approx(4.456)
-    assert isinstance(tiny["offline"], bool)
-    assert rows["timm/convnext_tiny"]["source"] == "timm" and rows["timm/convnext_tiny"]["input_size"] == 224
-    assert rows["timm/convnext_tiny"]["default_weights"]  # the default pretrained tag
-
-    code, out, _ = run_cli(monkeypatch, capsys, "models", "--filter", "lite", "--json")
-    rows = {r["name"]: r for r in json.loads(out)}
-    assert rows["efficientnet_lite0"]["offline"] is True  # packaged weights
-    assert "timm/efficientnet_lite0" in rows
-
-    code, out, _ = run_cli(monkeypatch, capsys, "models", "--filter", "convnext_t")
-    assert code == 0 and "82.5" in out and "4.46" in out and "timm/convnext_tiny" in out and "offline" in out
-
-
 def test_shown_paths_are_relative_to_the_current_folder_when_inside_it(tmp_path, monkeypatch):
     from cnnft.tables import _images_root, shown_path
 
