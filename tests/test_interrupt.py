@@ -287,3 +287,33 @@ def test_double_sigint_names_the_last_checkpoint_and_resume_matches(exp: Path, b
     res = run_subprocess(["train", "--resume", str(run), "-q"], exp)
     assert res.code == 0, res.err
     assert metrics_of(exp / run) == baseline["metrics"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nth", [1, 3], ids=["first-save", "epoch-2-save"])
+def test_death_inside_the_atomic_checkpoint_write_then_resume(exp: Path, baseline: dict, nth: int) -> None:
+    """A deterministic fault: the process dies (os._exit) after the nth checkpoint's temporary
+    file is written and before it is renamed into place. Nothing torn is left, the resume
+    removes the temporary file, and the finished run equals the uninterrupted one."""
+    out = f"fault{nth}"
+    script = (
+        "import os, sys\n"
+        "from cnnft import checkpoint, cli\n"
+        "real, calls = os.replace, []\n"
+        "def dying_replace(src, dst):\n"
+        "    if str(dst).endswith('.pt'):\n"
+        "        calls.append(dst)\n"
+        f"        if len(calls) == {nth}:\n"
+        "            os._exit(9)\n"
+        "    return real(src, dst)\n"
+        "checkpoint.os.replace = dying_replace\n"
+        f"cli.main(['train', 'cfg.yaml', 'output_dir={out}', '-q'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=exp, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    leftovers = assert_checkpoints_sound(exp / out)
+    assert leftovers, "the fault left the temporary file of the interrupted write"
+    run = resume_until_done(exp, out)
+    assert not list(run.rglob("*.tmp"))
+    assert metrics_of(run) == baseline["metrics"]
