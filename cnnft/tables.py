@@ -208,10 +208,16 @@ def freeze_plan(advice) -> Table:
 
 
 def backbones(rows: list[dict]) -> Table:
-    """``cnnft models``: name, source, parameters, default weights, input size."""
-    t = Table(title="backbones")
-    for col in ("name", "source", "params", "default weights", "input"):
-        t.add_column(col, justify="right" if col in ("params", "input") else "left")
+    """``cnnft models``: name, parameters, default weights, input size, ImageNet-1K top-1 and
+    GFLOPs of the default weights, and whether they are at hand offline."""
+    t = Table(title="backbones", caption="top-1: ImageNet-1K accuracy of the default weights (%); "
+              "offline: packaged or in the cache, no download needed")
+    for col in ("name", "params", "default weights", "input", "top-1", "GFLOPs", "offline"):
+        t.add_column(col, justify="left" if col in ("name", "default weights") else "right", no_wrap=col == "name")
     for r in rows:
-        t.add_row(r["name"], r["source"], f"{r['params']:,}", r["default_weights"], str(r["input_size"]))
+        params = r.get("params")
+        acc, gf, off = r.get("imagenet_acc1"), r.get("gflops"), r.get("offline")
+        t.add_row(r["name"], "-" if params is None else f"{params:,}", str(r["default_weights"]), str(r["input_size"]),
+                  "-" if acc is None else f"{acc:.1f}", "-" if gf is None else f"{gf:.2f}",
+                  "-" if off is None else ("yes" if off else "no"))
     return t

@@ -185,3 +185,15 @@ def test_shown_paths_are_relative_to_the_current_folder_when_inside_it(tmp_path,
     paths = [str(tmp_path / "val" / c / f"{i}.jpg") for c in ("ants", "bees") for i in range(2)]
     root = _images_root(paths)
     assert root == str(tmp_path / "val") and shown_path(paths[0], root) == "ants/0.jpg"
+
+
+def test_models_shows_accuracy_gflops_and_offline(monkeypatch, capsys):
+    code, out, err = run_cli(monkeypatch, capsys, "models", "--filter", "convnext_t", "--json")
+    assert code == 0, err
+    tiny = {r["name"]: r for r in json.loads(out)}["convnext_tiny"]
+    # torchvision's weights metadata for IMAGENET1K_V1: acc@1 82.52, 4.456 GFLOPs
+    assert tiny["imagenet_acc1"] == 82.52 and tiny["gflops"] == 4.456 and isinstance(tiny["offline"], bool)
+    code, out, _ = run_cli(monkeypatch, capsys, "models", "--filter", "lite", "--json")
+    assert {r["name"]: r for r in json.loads(out)}["efficientnet_lite0"]["offline"] is True  # packaged weights
+    code, out, _ = run_cli(monkeypatch, capsys, "models", "--filter", "convnext_t")
+    assert code == 0 and "82.5" in out and "4.46" in out and "offline" in out

@@ -48,9 +48,13 @@ class Entry:
     default: str | None = None  # the weights name DEFAULT stands for (torchvision)
 
     def row(self) -> dict:
-        """The ``cnnft models`` row."""
+        """The ``cnnft models`` row: with ImageNet-1K top-1 and GFLOPs of the default weights
+        (torchvision's metadata) and whether they are at hand offline (packaged or cached)."""
+        meta = self.weights.get(self.default or "", {})
+        offline = facts(self, "DEFAULT").availability.offline
         return {"name": self.name, "source": self.source, "params": self.params,
-                "default_weights": self.default_weights, "input_size": self.input_size}
+                "default_weights": self.default_weights, "input_size": self.input_size,
+                "imagenet_acc1": meta.get("acc1"), "gflops": meta.get("gflops"), "offline": offline}
 
 
 def installed_versions() -> dict[str, str | None]:
@@ -181,7 +185,9 @@ def _entry(name: str) -> dict:
 
         enum = torchvision.models.get_model_weights(bare)
         default = enum.DEFAULT.name
-        weights = {w.name: {"url": w.url, "file": Path(w.url).name, "crop_size": tv_preprocess(w).crop_size}
+        weights = {w.name: {"url": w.url, "file": Path(w.url).name, "crop_size": tv_preprocess(w).crop_size,
+                            "acc1": w.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1"),
+                            "gflops": w.meta.get("_ops")}
                    for w in enum}
     return {"name": name, "source": source.name, "params": count_params(bb.model), "default_weights": shown,
             "input_size": size, "min_input": min_input(bb.model), "crop_size": bb.preprocess.crop_size,
