@@ -170,7 +170,7 @@ def facts(entry: Entry, weights: str) -> Facts:
 
 # ------------------------------------------------------------------------- generation
 
-def _entry(name: str) -> dict:
+def entry_of(name: str) -> dict:
     """The catalog entry of ``name`` from the live registry (builds it on the meta device)."""
     from . import build, count_params, find_source, min_input
     from .sources import tv_preprocess
@@ -198,7 +198,7 @@ def generate() -> dict:
     """The catalog as the installed packages describe it (imports torch; about a minute)."""
     from . import known_names
 
-    return {"format": FORMAT, "versions": installed_versions(), "models": [_entry(n) for n in known_names()]}
+    return {"format": FORMAT, "versions": installed_versions(), "models": [entry_of(n) for n in known_names()]}
 
 
 def write(path: Path = CATALOG_FILE) -> Path:

@@ -16,13 +16,8 @@ TIMM_LIMIT = 40  # timm architectures built for one listing (about 0.1 s each)
 
 
 def _built_row(name: str) -> dict:
-    from .. import models
-
-    source, bare = models.find_source(name)
-    bb = models.build(name, "none", None, on_meta=True)
-    weights, size = source.default_weights(bare, bb.preprocess)
-    return {"name": name, "source": source.name, "params": models.count_params(bb.model),
-            "default_weights": weights, "input_size": size}
+    """The row of ``name`` from the live registry (the catalog's own entry, built now)."""
+    return catalog.Entry(**catalog.entry_of(name)).row()
 
 
 def _timm_rows(text: str) -> list[dict]:
