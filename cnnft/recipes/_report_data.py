@@ -54,6 +54,11 @@ def best_of(history: list[dict], summary: dict) -> tuple[int, float]:
     return next(e for v, e in scored if v == best), best
 
 
+def epochs_done(history: list[dict]) -> int:
+    """The strategy's epochs in metrics.csv (the head phase, when there is one, is epoch 0)."""
+    return int(history[-1]["epoch"]) if history else 0
+
+
 def run_status(summary: dict) -> tuple[str, str | None]:
     """(status, error): completed, failed (with the error summary.json gives) or interrupted."""
     if not summary:
@@ -114,10 +119,10 @@ def hyperparameters(plan: dict, cfg: Config | None, summary: dict, history: list
         hp["augmentation"] = str(d.augment)
         hp["image size"] = f"{d.image_size} px" if d.image_size else "the weights' own"
         hp["batch size"] = str(d.batch_size)
-        hp["epochs"] = f"{len(history)} of {t.epochs}"
+        hp["epochs"] = f"{epochs_done(history)} of {t.epochs}"
         hp["seed"] = str(cfg.seed)
     else:
-        hp["epochs"] = str(len(history))
+        hp["epochs"] = str(epochs_done(history))
     if isinstance(summary.get("train_images"), int):
         hp["images"] = f"{summary['train_images']:,} train / {summary.get('val_images', 0):,} val"
     secs, speed = wall_seconds(summary, history), images_per_second(history)

@@ -181,13 +181,13 @@ def failed_summary(run: RunDir, history: list[dict], log: Callable[[str], None],
             "best_val_acc": best["val_acc"] if best else None,
             "best_epoch": best["epoch"] if best else None,
             "final_val_acc": history[-1]["val_acc"] if history else None,
-            "epochs_completed": len(history),
+            "epochs_completed": history[-1]["epoch"] if history else 0,  # the head phase is epoch 0
             "wall_seconds": history[-1]["wall_seconds"] if history else None,
             "checkpoints": {k: str(p) for k, p in kept.items() if p.exists()},
         }
         with contextlib.suppress(OSError):  # the original error matters more
             checkpoint.atomic_write_json(run.summary, summary)
-            n = len(history)
+            n = history[-1]["epoch"] if history else 0
             saved = f"; metrics.csv and checkpoints of epoch{'s 1-' if n > 1 else ' '}{n} are kept" if n else ""
             log(f"run marked failed in {run.summary}{saved}")
         raise

@@ -99,9 +99,9 @@ def write_report(run_dir: str | Path, *, device: str = "auto", log: Log = _stder
     best_epoch, best_acc = rd.best_of(history, summary)
     status, error = rd.run_status(summary)
     if status == "failed":
-        log(f"the run failed after {len(history)} epoch(s): {error}; reporting what exists")
+        log(f"the run failed after {rd.epochs_done(history)} epoch(s): {error}; reporting what exists")
     elif status == rd.INCOMPLETE:
-        log(f"{run_dir.name} has no summary.json: interrupted after {len(history)} epoch(s) (or still running); "
+        log(f"{run_dir.name} has no summary.json: interrupted after {rd.epochs_done(history)} epoch(s) (or still running); "
             f"reporting what exists")
 
     ev, eval_error = _evaluation(run, device, log)
@@ -124,7 +124,7 @@ def write_report(run_dir: str | Path, *, device: str = "auto", log: Log = _stder
     rep = Report(
         run=run_dir.name, status=status, error=error, model=plan["model"], weights=plan["weights"],
         strategy=plan["strategy"], trainable_params=plan["trainable_params"], total_params=plan["total_params"],
-        epochs=len(history), best_epoch=best_epoch, best_val_acc=best_acc, final_val_acc=history[-1]["val_acc"],
+        epochs=rd.epochs_done(history), best_epoch=best_epoch, best_val_acc=best_acc, final_val_acc=history[-1]["val_acc"],
         final_val_loss=history[-1]["val_loss"], wall_seconds=rd.wall_seconds(summary, history),
         images_per_second=rd.images_per_second(history),
         eval_accuracy=ev.accuracy if ev else None, eval_loss=ev.loss if ev else None,

@@ -384,7 +384,7 @@ def _summary(run: RunDir, state: engine.TrainState, plan: FreezePlan, bb: models
         best_epoch=state.best_epoch,
         final_val_acc=last["val_acc"] if last else None,
         final_val_loss=last["val_loss"] if last else None,
-        epochs_completed=len(state.history),
+        epochs_completed=state.epoch,  # the strategy's epochs; the head phase is epoch 0
         wall_seconds=round(last["wall_seconds"] if last else state.wall_seconds, 3),
         checkpoints={"best": str(run.best), "last": str(run.last)},
         model=bb.name,
