@@ -41,7 +41,7 @@ def test_head_phase_runs_first_as_epoch_zero(tmp_path, tiny_data, pretrained_fil
     assert [(r["epoch"], r["phase"]) for r in rows] == [("0", "head"), ("1", "train"), ("2", "train")]
     assert rows[0]["lr_backbone"] == ""  # only the head learns in the head phase
     assert any(m.startswith("head phase:") and "on cached features" in m for m in logged)
-    assert s.epochs_completed == 3
+    assert s.epochs_completed == 2  # the strategy's epochs; the head phase is epoch 0
     # off: the strategy's epochs only
     s2 = _train(tmp_path, tiny_data, f"model.weights={pretrained_file}", "freeze.strategy=freeze_most",
                 "train.epochs=2", "train.head_phase=false")
