@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -170,6 +171,11 @@ def facts(entry: Entry, weights: str) -> Facts:
 
 # ------------------------------------------------------------------------- generation
 
+def _finite(x) -> float | None:
+    """A metadata figure, or None where torchvision gives none (NaN for feature-only weights)."""
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
 def entry_of(name: str) -> dict:
     """The catalog entry of ``name`` from the live registry (builds it on the meta device)."""
     from . import build, count_params, find_source, min_input
@@ -186,8 +192,8 @@ def entry_of(name: str) -> dict:
         enum = torchvision.models.get_model_weights(bare)
         default = enum.DEFAULT.name
         weights = {w.name: {"url": w.url, "file": Path(w.url).name, "crop_size": tv_preprocess(w).crop_size,
-                            "acc1": w.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1"),
-                            "gflops": w.meta.get("_ops")}
+                            "acc1": _finite(w.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")),
+                            "gflops": _finite(w.meta.get("_ops"))}
                    for w in enum}
     return {"name": name, "source": source.name, "params": count_params(bb.model), "default_weights": shown,
             "input_size": size, "min_input": min_input(bb.model), "crop_size": bb.preprocess.crop_size,
