@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 from enum import Enum
@@ -202,6 +203,36 @@ def train(
         run = tables.shown_path(summary.run_dir)
         err.print(f"next: cnnft evaluate {run} | cnnft report {run} | cnnft predict {run} IMAGES...",
                   highlight=False, markup=False)
+
+
+@app.command("lr-find", cls=_Command)
+def lr_find_cmd(
+    config: Optional[str] = typer.Argument(None, help="Experiment YAML file (optional with overrides alone)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. freeze.strategy=freeze_most"),
+    out_file: Path = typer.Option(Path("lr_find.png"), "--out", help="The plot to write (PNG; replaced if it exists)."),
+    steps: int = typer.Option(100, "--steps", min=10, max=100_000, help="Batches in the sweep (the loader is cycled when shorter)."),
+    json_out: bool = typer.Option(False, "--json", help="Print suggested_lr, lrs, losses, plot (and reason, diverged) as JSON."),
+) -> None:
+    """Find a learning rate: a range test (as fastai's lr_find) of the run a config describes.
+
+    The rate grows from 1e-7 to 10 over --steps batches of the run's own data, model, frozen stages
+    and optimizer; the smoothed loss is plotted against it and a rate suggested (fastai's
+    valley rule). Nothing is trained or saved but the plot; train.lr=auto does the same at
+    the start of `cnnft train`.
+    """
+    config, overrides = _config_and_overrides(config, overrides)
+    if config is None and not overrides:
+        raise typer.BadParameter("give a CONFIG file (or key.sub=value overrides to start from the defaults)",
+                                 param_hint="CONFIG")
+    from .recipes import lr_find as lr_find_recipe
+    res = lr_find_recipe.lr_find(config, overrides, out=out_file, steps=steps, log=_log)
+    if json_out:
+        _print_json(res.to_dict())
+        return
+    out.print(f"[bold]suggested lr {res.suggested_lr:.3g}[/bold] ({escape(res.reason)}); "
+              f"plot: {escape(tables.shown_path(res.plot))}", highlight=False)
+    rerun = ["cnnft", "train", *([config] if config else []), *overrides, f"train.lr={res.suggested_lr:.3g}"]
+    err.print(f"next: {shlex.join(rerun)}", highlight=False, markup=False)
 
 
 def _launch_train(nproc: int, config: str | None, overrides: list[str], resume: Path | None,

@@ -113,7 +113,9 @@ class TrainConfig(_Section):
     """Optimisation and hardware."""
 
     epochs: Int = Field(10, ge=1, le=100_000)
-    lr: Float = Field(1e-3, gt=0, le=10, description="learning rate of the new head")
+    lr: Annotated[Float, Field(gt=0, le=10)] | Literal["auto"] = Field(
+        1e-3, description="learning rate of the new head; auto: picked by a learning-rate range test "
+        "(`cnnft lr-find`) when the run starts, and saved in the run's config.yaml")
     backbone_lr_scale: Float = Field(0.1, gt=0, le=1, description="pretrained layers get lr x this")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: Float = Field(0.9, ge=0, lt=1)
@@ -187,9 +189,16 @@ def _describe(err: dict) -> str:
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
         return f"{key}: unknown key{hint} (allowed: {', '.join(allowed)})"
+    return f"{key}: {_message(err)}{_shown(err)}"
+
+
+def _shown(err: dict) -> str:
     got = err.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {_short.repr(got)})"
-    msg = err["msg"]
+    return "" if isinstance(got, dict) else f" (got {_short.repr(got)})"
+
+
+def _message(err: dict) -> str:
+    got, msg = err.get("input"), err["msg"]
     if err["type"] == "model_type":
         msg = "must be a mapping of keys to values"
     elif err["type"] == "bool_type":
@@ -198,7 +207,41 @@ def _describe(err: dict) -> str:
         msg += "; true/false is not a number"
     elif err["type"] == "int_type" and isinstance(got, (float, str)):
         msg += ", written without a decimal point or quotes"
-    return f"{key}: {msg}{shown}"
+    return msg
+
+
+def _field_loc(loc: tuple) -> tuple:
+    """The key path of the schema field an error's ``loc`` points into (the rest of ``loc``
+    names union branches or items inside the value)."""
+    schema: type[BaseModel] | None = Config
+    for i, part in enumerate(loc):
+        if schema is None or part not in schema.model_fields:
+            return loc[:i]
+        schema = _SECTIONS.get(".".join(str(p) for p in loc[:i + 1]))
+    return loc
+
+
+def _problems(errors: list[dict]) -> list[str]:
+    """One line per problem. A value that fits no branch of a union (``train.lr: fast`` for a
+    number or ``auto``) is one problem listing every branch, not one line per branch under
+    pydantic's branch tags."""
+    branches: dict[tuple, list[dict]] = {}
+    for e in errors:
+        field = _field_loc(tuple(e["loc"]))
+        if field and len(e["loc"]) == len(field) + 1 and e["type"] != "extra_forbidden":
+            branches.setdefault(field, []).append(e)
+    out, done = [], set()
+    for e in errors:
+        field = _field_loc(tuple(e["loc"]))
+        group = branches.get(field, [])
+        if e not in group:
+            out.append(_describe(e))
+        elif field not in done:
+            done.add(field)
+            msgs = [_message(g) for g in group]
+            said = msgs[0] + "".join(", or " + m.removeprefix("Input should be ") for m in msgs[1:])
+            out.append(f"{'.'.join(str(p) for p in field)}: {said}{_shown(group[0])}")
+    return out
 
 
 def validate(raw: Any, *, source: str | None = None) -> Config:
@@ -214,7 +257,7 @@ def validate(raw: Any, *, source: str | None = None) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError([_describe(e) for e in exc.errors()], source=source) from None
+        raise ConfigError(_problems(exc.errors()), source=source) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

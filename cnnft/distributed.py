@@ -222,6 +222,14 @@ class Dist:
         torch.distributed.broadcast_object_list(path, src=0)
         return RunDir(path[0])
 
+    def from_main(self, value):
+        """Rank 0's ``value`` in every process (a picklable object); ``value`` in a single one."""
+        if not self.active:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def header(self) -> dict:
         """What a checkpoint records of the launch: the process count (only when several; a
         single-process checkpoint stays as it was)."""

@@ -1,4 +1,4 @@
-"""Figures as PNG files: training curves, confusion matrices and image grids.
+"""Figures as PNG files: training curves, learning-rate range tests, confusion matrices and image grids.
 
 Drawn on matplotlib's Agg canvas through ``matplotlib.figure.Figure`` (never ``pyplot``), so
 nothing needs a display and no global backend is switched under the caller. Each file is
@@ -73,6 +73,30 @@ def curve(
     if len(epochs) <= 20:
         ax.set_xticks(list(epochs))
     ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path, title)
+
+
+def lr_curve(path: str | Path, lrs: Sequence[float], losses: Sequence[float], *, suggested: float,
+             title: str) -> Path:
+    """A learning-rate range test: smoothed loss against the rate on a log axis, with the
+    suggested rate marked."""
+    fig = _figure(6.4, 4.0)
+    ax = fig.subplots()
+    ax.plot(lrs, losses, color="tab:blue", label="smoothed training loss")
+    ax.axvline(suggested, color="tab:red", linestyle="--", linewidth=1, label=f"suggested lr {suggested:.2g}")
+    if len(lrs):
+        at = int(np.argmin(np.abs(np.log(np.asarray(lrs)) - np.log(suggested))))
+        ax.plot([lrs[at]], [losses[at]], marker="o", color="tab:red")
+    if len(losses):  # the explosion at the end would flatten the rest of the curve
+        low, top = min(losses), min(max(losses), 2 * losses[0] - min(losses))
+        pad = 0.05 * (top - low) or 0.05 * abs(top) or 0.05
+        ax.set_ylim(low - pad, top + pad)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (head)")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path, title)
 

@@ -25,7 +25,7 @@ def _help(monkeypatch, capsys, *argv: str) -> str:
 
 
 def test_there_are_commands():
-    assert {"train", "validate", "export", "extract", "inspect", "freeze-plan", "init"} <= set(COMMANDS)
+    assert {"train", "lr-find", "validate", "export", "extract", "inspect", "freeze-plan", "init"} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("argv", [(), *[(c,) for c in COMMANDS]], ids=["cnnft", *COMMANDS])

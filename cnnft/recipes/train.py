@@ -91,9 +91,8 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     writer = _tensorboard.writer(cfg.train.tensorboard and dd.is_main)
 
     bundle = _setup_data(cfg.data, cfg.model.num_classes, cfg.seed, log)
-    bb = models.build(cfg.model.backbone, cfg.model.weights, len(bundle.classes))
-    _check_input_size(bb, cfg.data.image_size)
-    bb.preprocess = bb.preprocess.with_size(cfg.data.image_size)  # checkpoints record what was used
+    cfg.train.lr = _resolve_lr(cfg, bundle, rt, dd, log)  # before anything reads it
+    bb = _setup_backbone(cfg, len(bundle.classes))
     plan, why = _setup_plan(bb, cfg, len(bundle.train), log)
     if resumed is not None:
         _run.check_resumable(resumed, bb, bundle.classes, plan)
@@ -109,7 +108,7 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     start = _schedule_start(resumed, cfg.train.epochs)
     scheduler = engine.build_scheduler(optimizer, cfg.train, steps, _part(resumed, "scheduler"), start)
     scaler = _restored(rt.grad_scaler(), _part(resumed, "scaler"))
-    criterion = nn.CrossEntropyLoss(weight=_class_weights(cfg, bundle, log), label_smoothing=cfg.train.label_smoothing)
+    criterion = _setup_criterion(cfg, bundle, log)
     state = dd.own_share(_setup_state(resumed, resume, log, cfg.train.monitor))  # last: restores the RNGs of the stop
 
     run = disk.run = dd.run_dir(_run.open_run_dir, cfg, resume, _records.plan_record(plan, bb, why), log)
@@ -250,6 +249,43 @@ def _setup_data(cfg: DataConfig, num_classes: int | None, seed: int, log: Callab
         for p, why in bundle.skipped:
             log(f"  {p}: {why}")
     return bundle
+
+
+def _resolve_lr(cfg: Config, bundle: data.DataBundle, rt: runtime.Runtime, dd: distributed.Dist,
+                log: Callable[[str], None]) -> float:
+    """``train.lr``, with ``auto`` replaced by the suggestion of a learning-rate range test
+    (``cnnft lr-find``) on a model of its own, rounded to 3 significant digits. Torch's, NumPy's
+    and Python's generators are put back afterwards, so the run is the one ``train.lr`` set to
+    that number would give; under torchrun rank 0 runs the test and every process takes its number."""
+    if cfg.train.lr != "auto":
+        return cfg.train.lr
+    from .lr_find import sweep
+
+    found = None
+    if dd.is_main:
+        rng = checkpoint.rng_state()
+        try:
+            test = sweep(cfg, bundle, rt, lambda _m: None)  # its builders' notes are this run's, logged later
+        finally:
+            checkpoint.set_rng_state(rng)
+        found = float(f"{test.suggested_lr:.3g}"), f"over {len(test.lrs)} steps; {test.reason}"
+    lr, how = dd.from_main(found)
+    log(f"train.lr: auto -> {lr:.3g} by a learning-rate range test ({how}); saved in the run's config.yaml")
+    return lr
+
+
+def _setup_backbone(cfg: Config, n_classes: int) -> models.Backbone:
+    """The backbone with a new ``n_classes`` head, checked against ``data.image_size`` and
+    preprocessing at that size (checkpoints record what was used)."""
+    bb = models.build(cfg.model.backbone, cfg.model.weights, n_classes)
+    _check_input_size(bb, cfg.data.image_size)
+    bb.preprocess = bb.preprocess.with_size(cfg.data.image_size)
+    return bb
+
+
+def _setup_criterion(cfg: Config, bundle: data.DataBundle, log: Callable[[str], None]) -> nn.Module:
+    """The training loss: cross-entropy with ``train.class_weights`` and ``train.label_smoothing``."""
+    return nn.CrossEntropyLoss(weight=_class_weights(cfg, bundle, log), label_smoothing=cfg.train.label_smoothing)
 
 
 def _check_input_size(bb: models.Backbone, size: int | None) -> None:
