@@ -161,7 +161,10 @@ def freeze_plan(
         out.print(f"[dim]{advice.size_rule}[/dim]")
     if advice.plan is not None:
         out.print(tables.freeze_plan(advice))
-        out.print("[dim]BatchNorm in frozen stages stays in eval mode (running statistics unchanged).[/dim]")
+        out.print("[dim]BatchNorm in frozen stages stays in eval mode (running statistics unchanged)"
+                  + ("; in the trainable stages too (freeze.batchnorm: small dataset, pretrained statistics "
+                     "kept, scale and shift learn)." if advice.plan.batchnorm == "eval" else
+                     "; in the trainable stages it normalises with each batch (freeze.batchnorm).") + "[/dim]")
 
 
 @app.command(cls=_Command)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, Vali
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
-from .strategies import STRATEGIES
+from .strategies import BATCHNORM, STRATEGIES
 
 Strategy = Literal[("auto", *STRATEGIES)]  # type: ignore[valid-type]
 AUGMENT_PRESETS = ("none", "mild", "light", "standard", "strong")  # implemented in transforms.py
@@ -107,6 +107,9 @@ class FreezeConfig(_Section):
         None, ge=0, description="freeze_early: stages after the stem to freeze (default: half)"
     )
     trainable_stages: Int = Field(1, ge=0, description="freeze_most: last stages to train with the head")
+    batchnorm: Literal[BATCHNORM] = Field(  # type: ignore[valid-type]
+        "auto", description="BatchNorm in the stages that train: train (batch statistics, updated) or eval "
+        "(pretrained statistics kept, scale/shift learn); auto: eval for small datasets, train for large")
 
 
 class TrainConfig(_Section):

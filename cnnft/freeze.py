@@ -45,6 +45,7 @@ class FreezePlan:
     stages: list[StagePlan]
     lr: float
     backbone_lr: float
+    batchnorm: str = "train"  # BatchNorm in trainable pretrained stages: train (batch statistics) or eval
 
     @property
     def frozen(self) -> list[str]:
@@ -63,6 +64,7 @@ class FreezePlan:
             "strategy": self.strategy,
             "lr": self.lr,
             "backbone_lr": self.backbone_lr,
+            "batchnorm": self.batchnorm,
             "stages": [asdict(s) for s in self.stages],
             "frozen_stages": self.frozen,
             "trainable_params": self.trainable_params,
@@ -110,9 +112,11 @@ def make_plan(
     pretrained: bool = True,
     frozen_stages: int | None = None,
     trainable_stages: int = 1,
+    batchnorm: str = "train",
 ) -> FreezePlan:
     """The plan for ``model``: per stage, frozen or not, parameter counts and learning rate.
-    A randomly initialised backbone has nothing to preserve, so it learns at the full LR."""
+    A randomly initialised backbone has nothing to preserve, so it learns at the full LR.
+    ``batchnorm`` (train|eval): what BatchNorm in the trainable pretrained stages does."""
     frozen = frozen_stage_names(stages, strategy, frozen_stages, trainable_stages)
     backbone_lr = lr * backbone_lr_scale if pretrained else lr
     owner = param_stage_map(model, stages)
@@ -124,7 +128,7 @@ def make_plan(
         is_frozen = s.name in frozen
         rate = None if is_frozen else (lr if s.name == "head" else backbone_lr)
         plans.append(StagePlan(s.name, is_frozen, counts[s.name], 0 if is_frozen else counts[s.name], rate))
-    return FreezePlan(strategy, plans, lr, backbone_lr)
+    return FreezePlan(strategy, plans, lr, backbone_lr, batchnorm if pretrained else "train")
 
 
 def _keep_eval(module: nn.Module, _inputs) -> None:
@@ -145,15 +149,17 @@ def _owner_stage(name: str, module: nn.Module, owner: dict[str, str], stages: li
 
 
 def apply_plan(model: nn.Module, stages: list[Stage], plan: FreezePlan) -> list[nn.Module]:
-    """Set ``requires_grad`` per the plan and pin BatchNorm in frozen stages to eval mode.
-    Returns the pinned BatchNorm modules."""
+    """Set ``requires_grad`` per the plan and pin BatchNorm in frozen stages to eval mode (and in
+    the trainable pretrained stages too when the plan keeps their statistics: ``batchnorm``
+    eval). Returns the pinned BatchNorm modules."""
     frozen = set(plan.frozen)
+    kept = frozen | ({s.name for s in stages if s.name != "head"} if plan.batchnorm == "eval" else set())
     owner = param_stage_map(model, stages)
     for name, p in model.named_parameters():
         p.requires_grad_(owner[name] not in frozen)
     pinned = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and _owner_stage(name, m, owner, stages) in frozen:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and _owner_stage(name, m, owner, stages) in kept:
             if not getattr(m, "_cnnft_pinned", False):
                 m.register_forward_pre_hook(_keep_eval)
                 m._cnnft_pinned = True

@@ -57,3 +57,18 @@ def choose_strategy(requested: str, *, size: str | None, similar: bool | None, p
                           "similar to ImageNet (freeze.similar)")
     strategy = recommend(size, similar)
     return strategy, f"auto: {size_reason or repr(size)}, {'similar' if similar else 'different'} -> {strategy}"
+
+
+BATCHNORM = ("auto", "train", "eval")
+
+
+def resolve_batchnorm(setting: str, size: str, pretrained: bool) -> str:
+    """``freeze.batchnorm`` for BatchNorm in the stages that train. ``auto``: ``eval`` (keep the
+    pretrained running statistics; scale and shift still learn) for small datasets, ``train``
+    for large ones and for random weights. With few images, batch statistics are noisy, and
+    switching from the head phase's eval-mode features to batch statistics moves every
+    feature the new head was fitted to (the Keras fine-tuning guide keeps BatchNorm in
+    inference mode for this reason); a large dataset has the data to re-estimate them."""
+    if setting != "auto":
+        return setting
+    return "eval" if pretrained and size == "small" else "train"

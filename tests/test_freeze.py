@@ -177,3 +177,37 @@ def test_frozen_batchnorm_is_pinned_for_every_source(tmp_path, source, strategy)
     for n, b in bns.items():
         same = all(torch.equal(x, y) for x, y in zip(before[n], (b.running_mean, b.running_var, b.num_batches_tracked)))
         assert same == (n in frozen_bns), n
+
+
+@pytest.mark.parametrize("batchnorm", ["eval", "train"])
+def test_batchnorm_of_trainable_stages_follows_the_plan(batchnorm):
+    """freeze.batchnorm eval keeps the pretrained statistics of the stages that train (their
+    scale and shift still learn); train lets them follow the batches."""
+    torch.manual_seed(0)
+    bb = models.build("resnet18", "none", 3)
+    m, stages = bb.model, bb.stages
+    plan = freeze.make_plan(m, stages, "freeze_most", lr=HEAD_LR, pretrained=True, trainable_stages=2,
+                            batchnorm=batchnorm)
+    assert plan.to_dict()["batchnorm"] == batchnorm
+    pinned = freeze.apply_plan(m, stages, plan)
+    owner = models.param_stage_map(m, stages)
+    bns = _bns(m)
+    trainable = {n for n in bns if owner[f"{n}.weight"] not in plan.frozen}
+    assert trainable and ({id(bns[n]) for n in trainable} <= {id(b) for b in pinned}) == (batchnorm == "eval")
+    stats = {n: bns[n].running_mean.clone() for n in trainable}
+    scale = {n: bns[n].weight.detach().clone() for n in trainable}
+    opt = torch.optim.SGD(freeze.param_groups(m, stages, plan, weight_decay=0.0), lr=0.1)
+    m.train()
+    loss = F.cross_entropy(models.logits_of(m(torch.randn(4, 3, 64, 64))), torch.randint(0, 3, (4,)))
+    loss.backward()
+    opt.step()
+    for n in trainable:
+        assert torch.equal(stats[n], bns[n].running_mean) == (batchnorm == "eval"), n
+        assert not torch.equal(scale[n], bns[n].weight), n  # the affine parameters learn either way
+
+
+def test_batchnorm_auto_keeps_statistics_for_small_pretrained_data():
+    assert strategies.resolve_batchnorm("auto", "small", pretrained=True) == "eval"
+    assert strategies.resolve_batchnorm("auto", "large", pretrained=True) == "train"
+    assert strategies.resolve_batchnorm("auto", "small", pretrained=False) == "train"
+    assert strategies.resolve_batchnorm("train", "small", pretrained=True) == "train"

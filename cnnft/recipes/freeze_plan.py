@@ -93,5 +93,6 @@ def freeze_plan(
         pretrained=True,
         frozen_stages=frozen_stages,
         trainable_stages=defaults_freeze.trainable_stages if trainable_stages is None else trainable_stages,
+        batchnorm=strategies.resolve_batchnorm(defaults_freeze.batchnorm, size or "small", True),
     )
     return replace(advice, model=model, num_classes=bb.num_classes, plan=plan, classes_defaulted=classes is None)
