@@ -136,6 +136,9 @@ def test_models_timm_prefix_lists_timm_alone(monkeypatch, capsys):
     assert len(many) > backbones.TIMM_LIMIT and all(r["params"] is None for r in many)
     assert "timm/resnet18" in {r["name"] for r in many}
     assert "narrow the filter (e.g. --filter timm/resnet" in backbones.note("timm/resnet", many)
+    # a headless timm model (num_classes 0: CLIP's image towers) is listed with its parameters too
+    headless = {r["name"]: r for r in backbones.list_models("timm/resnet50_clip_gap")}
+    assert headless["timm/resnet50_clip_gap"]["params"] > 0
 
 
 @pytest.mark.parametrize("name,weights", [
