@@ -415,13 +415,15 @@ def export_cmd(
 
 @app.command("models", cls=_Command)
 def models_cmd(
-    filter_text: Optional[str] = typer.Option(None, "--filter", help="Only names containing this text; timm/TEXT: timm models (loads timm)."),
+    filter_text: Optional[str] = typer.Option(
+        None, "--filter", help="Only names containing this text, timm's included (loads timm); timm/TEXT: timm's alone."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List backbones with parameter counts, default weights and input size.
 
-    timm models are not listed unless --filter starts with timm/ (timm/convnext: timm's
-    architectures whose name contains convnext), which loads timm and takes longer.
+    Without --filter, timm's models are not listed (answered without importing torch). A
+    filter also searches timm's architecture names, shown as timm/<name>, which loads timm
+    and takes a few seconds; --filter timm/convnext lists timm's matches alone.
     """
     from .recipes import backbones
     rows = backbones.list_models(filter_text)
@@ -429,7 +431,7 @@ def models_cmd(
         _print_json(rows)
         return
     out.print(tables.backbones(rows))
-    out.print(f"[dim]also: {escape(backbones.TIMM_NOTE)}[/dim]")
+    out.print(f"[dim]{escape(backbones.note(filter_text, rows))}[/dim]")
 
 
 @app.command("init", cls=_Command)

@@ -217,7 +217,8 @@ def backbones(rows: list[dict]) -> Table:
     for r in rows:
         params = r.get("params")
         acc, gf, off = r.get("imagenet_acc1"), r.get("gflops"), r.get("offline")
-        t.add_row(r["name"], "-" if params is None else f"{params:,}", str(r["default_weights"]), str(r["input_size"]),
+        t.add_row(r["name"], "-" if params is None else f"{params:,}", str(r["default_weights"]),
+                  "-" if r["input_size"] is None else str(r["input_size"]),
                   "-" if acc is None else f"{acc:.1f}", "-" if gf is None else f"{gf:.2f}",
                   "-" if off is None else ("yes" if off else "no"))
     return t

@@ -14,7 +14,7 @@ import pytest
 
 from _fixtures import run_cli
 from conftest import REPO, make_image_folder
-from cnnft.errors import ConfigError, InputError
+from cnnft.errors import ConfigError
 from cnnft.models import catalog
 from cnnft.recipes import backbones, validate
 
@@ -88,7 +88,7 @@ def test_validate_probes_cuda_only_when_asked(tmp_path):
     ("freeze-plan", "--size", "small", "--similar", "yes"),
     ("freeze-plan", "--images", "5000", "--classes", "3", "--similar", "no", "--json"),
     ("models",),
-    ("models", "--filter", "resnet", "--json"),
+    ("models", "--json"),
     ("init", "--out", "a.yaml"),
     ("init", "--out", "b.yaml", "--model", "resnet18", "--data", "d"),
     ("--help",),
@@ -108,13 +108,37 @@ def test_models_from_the_catalog_match_the_live_rows(monkeypatch, capsys):
     assert rows == live and rows["resnet18"]["params"] == 11_689_512
 
 
-def test_models_lists_timm_only_when_asked(monkeypatch, capsys):
+def test_models_filter_searches_timm_names_too(tmp_path):
+    code, out, imported = _run(tmp_path, "models", "--filter", "convnext_t", "--json")
+    assert code == 0 and "timm" in imported, (imported, out)  # timm loads only for a filtered search
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["convnext_tiny"]["source"] == "torchvision"
+    assert rows["timm/convnext_tiny"]["source"] == "timm" and rows["timm/convnext_tiny"]["params"] == 28_589_128
+    assert rows["timm/convnext_tiny_hnf"]["default_weights"] == "convnext_tiny_hnf.a2h_in1k"
+    assert all("convnext_t" in n for n in rows)
+
+    code, out, imported = _run(tmp_path, "models", "--filter", "convnext_atto")
+    assert code == 0 and "timm/convnext_atto_ols" in out and "timm's names searched too: 3 match" in out, out
+    code, out, imported = _run(tmp_path, "models", "--json")
+    assert code == 0 and imported == [] and not [r for r in json.loads(out) if r["source"] == "timm"]
+    code, out, imported = _run(tmp_path, "models")
+    assert code == 0 and "timm's models are not listed: --filter TEXT searches their names too" in out, out
+
+
+def test_models_timm_prefix_lists_timm_alone(monkeypatch, capsys):
     code, out, err = run_cli(monkeypatch, capsys, "models", "--filter", "timm/resnet18d", "--json")
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(out)}
     assert rows["timm/resnet18d"]["source"] == "timm" and rows["timm/resnet18d"]["params"] == 11_708_744
-    with pytest.raises(InputError, match="timm models contain 'resnet'"):
-        backbones.list_models("timm/resnet")
+    assert all(r["source"] == "timm" for r in rows.values())
+    # too many matches to build each: all listed, parameters left uncounted, the note says how to narrow
+    many = backbones.list_models("timm/resnet")
+    assert len(many) > backbones.TIMM_LIMIT and all(r["params"] is None for r in many)
+    assert "timm/resnet18" in {r["name"] for r in many}
+    assert "narrow the filter (e.g. --filter timm/resnet" in backbones.note("timm/resnet", many)
+    # a headless timm model (num_classes 0: CLIP's image towers) is listed with its parameters too
+    headless = {r["name"]: r for r in backbones.list_models("timm/resnet50_clip_gap")}
+    assert headless["timm/resnet50_clip_gap"]["params"] > 0
 
 
 @pytest.mark.parametrize("name,weights", [
