@@ -61,12 +61,16 @@ def setup(cfg: Config, bb: models.Backbone, frozen: list[str], bundle: data.Data
         log(f"feature cache: off ({why})")
         return None
     views = 1 if cfg.data.augment == "none" else t.cache_views
-    key_base = _key_base(cfg, bb, frozen, split.boundary)
-    val = _store(split, eval_ds, 1, f"{part} val".strip(), key_base, cfg, rt, log, show)
+    key_base = _key_base(bb, split.boundary)
+    # the validation activations depend on the cut and the eval pipeline only: the head phase
+    # and the strategy's epochs share them
+    val = _store(split, eval_ds, 1, "val", key_base, cfg, rt, log, show)
     train_tf = transforms.train_transform(pre, cfg.data.augment, cfg.data.hflip)
     train_ds = data.ImageDataset(bundle.train, train_tf, pre.resize_size, seed=cfg.seed)
     train = _store(split, train_ds, views, f"{part} train".strip(),
-                   key_base, cfg, rt, log, show)
+                   {**key_base, "augment": cfg.data.augment, "hflip": cfg.data.hflip, "seed": cfg.seed,
+                    "draws": "per-image"},  # views drawn per (seed, view, image); earlier caches drew otherwise
+                   cfg, rt, log, show)
     aug = f"{views} augmented view(s) per image, one per epoch in turn" if views > 1 else "one view per image"
     log(f"feature cache{' (' + part + ' phase)' if part else ''}: the frozen layers up to {split.boundary} run once; training reads stored "
         f"activations ({aug}; {(val.nbytes + train.nbytes) / 2**20:.0f} MiB)")
@@ -85,13 +89,12 @@ def _val_sampler(train_sampler: data.EpochSampler, n: int) -> data.EpochSampler:
     return data.EpochSampler(n, 0, shuffle=False)
 
 
-def _key_base(cfg: Config, bb: models.Backbone, frozen: list[str], boundary: str) -> dict:
+def _key_base(bb: models.Backbone, boundary: str) -> dict:
     weights = bb.weights
     identity = cache.file_identity([weights])[0] if Path(weights).is_file() else weights
+    # the cut (boundary) fixes the frozen prefix that computes the activations
     return {"cnnft": __version__, "torch": torch.__version__, "model": bb.name, "weights": identity,
-            "frozen": sorted(frozen), "boundary": boundary, "preprocess": bb.preprocess.to_dict(),
-            "augment": cfg.data.augment, "hflip": cfg.data.hflip, "seed": cfg.seed,
-            "draws": "per-image"}  # views drawn per (seed, view, image); earlier caches drew otherwise
+            "boundary": boundary, "preprocess": bb.preprocess.to_dict()}
 
 
 VIEW_EPOCH = 1_000_000  # view v is augmented as "epoch" VIEW_EPOCH + v: no training epoch draws the same
