@@ -177,7 +177,7 @@ def measure(model: nn.Module, stages: list[models.Stage], source: Source, pre: m
         mean, std = probe(x, labels, folds, seed)
         rows.append(StageProbe(name, int(x.shape[1]), round(mean, 4), round(std, 4),
                                round(time.perf_counter() - t, 2)))
-        if log is not None and not show_progress:
+        if log is not None:
             log(f"similarity: {name} width {x.shape[1]}: probe {mean:.3f} +- {std:.3f}")
     return Measurement(rows, len(labels), per_class, folds, seed, pre.crop_size, round(forward, 2),
                        round(time.perf_counter() - t0, 2))

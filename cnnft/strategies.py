@@ -128,6 +128,22 @@ class Decision:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Decision":
+        """The decision a ``to_dict()`` (freeze_plan.json's ``similarity``) holds."""
+        fields = {k: d[k] for k in cls.__dataclass_fields__}
+        return cls(**{**fields, "stages": [StageProbe(**s) for s in d["stages"]]})
+
+
+def trainable_stages(setting: int | str, measured: Decision | None) -> int:
+    """``freeze.trainable_stages`` as a number: as given; for ``auto`` the measured plan's when
+    it trains the last stages (freeze_most), else DEFAULT_TRAINABLE_STAGES."""
+    if setting != "auto":
+        return int(setting)
+    if measured is not None and measured.strategy == "freeze_most":
+        return measured.trainable_stages
+    return DEFAULT_TRAINABLE_STAGES
+
 
 def decide(stages: Sequence[StageProbe], size: str, tolerance: float = SIMILARITY_TOLERANCE) -> Decision:
     """The strategy from a probe curve over ``stem, stage1..K`` (in order, no head).

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import config as config_mod
-from .. import freeze, models
+from .. import freeze, models, strategies
 from ..errors import InputError
 
 # ------------------------------------------------------------------------------ inspect
@@ -53,7 +53,7 @@ def inspect_model(
     lr = train_defaults.lr if lr is None else lr
     plan = freeze.make_plan(bb.model, bb.stages, strategy or "full", lr, train_defaults.backbone_lr_scale,
                             pretrained=bb.pretrained, frozen_stages=freeze_defaults.frozen_stages,
-                            trainable_stages=freeze_defaults.trainable_stages)
+                            trainable_stages=strategies.DEFAULT_TRAINABLE_STAGES)
     mods = models.stage_modules(bb.model, bb.stages)
     shapes_on = "meta"
     try:
