@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from cnnft import cli, models, similarity, strategies
+from cnnft.errors import DataError
 from cnnft.recipes import freeze_plan as plan_recipe
 from cnnft.recipes import inspect as inspect_recipe
 from cnnft.recipes import train as train_recipe
@@ -124,6 +125,18 @@ def test_freeze_plan_data_json(tmp_path, model):
     # random weights: the curve is shown, the data is not called similar, nothing stays frozen
     assert (d["similar"], d["size"], d["strategy"], d["frozen_stages"]) == (False, "small", "full", [])
     assert d["sample"]["images"] == 12 and d["sample"]["per_class"] == similarity.PER_CLASS
+
+
+def test_many_classes_get_a_smaller_sample_each(tmp_path):
+    from cnnft.samples import Source
+
+    labels = [c for c in range(25) for _ in range(40)]
+    picked: list[int] = []
+    src = Source([str(i) for i in range(len(labels))], labels, lambda i, draft=None: picked.append(i))
+    bb = models.build("lenet5", "none", 25)
+    with pytest.raises(DataError):  # no image decodes (load gives None), but the sample is drawn
+        similarity.measure(bb.model, bb.stages, src, bb.preprocess)
+    assert len(picked) == 25 * (similarity.MAX_IMAGES // 25)
 
 
 def test_freeze_plan_data_says_when_similar_disagrees(tmp_path):
