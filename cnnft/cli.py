@@ -130,26 +130,44 @@ def freeze_plan(
     lr: Optional[float] = typer.Option(None, "--lr", help="Head learning rate (default: the config default)."),
     frozen_stages: Optional[int] = typer.Option(None, "--frozen-stages", min=0, help="freeze_early: stages after the stem to freeze."),
     trainable_stages: Optional[int] = typer.Option(None, "--trainable-stages", min=0, help="freeze_most: last stages that train."),
+    data: Optional[str] = typer.Option(None, "--data", help="Measure size and similarity on these images: class "
+                                       "folders, or a dataset root with train/ (needs --model)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Measure on a packaged dataset instead (digits)."),
+    weights: str = typer.Option("DEFAULT", "--weights", help="Weights of --model for the measurement."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Input size for the measurement; "
+                                             "default: the weights' own."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Recommend a freeze strategy from dataset size x similarity.
 
     With --model, show exactly which stages are frozen, their parameter counts and learning rates.
+    With --data (or --dataset) and --model, measure both instead of asking: the size from the
+    image count, the similarity from a linear probe on each stage's features of a sample.
 
     Size: "large" means at least 1000 training images per class on average (--images/--classes).
     """
     from .recipes import freeze_plan as plan_recipe
-    advice = plan_recipe.freeze_plan(
-        size=size.value if size else None,
-        similar=None if similar is None else similar == YesNo.yes,
-        images=images,
-        classes=classes,
-        model=model,
-        strategy=strategy.value if strategy else None,
-        lr=lr,
-        frozen_stages=frozen_stages,
-        trainable_stages=trainable_stages,
-    )
+    if data is not None or dataset is not None:
+        if model is None:
+            raise typer.BadParameter("the measurement runs a backbone: add --model NAME (e.g. efficientnet_lite0)",
+                                     param_hint="--data")
+        advice = plan_recipe.measured_plan(
+            model=model, data_dir=data, dataset=dataset, weights=weights, image_size=image_size,
+            similar=None if similar is None else similar == YesNo.yes, strategy=strategy.value if strategy else None,
+            lr=lr, frozen_stages=frozen_stages, trainable_stages=trainable_stages,
+            show_progress=err.is_terminal and not json_out, log=None if err.is_terminal or json_out else _log)
+    else:
+        advice = plan_recipe.freeze_plan(
+            size=size.value if size else None,
+            similar=None if similar is None else similar == YesNo.yes,
+            images=images,
+            classes=classes,
+            model=model,
+            strategy=strategy.value if strategy else None,
+            lr=lr,
+            frozen_stages=frozen_stages,
+            trainable_stages=trainable_stages,
+        )
     if json_out:
         _print_json(advice.to_dict())
         return
@@ -158,7 +176,12 @@ def freeze_plan(
     out.print(f"[bold]{quadrant}[/bold] -> strategy [bold cyan]{advice.strategy}[/bold cyan]")
     out.print(advice.rationale)
     if advice.size_rule:
-        out.print(f"[dim]{advice.size_rule}[/dim]")
+        out.print(f"[dim]{escape(advice.size_rule)}[/dim]")
+    if advice.measured is not None:
+        out.print(tables.similarity(advice))
+        out.print(escape(advice.measured.reason))
+    if advice.note:
+        err.print(f"[yellow]{escape(advice.note)}[/yellow]")
     if advice.plan is not None:
         out.print(tables.freeze_plan(advice))
         out.print("[dim]BatchNorm in frozen stages stays in eval mode (running statistics unchanged)"

@@ -102,11 +102,15 @@ class FreezeConfig(_Section):
     """Which stages learn; see `cnnft freeze-plan` for the four strategies."""
 
     strategy: Strategy = Field("auto", description="auto picks from dataset size and `similar`")
-    similar: Bool = Field(True, description="is the data similar to ImageNet? (used by auto)")
+    similar: Bool | Literal["auto"] = Field(
+        "auto", description="is the data similar to ImageNet? (used by auto) auto: measured at the start of "
+        "training by a linear probe on each stage (cnnft freeze-plan --data shows it)")
     frozen_stages: Int | None = Field(
         None, ge=0, description="freeze_early: stages after the stem to freeze (default: half)"
     )
-    trainable_stages: Int = Field(1, ge=0, description="freeze_most: last stages to train with the head")
+    trainable_stages: Annotated[Int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="freeze_most: last stages to train with the head (auto: the measured ones "
+        "when similar is auto, else 1)")
     batchnorm: Literal[BATCHNORM] = Field(  # type: ignore[valid-type]
         "auto", description="BatchNorm in the stages that train: train (batch statistics, updated) or eval "
         "(pretrained statistics kept, scale/shift learn); auto: eval for small datasets, train for large")

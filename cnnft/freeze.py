@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .models import Stage, param_stage_map
-from .strategies import STRATEGIES
+from .strategies import frozen_names
 
 @dataclass
 class StagePlan:
@@ -75,31 +75,8 @@ class FreezePlan:
 def frozen_stage_names(
     stages: list[Stage], strategy: str, frozen_stages: int | None = None, trainable_stages: int = 1
 ) -> set[str]:
-    """Names of the stages a strategy freezes. ``frozen_stages`` (freeze_early: how many stages
-    after the stem; default half of them) and ``trainable_stages`` (freeze_most: how many last
-    stages train with the head) count stages the same way for every architecture."""
-    body = [s.name for s in stages if s.name not in ("stem", "head")]
-    k = len(body)
-    if strategy == "full":
-        return set()
-    if strategy == "head_only":
-        return {"stem", *body}
-    if strategy == "freeze_early":
-        n = k // 2 if frozen_stages is None else frozen_stages
-        if not 0 <= n < k:
-            raise ConfigError(
-                f"freeze.frozen_stages: {n} is out of range for this model, which has {k} stages "
-                f"after the stem ({', '.join(body)}); use 0..{k - 1}"
-            )
-        return {"stem", *body[:n]}
-    if strategy == "freeze_most":
-        if not 0 <= trainable_stages <= k:
-            raise ConfigError(
-                f"freeze.trainable_stages: {trainable_stages} is out of range for this model, which "
-                f"has {k} stages after the stem ({', '.join(body)}); use 0..{k}"
-            )
-        return {"stem", *body[: k - trainable_stages]}
-    raise ConfigError(f"freeze.strategy: unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    """Names of the stages a strategy freezes (see :func:`cnnft.strategies.frozen_names`)."""
+    return frozen_names([s.name for s in stages], strategy, frozen_stages, trainable_stages)
 
 
 def make_plan(

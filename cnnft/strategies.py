@@ -1,7 +1,11 @@
 """The four fine-tuning strategies and how one is chosen: dataset size x similarity to
-ImageNet. Plain data, no torch: the config schema and the fast commands read it."""
+ImageNet, the latter given or measured (:func:`decide` reads a per-stage probe curve from
+:mod:`cnnft.similarity`). Plain data, no torch: the config schema and the fast commands read it."""
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
 
 from .errors import ConfigError
 
@@ -9,6 +13,13 @@ STRATEGIES = ("full", "freeze_early", "freeze_most", "head_only")
 
 # average images per class at or above which a dataset counts as "large"
 LARGE_IMAGES_PER_CLASS = 1000
+
+# freeze_most without a measurement: the last stage trains with the head
+DEFAULT_TRAINABLE_STAGES = 1
+
+# probe accuracy a deeper stage may lose against the best one and still count as "as good"
+# (cross-validated accuracy on a few hundred images varies by about this much)
+SIMILARITY_TOLERANCE = 0.02
 
 QUADRANTS = {
     ("large", True): "freeze_early",
@@ -72,3 +83,118 @@ def resolve_batchnorm(setting: str, size: str, pretrained: bool) -> str:
     if setting != "auto":
         return setting
     return "eval" if pretrained and size == "small" else "train"
+
+
+def frozen_names(
+    names: Sequence[str], strategy: str, frozen_stages: int | None = None, trainable_stages: int = 1
+) -> set[str]:
+    """Names of the stages a strategy freezes, from the ordered stage names ``stem, stage1..K,
+    head``. ``frozen_stages`` (freeze_early: how many stages after the stem; default half of
+    them) and ``trainable_stages`` (freeze_most: how many last stages train with the head)
+    count stages the same way for every architecture."""
+    body = [n for n in names if n not in ("stem", "head")]
+    k = len(body)
+    if strategy == "full":
+        return set()
+    if strategy == "head_only":
+        return {"stem", *body}
+    if strategy == "freeze_early":
+        n = k // 2 if frozen_stages is None else frozen_stages
+        if not 0 <= n < k:
+            raise ConfigError(
+                f"freeze.frozen_stages: {n} is out of range for this model, which has {k} stages "
+                f"after the stem ({', '.join(body)}); use 0..{k - 1}"
+            )
+        return {"stem", *body[:n]}
+    if strategy == "freeze_most":
+        if not 0 <= trainable_stages <= k:
+            raise ConfigError(
+                f"freeze.trainable_stages: {trainable_stages} is out of range for this model, which "
+                f"has {k} stages after the stem ({', '.join(body)}); use 0..{k}"
+            )
+        return {"stem", *body[: k - trainable_stages]}
+    raise ConfigError(f"freeze.strategy: unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+
+
+@dataclass(frozen=True)
+class StageProbe:
+    """How well a linear probe on one stage's pooled output separates the classes."""
+
+    name: str
+    width: int  # features: the stage's output channels
+    acc_mean: float  # cross-validated accuracy
+    acc_std: float  # its spread over the folds
+    seconds: float  # this stage's probe (the forward pass is shared by all stages)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The strategy a measured probe curve gives, and the evidence."""
+
+    similar: bool
+    size: str
+    strategy: str
+    frozen_stages: list[str]  # stage names, stem first
+    trainable_stages: int  # stages after the stem that train (freeze.trainable_stages for freeze_most)
+    peak: str  # the stage whose features the decision keeps
+    reason: str
+    stages: list[StageProbe]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Decision":
+        """The decision a ``to_dict()`` (freeze_plan.json's ``similarity``) holds."""
+        fields = {k: d[k] for k in cls.__dataclass_fields__}
+        return cls(**{**fields, "stages": [StageProbe(**s) for s in d["stages"]]})
+
+
+def trainable_stages(setting: int | str, measured: Decision | None) -> int:
+    """``freeze.trainable_stages`` as a number: as given; for ``auto`` the measured plan's when
+    it trains the last stages (freeze_most), else DEFAULT_TRAINABLE_STAGES."""
+    if setting != "auto":
+        return int(setting)
+    if measured is not None and measured.strategy == "freeze_most":
+        return measured.trainable_stages
+    return DEFAULT_TRAINABLE_STAGES
+
+
+def decide(stages: Sequence[StageProbe], size: str, tolerance: float = SIMILARITY_TOLERANCE) -> Decision:
+    """The strategy from a probe curve over ``stem, stage1..K`` (in order, no head).
+
+    Features a network learnt on ImageNet grow more specific to ImageNet with depth
+    (Yosinski et al., 2014). When the deepest stage separates the new classes as well as any
+    earlier one (within ``tolerance`` or the deepest probe's own spread over the folds, if
+    larger), the data is *similar*: its pretrained features fit, and the size class decides
+    head_only or freeze_early. When the curve peaks earlier and falls by more than that, the
+    later stages are too ImageNet-specific: the data is *different*; the stages up to the
+    peak (the deepest stage within the margin of the best one, so that no stage trains
+    whose features measurably help) stay frozen and the rest train (freeze_most), or all
+    of them (full) when the peak is the stem or the dataset is large."""
+    if len(stages) < 2 or stages[0].name != "stem":
+        raise ValueError("decide needs the probes of stem, stage1..K in order")
+    k = len(stages) - 1
+    top = max(s.acc_mean for s in stages)
+    deepest = stages[-1]
+    margin = max(tolerance, deepest.acc_std)
+    names = [s.name for s in stages] + ["head"]
+    similar = top - deepest.acc_mean <= margin
+    if similar:
+        peak, strategy, trainable = k, recommend(size, True), 0
+    else:
+        peak = max(i for i, s in enumerate(stages) if top - s.acc_mean <= margin)
+        trainable = k - peak
+        strategy = "freeze_most" if size == "small" and peak > 0 else "full"
+    frozen = frozen_names(names, strategy, None, trainable)
+    trainable = sum(1 for n in names[1:-1] if n not in frozen)
+    best = stages[peak]
+    if similar:
+        reason = (f"the deepest stage {deepest.name} probes best ({deepest.acc_mean:.3f} +- {deepest.acc_std:.3f}; "
+                  f"best {top:.3f}, margin {margin:.3f}): similar to ImageNet")
+    else:
+        reason = (f"probe accuracy peaks at {best.name} ({best.acc_mean:.3f} +- {best.acc_std:.3f}) and falls to "
+                  f"{deepest.acc_mean:.3f} +- {deepest.acc_std:.3f} at {deepest.name} (more than the margin "
+                  f"{margin:.3f}): different from ImageNet")
+    return Decision(similar, size, strategy, sorted(frozen, key=names.index), trainable, best.name,
+                    f"{reason} -> {size} dataset: {strategy}", list(stages))

@@ -207,6 +207,20 @@ def freeze_plan(advice) -> Table:
     return t
 
 
+def similarity(advice) -> Table:
+    """The evidence of a measured similarity: the linear probe's accuracy per stage."""
+    m, sample = advice.measured, advice.sample
+    t = Table(title=f"linear probe per stage: {sample['images']} images (at most {sample['per_class']} per class, "
+              f"seed {sample['seed']}), {sample['folds']}-fold, {sample['image_size']} px",
+              caption=f"{sample['forward_seconds']:.0f}s forward, {sample['seconds']:.0f}s in all")
+    for col in ("stage", "width", "accuracy", "+-", "seconds"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for s in m.stages:
+        name = f"[bold]{s.name}[/bold] (peak)" if s.name == m.peak else s.name
+        t.add_row(name, str(s.width), f"{s.acc_mean:.3f}", f"{s.acc_std:.3f}", f"{s.seconds:.1f}")
+    return t
+
+
 def backbones(rows: list[dict]) -> Table:
     """``cnnft models``: name, parameters, default weights, input size, ImageNet-1K top-1 and
     GFLOPs of the default weights, and whether they are at hand offline."""

@@ -38,11 +38,14 @@ if TYPE_CHECKING:
         Stage,
         count_params,
         empty_init,
+        first_tensor,
         head_in,
         head_out,
+        last_stage_outputs,
         module_stage,
         param_stage_map,
         replace_heads,
+        stage_modules,
     )
     from .families import AUX_LOSS_WEIGHT, FAMILIES, Family, aux_logits_of, family_of, logits_of, min_input
     from .lenet import LeNet5
@@ -52,8 +55,8 @@ if TYPE_CHECKING:
 # name -> the submodule that defines it
 _LAZY = {
     **dict.fromkeys(("HEAD_INIT_STD", "IMAGENET_MEAN", "IMAGENET_STD", "Backbone", "Preprocess", "Stage",
-                     "count_params", "empty_init", "head_in", "head_out", "module_stage", "param_stage_map",
-                     "replace_heads"), "backbone"),
+                     "count_params", "empty_init", "first_tensor", "head_in", "head_out", "last_stage_outputs",
+                     "module_stage", "param_stage_map", "replace_heads", "stage_modules"), "backbone"),
     **dict.fromkeys(("AUX_LOSS_WEIGHT", "FAMILIES", "Family", "aux_logits_of", "family_of", "logits_of",
                      "min_input"), "families"),
     "LeNet5": "lenet",
@@ -79,7 +82,7 @@ __all__ = [
     "Backbone", "Family", "LeNet5", "Preprocess", "Source", "Stage", "WeightsSpec",
     "aux_logits_of", "build", "count_params", "empty_init", "families", "family_of", "find_source",
     "head_module", "head_paths", "known_names", "logits_of", "min_input", "module_stage",
-    "param_stage_map", "replace_heads", "sources", "torchvision_names", "weights",
+    "param_stage_map", "replace_heads", "sources", "stage_modules", "last_stage_outputs", "first_tensor", "torchvision_names", "weights",
 ]
 
 

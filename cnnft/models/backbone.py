@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
+from typing import Iterator
 
+import torch
 from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -151,3 +153,71 @@ def module_stage(name: str, stages: list[Stage]) -> str | None:
 def count_params(model: nn.Module) -> int:
     """Number of parameters (works on the meta device too)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def stage_modules(model: nn.Module, stages: list[Stage]) -> dict[str, list[str]]:
+    """Per stage, the outermost modules that belong to it. Stage prefixes are module paths
+    (torchvision) or parameter names (timm); a parameter stands for its owning module,
+    widened to the largest ancestor whose parameters all lie in the same stage."""
+    named = dict(model.named_modules())
+    owner = param_stage_map(model, stages)
+
+    def whole(mod_name: str, stage: str) -> bool:
+        if not mod_name:
+            return False  # the model itself spans every stage
+        names = [n for n, _ in named[mod_name].named_parameters(prefix=mod_name)]
+        return bool(names) and all(owner[n] == stage for n in names)
+
+    out: dict[str, list[str]] = {}
+    for st in stages:
+        picked: list[str] = []
+        for prefix in st.prefixes:
+            if prefix in named and prefix:
+                cand = prefix
+            else:  # a parameter (timm group, ViT class token): hook its module if it is wholly ours
+                cand = prefix.rpartition(".")[0]
+                if not whole(cand, st.name):
+                    continue
+                while "." in cand and whole(cand.rpartition(".")[0], st.name):
+                    cand = cand.rpartition(".")[0]
+            if cand not in picked:
+                picked.append(cand)
+        out[st.name] = [m for m in picked if not any(m.startswith(o + ".") for o in picked if o != m)]
+    return out
+
+
+def first_tensor(output) -> torch.Tensor | None:
+    """The main tensor of a module's output: itself, a named tuple's logits, or the first tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)):
+        for o in output:
+            if isinstance(o, torch.Tensor):
+                return o
+    return None
+
+
+@contextlib.contextmanager
+def last_stage_outputs(model: nn.Module, modules: dict[str, list[str]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Hooks on each stage's modules (from :func:`stage_modules`); the dict yielded holds, per
+    stage, the output of its module that finished last in the latest forward pass: the
+    stage's output. Clear it between passes; the hooks are removed on exit."""
+    latest: dict[str, torch.Tensor] = {}
+
+    def hook(stage: str):
+        def record(_m, _inputs, output):
+            t = first_tensor(output)
+            if t is not None:
+                latest[stage] = t
+        return record
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(stage))
+               for stage, names in modules.items() for n in names]
+    try:
+        yield latest
+    finally:
+        for h in handles:
+            h.remove()

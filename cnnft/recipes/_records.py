@@ -16,10 +16,12 @@ from ..config import Config
 from ..freeze import FreezePlan
 from . import _run
 
-def plan_record(plan: FreezePlan, bb: models.Backbone, why: str | None) -> dict:
-    """freeze_plan.json: the plan and the model it was made for."""
+def plan_record(plan: FreezePlan, bb: models.Backbone, why: str | None, measured=None) -> dict:
+    """freeze_plan.json: the plan, the model it was made for and, when ``freeze.similar`` was
+    measured, the measurement (``similarity``: the decision and its per-stage probe table)."""
     return {**plan.to_dict(), "model": bb.name, "weights": bb.weights, "pretrained": bb.pretrained,
-            "num_classes": bb.num_classes, "auto": why}
+            "num_classes": bb.num_classes, "auto": why,
+            "similarity": None if measured is None else measured.to_dict()}
 
 
 

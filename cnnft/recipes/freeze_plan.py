@@ -3,15 +3,17 @@ model, and a config with every default filled in; nothing is trained or written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import config as config_mod, strategies
 from ..errors import InputError
+from ..strategies import Decision
 
 if TYPE_CHECKING:  # torch is loaded only to plan a model (--model): the advice alone needs none
     from ..freeze import FreezePlan
+    from ..samples import Source
 
 # classes of the head in a plan when --classes is not given: the smallest classifier, so that
 # the head's parameter count is not ImageNet's 1000 classes (2.05 M for resnet50) by surprise
@@ -31,11 +33,23 @@ class FreezeAdvice:
     num_classes: int | None = None
     plan: FreezePlan | None = None
     classes_defaulted: bool = False  # the head was sized by DEFAULT_PLAN_CLASSES, not --classes
+    measured: Decision | None = None  # --data: the probe curve's decision
+    sample: dict | None = None  # what it was measured on (images, per_class, folds, seconds...)
+    note: str | None = None  # e.g. where --similar and the measurement disagree
 
     def to_dict(self) -> dict:
-        """The ``--json`` form: the advice, then the model and its plan's fields when planned."""
+        """The ``--json`` form: the advice, then the model and its plan's fields when planned;
+        measured (--data): the decision's fields with the per-stage probe table as ``stages``
+        and the plan under ``plan``."""
         d: dict = {"strategy": self.strategy, "size": self.size, "similar": self.similar,
                    "rationale": self.rationale, "size_rule": self.size_rule}
+        if self.measured is not None and self.plan is not None:
+            m = self.measured
+            return {**d, "frozen_stages": self.plan.frozen, "trainable_stages": _trainable_count(self.plan),
+                    "measured_similar": m.similar, "measured_strategy": m.strategy, "peak": m.peak,
+                    "reason": m.reason, "stages": [asdict(s) for s in m.stages], "sample": self.sample,
+                    "note": self.note, "model": self.model, "num_classes": self.num_classes,
+                    "plan": self.plan.to_dict()}
         if self.plan is not None:
             d.update(model=self.model, num_classes=self.num_classes, classes_defaulted=self.classes_defaulted,
                      **self.plan.to_dict())
@@ -83,7 +97,6 @@ def freeze_plan(
     from .. import freeze, models
 
     defaults_train = config_mod.TrainConfig()
-    defaults_freeze = config_mod.FreezeConfig()
     lr = defaults_train.lr if lr is None else lr
     if lr <= 0:
         raise InputError(f"--lr must be > 0 (got {lr})")
@@ -92,7 +105,83 @@ def freeze_plan(
         bb.model, bb.stages, strategy, lr, defaults_train.backbone_lr_scale,
         pretrained=True,
         frozen_stages=frozen_stages,
-        trainable_stages=defaults_freeze.trainable_stages if trainable_stages is None else trainable_stages,
-        batchnorm=strategies.resolve_batchnorm(defaults_freeze.batchnorm, size or "small", True),
+        trainable_stages=strategies.DEFAULT_TRAINABLE_STAGES if trainable_stages is None else trainable_stages,
+        batchnorm=strategies.resolve_batchnorm(config_mod.FreezeConfig().batchnorm, size or "small", True),
     )
     return replace(advice, model=model, num_classes=bb.num_classes, plan=plan, classes_defaulted=classes is None)
+
+
+def _trainable_count(plan: FreezePlan) -> int:
+    """Stages after the stem that train under ``plan``."""
+    return sum(1 for s in plan.stages if s.name not in ("stem", "head") and not s.frozen)
+
+
+def training_images(data_dir: str | None, dataset: str | None) -> tuple[list[str], Source, str]:
+    """(classes, images, description) of ``--data DIR`` (class folders, or a dataset root whose
+    train/ holds them) or ``--dataset NAME`` (a packaged set: its training split)."""
+    from .. import data, packaged, samples
+
+    if (data_dir is None) == (dataset is None):
+        raise InputError("give one of --data DIR (class folders) and --dataset NAME (e.g. digits)")
+    if dataset is not None:
+        defaults = config_mod.DataConfig()
+        classes, train, _ = packaged.load_packaged(dataset, defaults.root, False, defaults.val_split, 0)
+        return classes, train, f"{dataset} (training split)"
+    root = Path(data_dir).expanduser()
+    folder = root / "train" if (root / "train").is_dir() else root
+    classes, paths, labels = samples.scan_folder(folder, "--data")
+    return classes, samples.Source(paths, labels, lambda i, draft=None: data.open_image(paths[i], draft)), str(folder)
+
+
+def measured_plan(
+    *,
+    model: str,
+    data_dir: str | None = None,
+    dataset: str | None = None,
+    weights: str = "DEFAULT",
+    image_size: int | None = None,
+    similar: bool | None = None,
+    strategy: str | None = None,
+    lr: float | None = None,
+    frozen_stages: int | None = None,
+    trainable_stages: int | None = None,
+    show_progress: bool = False,
+    log=None,
+) -> FreezeAdvice:
+    """Measure the data's similarity to ImageNet with ``model`` (see :mod:`cnnft.similarity`)
+    and plan the strategy it gives: size from the image count, similar from the probe curve.
+    An explicit ``similar`` or ``strategy`` wins; a disagreeing ``similar`` is noted."""
+    from .. import freeze, models, similarity
+
+    classes, source, where = training_images(data_dir, dataset)
+    size = strategies.size_class(len(source), len(classes))
+    size_rule = (f"{len(source)} images / {len(classes)} classes in {where} = {len(source) / len(classes):.0f} "
+                 f"per class: '{size}' (large from {strategies.LARGE_IMAGES_PER_CLASS} per class)")
+    bb = models.build(model, weights, len(classes))
+    if image_size is not None and image_size < models.min_input(bb.model):
+        raise InputError(f"--image-size: {model} needs inputs of at least {models.min_input(bb.model)} px "
+                         f"(got {image_size})")
+    bb.preprocess = bb.preprocess.with_size(image_size)
+    decision, m = similarity.assess(bb, source, size, show_progress=show_progress, log=log)
+    if not bb.pretrained:  # the curve is shown, but random features say nothing about ImageNet
+        decision = replace(decision, similar=False, strategy="full", reason=f"model weights {bb.weights}: "
+                           "no pretrained features, so nothing to compare with ImageNet -> full")
+    note = None
+    if similar is not None and similar != decision.similar:
+        note = (f"--similar {'yes' if similar else 'no'} disagrees with the measurement, which finds the data "
+                f"{'similar to' if decision.similar else 'different from'} ImageNet and recommends "
+                f"{decision.strategy}; planning with --similar as given")
+    chosen = strategy or (strategies.recommend(size, similar) if note else decision.strategy)
+    trainable = trainable_stages if trainable_stages is not None else strategies.trainable_stages(
+        "auto", decision if chosen == decision.strategy else None)
+    defaults_train = config_mod.TrainConfig()
+    lr = defaults_train.lr if lr is None else lr
+    if lr <= 0:
+        raise InputError(f"--lr must be > 0 (got {lr})")
+    plan = freeze.make_plan(bb.model, bb.stages, chosen, lr, defaults_train.backbone_lr_scale,
+                            pretrained=bb.pretrained, frozen_stages=frozen_stages, trainable_stages=trainable,
+                            batchnorm=strategies.resolve_batchnorm(config_mod.FreezeConfig().batchnorm, size,
+                                                                   bb.pretrained))
+    sample = {k: v for k, v in m.to_dict().items() if k != "stages"}
+    return FreezeAdvice(chosen, size, decision.similar if similar is None else similar, strategies.RATIONALE[chosen],
+                        size_rule, model, bb.num_classes, plan, False, decision, sample, note)

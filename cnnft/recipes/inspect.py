@@ -16,83 +16,21 @@ import torch
 from torch import nn
 
 from .. import config as config_mod
-from .. import freeze, models
+from .. import freeze, models, strategies
 from ..errors import InputError
 
 # ------------------------------------------------------------------------------ inspect
-
-def _stage_modules(model: nn.Module, stages: list[models.Stage]) -> dict[str, list[str]]:
-    """Per stage, the outermost modules that belong to it. Stage prefixes are module paths
-    (torchvision) or parameter names (timm); a parameter stands for its owning module,
-    widened to the largest ancestor whose parameters all lie in the same stage."""
-    named = dict(model.named_modules())
-    owner = models.param_stage_map(model, stages)
-
-    def whole(mod_name: str, stage: str) -> bool:
-        if not mod_name:
-            return False  # the model itself spans every stage
-        names = [n for n, _ in named[mod_name].named_parameters(prefix=mod_name)]
-        return bool(names) and all(owner[n] == stage for n in names)
-
-    out: dict[str, list[str]] = {}
-    for st in stages:
-        picked: list[str] = []
-        for prefix in st.prefixes:
-            if prefix in named and prefix:
-                cand = prefix
-            else:  # a parameter (timm group, ViT class token): hook its module if it is wholly ours
-                cand = prefix.rpartition(".")[0]
-                if not whole(cand, st.name):
-                    continue
-                while "." in cand and whole(cand.rpartition(".")[0], st.name):
-                    cand = cand.rpartition(".")[0]
-            if cand not in picked:
-                picked.append(cand)
-        out[st.name] = [m for m in picked if not any(m.startswith(o + ".") for o in picked if o != m)]
-    return out
-
-
-def _first_tensor(output) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, (tuple, list)):
-        for o in output:
-            if isinstance(o, torch.Tensor):
-                return o
-    return None
-
 
 def stage_shapes(model: nn.Module, stage_modules: dict[str, list[str]], image_size: int,
                  device: str | torch.device = "meta") -> dict[str, list[int] | None]:
     """Output shape of each stage for one ``image_size`` input: the output of the stage's
     module that finishes last in forward order (None when none of its modules runs)."""
-    finished: dict[str, tuple[int, list[int]]] = {}
-    counter = [0]
-    handles = []
-
-    def hook(stage: str):
-        def record(_m, _inputs, output):
-            counter[0] += 1
-            t = _first_tensor(output)
-            if t is not None:
-                finished[stage] = (counter[0], list(t.shape))
-        return record
-
-    for stage, names in stage_modules.items():
-        for n in names:
-            handles.append(model.get_submodule(n).register_forward_hook(hook(stage)))
-    try:
+    with models.last_stage_outputs(model, stage_modules) as latest:
         model.eval()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model(torch.zeros(1, 3, image_size, image_size, device=device))
-    finally:
-        for h in handles:
-            h.remove()
-    return {stage: finished[stage][1] if stage in finished else None for stage in stage_modules}
+    return {stage: list(latest[stage].shape) if stage in latest else None for stage in stage_modules}
 
 
 def inspect_model(
@@ -115,8 +53,8 @@ def inspect_model(
     lr = train_defaults.lr if lr is None else lr
     plan = freeze.make_plan(bb.model, bb.stages, strategy or "full", lr, train_defaults.backbone_lr_scale,
                             pretrained=bb.pretrained, frozen_stages=freeze_defaults.frozen_stages,
-                            trainable_stages=freeze_defaults.trainable_stages)
-    mods = _stage_modules(bb.model, bb.stages)
+                            trainable_stages=strategies.DEFAULT_TRAINABLE_STAGES)
+    mods = models.stage_modules(bb.model, bb.stages)
     shapes_on = "meta"
     try:
         shapes = stage_shapes(bb.model, mods, size)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import config as config_mod
-from .. import engine, freeze, lrfind, plots, runtime, transforms
+from .. import engine, freeze, lrfind, plots, runtime, strategies, transforms
 from ..config import Config, TrainConfig
 from ..data import DataBundle
 from ..errors import InputError
@@ -52,7 +52,8 @@ def lr_find(config_path: str | Path | None, overrides: list[str] | None = None, 
         raise InputError(f"--out: {out} is not a .png file in an existing folder",
                          hint="pass a path such as lr_find.png or runs/lr_find.png")
     cfg = config_mod.load(config_path, list(overrides or []))
-    cfg.data.augment, cfg.data.hflip = transforms.resolve_augment(cfg.data.augment, cfg.data.hflip, cfg.freeze.similar)
+    similar = train_recipe._similar(cfg.freeze.similar, cfg.model.weights != "none", None)
+    cfg.data.augment, cfg.data.hflip = transforms.resolve_augment(cfg.data.augment, cfg.data.hflip, similar)
     train_recipe.seed_everything(cfg.seed)
     rt = runtime.make_runtime(cfg.train.device, cfg.train.amp, cfg.train.channels_last)
     bundle = train_recipe._setup_data(cfg.data, cfg.model.num_classes, cfg.seed, log)
@@ -62,13 +63,15 @@ def lr_find(config_path: str | Path | None, overrides: list[str] | None = None, 
     return LRFind(test.suggested_lr, test.lrs, test.losses, str(out), test.reason, test.diverged)
 
 
-def sweep(cfg: Config, bundle: DataBundle, rt: runtime.Runtime, log: Log, steps: int = lrfind.STEPS) -> lrfind.RangeTest:
+def sweep(cfg: Config, bundle: DataBundle, rt: runtime.Runtime, log: Log, steps: int = lrfind.STEPS,
+          measured: "strategies.Decision | None" = None) -> lrfind.RangeTest:
     """The range test (``steps`` batches) of the run ``cfg`` describes on ``bundle``, with a
-    model of its own; a curve without a valley suggests ``train.lr``'s default."""
+    model of its own (frozen as ``measured`` says, when the similarity was measured); a curve
+    without a valley suggests ``train.lr``'s default."""
     if cfg.train.lr == "auto":  # the plan's rates only set the groups' ratios, which the sweep keeps
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": lrfind.START_LR})})
     bb = train_recipe._setup_backbone(cfg, len(bundle.classes))
-    plan, _ = train_recipe._setup_plan(bb, cfg, len(bundle.train), log)
+    plan, _ = train_recipe._setup_plan(bb, cfg, len(bundle.train), measured, log)
     model = train_recipe._setup_model(bb, plan, rt, None)
     loaders = train_recipe._setup_loaders(cfg.data, bundle, bb.preprocess, cfg.seed, rt.pin_memory)
     groups = freeze.param_groups(model, bb.stages, plan, cfg.train.weight_decay)

@@ -7,6 +7,7 @@ part of the checkpoint where it is built.
 
 from __future__ import annotations
 
+import json
 import random
 import shlex
 import sys
@@ -84,16 +85,19 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     cfg, resumed = _run.resolve(config_path, overrides, resume)
     if resume is not None:  # what a Ctrl-C from here on leaves: the run's own last checkpoint
         disk.run, disk.last = RunDir(resume), None if resumed is None else (resumed["epoch"], resumed["step"])
-    cfg.data.augment, cfg.data.hflip = transforms.resolve_augment(cfg.data.augment, cfg.data.hflip, cfg.freeze.similar)
     dd, log, progress_bar = _setup_process(cfg.train.device, resumed, log, progress_bar)
     seed_everything(cfg.seed)
     rt = runtime.make_runtime(dd.device(cfg.train.device), cfg.train.amp, cfg.train.channels_last)
     writer = _tensorboard.writer(cfg.train.tensorboard and dd.is_main)
 
     bundle = _setup_data(cfg.data, cfg.model.num_classes, cfg.seed, log)
-    cfg.train.lr = _resolve_lr(cfg, bundle, rt, dd, log)  # before anything reads it
     bb = _setup_backbone(cfg, len(bundle.classes))
-    plan, why = _setup_plan(bb, cfg, len(bundle.train), log)
+    measured = _measured(cfg, bb, bundle, rt.device, resume, log, progress_bar)
+    similar = _similar(cfg.freeze.similar, bb.pretrained, measured)
+    # the augmentation follows what the data is like (auto: flips and wider crops for photos)
+    cfg.data.augment, cfg.data.hflip = transforms.resolve_augment(cfg.data.augment, cfg.data.hflip, similar)
+    cfg.train.lr = _resolve_lr(cfg, bundle, rt, dd, log, measured)  # before anything reads it
+    plan, why = _setup_plan(bb, cfg, len(bundle.train), measured, log)
     if resumed is not None:
         _run.check_resumable(resumed, bb, bundle.classes, plan)
     model = _setup_model(bb, plan, rt, _part(resumed, "model"))
@@ -111,7 +115,7 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     criterion = _setup_criterion(cfg, bundle, log)
     state = dd.own_share(_setup_state(resumed, resume, log, cfg.train.monitor))  # last: restores the RNGs of the stop
 
-    run = disk.run = dd.run_dir(_run.open_run_dir, cfg, resume, _records.plan_record(plan, bb, why), log)
+    run = disk.run = dd.run_dir(_run.open_run_dir, cfg, resume, _records.plan_record(plan, bb, why, measured), log)
     log(_describe(bb, bundle, plan, rt.device))
     saved = _records.Saved({**_records.header(bb, bundle, plan, cfg), "schedule_start": start, **dd.header()},
                            model, optimizer, scheduler, scaler, disk)
@@ -252,7 +256,7 @@ def _setup_data(cfg: DataConfig, num_classes: int | None, seed: int, log: Callab
 
 
 def _resolve_lr(cfg: Config, bundle: data.DataBundle, rt: runtime.Runtime, dd: distributed.Dist,
-                log: Callable[[str], None]) -> float:
+                log: Callable[[str], None], measured: strategies.Decision | None = None) -> float:
     """``train.lr``, with ``auto`` replaced by the suggestion of a learning-rate range test
     (``cnnft lr-find``) on a model of its own, rounded to 3 significant digits. Torch's, NumPy's
     and Python's generators are put back afterwards, so the run is the one ``train.lr`` set to
@@ -265,7 +269,7 @@ def _resolve_lr(cfg: Config, bundle: data.DataBundle, rt: runtime.Runtime, dd: d
     if dd.is_main:
         rng = checkpoint.rng_state()
         try:
-            test = sweep(cfg, bundle, rt, lambda _m: None)  # its builders' notes are this run's, logged later
+            test = sweep(cfg, bundle, rt, lambda _m: None, measured=measured)  # its builders' notes are this run's, logged later
         finally:
             checkpoint.set_rng_state(rng)
         found = float(f"{test.suggested_lr:.3g}"), f"over {len(test.lrs)} steps; {test.reason}"
@@ -297,18 +301,57 @@ def _check_input_size(bb: models.Backbone, size: int | None) -> None:
                           f"set data.image_size={max(smallest, bb.preprocess.crop_size)}")
 
 
-def _setup_plan(bb: models.Backbone, cfg: Config, n_images: int, log: Callable[[str], None]) -> tuple[FreezePlan, str | None]:
-    """The freeze plan for ``bb`` (``auto`` resolved from the data's size) and why, if chosen."""
+def _measured(cfg: Config, bb: models.Backbone, bundle: data.DataBundle, device: torch.device,
+              resume: Path | None, log: Callable[[str], None], show: bool) -> strategies.Decision | None:
+    """``freeze.similar: auto`` with ``freeze.strategy: auto``: the probe curve's decision,
+    measured on the training images (a resumed run reuses its own); None when not measured."""
+    fc = cfg.freeze
+    if fc.similar != "auto" or fc.strategy != "auto" or not bb.pretrained:
+        return None
+    if resume is not None and RunDir(resume).freeze_plan.is_file():
+        kept = json.loads(RunDir(resume).freeze_plan.read_text(encoding="utf-8")).get("similarity")
+        if kept:
+            return strategies.Decision.from_dict(kept)
+    from .. import similarity
+
+    log(f"freeze.similar auto: measuring on at most {similarity.PER_CLASS} training images per class ...")
+    size = strategies.size_class(len(bundle.train), bb.num_classes)
+    decision, m = similarity.assess(bb, bundle.train, size, seed=cfg.seed, device=device, show_progress=show,
+                                    log=log)
+    log(f"similarity measured on {m.images} images ({m.folds}-fold probes) in {m.seconds:.0f}s: {decision.reason}")
+    return decision
+
+
+def _similar(setting: bool | str, pretrained: bool, measured: strategies.Decision | None) -> bool:
+    """Whether the data is taken as similar to ImageNet: as measured, as set, or for ``auto``
+    unmeasured: not without pretrained weights (a random network's features say nothing of
+    ImageNet), else yes (an explicit strategy needs no measurement; photos are the usual case)."""
+    if measured is not None:
+        return measured.similar
+    if setting == "auto":
+        return pretrained
+    return bool(setting)
+
+
+def _setup_plan(bb: models.Backbone, cfg: Config, n_images: int, measured: strategies.Decision | None,
+                log: Callable[[str], None]) -> tuple[FreezePlan, str | None]:
+    """The freeze plan for ``bb`` (``auto`` resolved from the data's size and similarity,
+    measured or given) and why, if chosen."""
     n_classes = bb.num_classes
     size = strategies.size_class(n_images, n_classes)
-    strategy, why = strategies.choose_strategy(cfg.freeze.strategy, size=size, similar=cfg.freeze.similar,
-                                           pretrained=bb.pretrained, weights=cfg.model.weights,
-                                           size_reason=f"{n_images} images / {n_classes} classes is '{size}'")
+    size_reason = f"{n_images} images / {n_classes} classes is '{size}'"
+    if measured is not None:
+        strategy, why = measured.strategy, f"auto: {size_reason}; measured: {measured.reason}"
+    else:
+        similar = _similar(cfg.freeze.similar, bb.pretrained, None)
+        strategy, why = strategies.choose_strategy(cfg.freeze.strategy, size=size, similar=similar,
+                                                   pretrained=bb.pretrained, weights=cfg.model.weights,
+                                                   size_reason=size_reason)
     if why:
         log(why)
     plan = freeze.make_plan(bb.model, bb.stages, strategy, cfg.train.lr, cfg.train.backbone_lr_scale,
                             pretrained=bb.pretrained, frozen_stages=cfg.freeze.frozen_stages,
-                            trainable_stages=cfg.freeze.trainable_stages,
+                            trainable_stages=strategies.trainable_stages(cfg.freeze.trainable_stages, measured),
                             batchnorm=strategies.resolve_batchnorm(cfg.freeze.batchnorm, size, bb.pretrained))
     return plan, why
 
