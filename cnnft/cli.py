@@ -129,6 +129,7 @@ def freeze_plan(
     lr: Optional[float] = typer.Option(None, "--lr", help="Head learning rate (default: the config default)."),
     frozen_stages: Optional[int] = typer.Option(None, "--frozen-stages", min=0, help="freeze_early: stages after the stem to freeze."),
     trainable_stages: Optional[int] = typer.Option(None, "--trainable-stages", min=0, help="freeze_most: last stages that train."),
+    layer_decay: Optional[float] = typer.Option(None, "--layer-decay", help="train.layer_decay: each trainable stage below the deepest learns this many times slower."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Recommend a freeze strategy from dataset size x similarity.
@@ -148,6 +149,7 @@ def freeze_plan(
         lr=lr,
         frozen_stages=frozen_stages,
         trainable_stages=trainable_stages,
+        layer_decay=layer_decay,
     )
     if json_out:
         _print_json(advice.to_dict())

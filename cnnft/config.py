@@ -115,6 +115,9 @@ class TrainConfig(_Section):
     epochs: Int = Field(10, ge=1, le=100_000)
     lr: Float = Field(1e-3, gt=0, le=10, description="learning rate of the new head")
     backbone_lr_scale: Float = Field(0.1, gt=0, le=1, description="pretrained layers get lr x this")
+    layer_decay: Float | None = Field(
+        None, gt=0, le=1, description="layer-wise lr decay (e.g. 0.7): each trainable pretrained stage below the "
+        "deepest one learns this many times slower again; null: off")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: Float = Field(0.9, ge=0, lt=1)
     weight_decay: Float = Field(0.01, ge=0)

@@ -68,9 +68,12 @@ class Saved:
 
 
 def lrs(optimizer: torch.optim.Optimizer) -> dict[str, float | None]:
-    """The current rate of the head and of the trainable pretrained stages (None: none train)."""
-    rates = {g["name"].removesuffix("_no_decay"): g["lr"] for g in optimizer.param_groups}
-    return {"lr_head": rates.get("head"), "lr_backbone": rates.get("backbone")}
+    """The current rate of the head and of the trainable pretrained stages: the deepest one's,
+    under a layer decay (None: none train now)."""
+    learning = [g for g in optimizer.param_groups if any(p.requires_grad for p in g["params"])]
+    head = [g["lr"] for g in learning if g["name"].removesuffix("_no_decay") == "head"]
+    backbone = [g["lr"] for g in learning if g["name"].startswith("backbone")]
+    return {"lr_head": head[0] if head else None, "lr_backbone": max(backbone, default=None)}
 
 
 

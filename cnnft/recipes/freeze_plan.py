@@ -58,6 +58,7 @@ def freeze_plan(
     lr: float | None = None,
     frozen_stages: int | None = None,
     trainable_stages: int | None = None,
+    layer_decay: float | None = None,
 ) -> FreezeAdvice:
     """Recommend a strategy for a quadrant and, given a model, plan it stage by stage."""
     size_rule = None
@@ -87,11 +88,14 @@ def freeze_plan(
     lr = defaults_train.lr if lr is None else lr
     if lr <= 0:
         raise InputError(f"--lr must be > 0 (got {lr})")
+    if layer_decay is not None and not 0 < layer_decay <= 1:
+        raise InputError(f"--layer-decay must be in (0, 1] (got {layer_decay}), e.g. --layer-decay 0.7")
     bb = models.build(model, "DEFAULT", DEFAULT_PLAN_CLASSES if classes is None else classes, on_meta=True)
     plan = freeze.make_plan(
         bb.model, bb.stages, strategy, lr, defaults_train.backbone_lr_scale,
         pretrained=True,
         frozen_stages=frozen_stages,
         trainable_stages=defaults_freeze.trainable_stages if trainable_stages is None else trainable_stages,
+        layer_decay=defaults_train.layer_decay if layer_decay is None else layer_decay,
     )
     return replace(advice, model=model, num_classes=bb.num_classes, plan=plan, classes_defaulted=classes is None)

@@ -272,7 +272,7 @@ def _setup_plan(bb: models.Backbone, cfg: Config, n_images: int, log: Callable[[
         log(why)
     plan = freeze.make_plan(bb.model, bb.stages, strategy, cfg.train.lr, cfg.train.backbone_lr_scale,
                             pretrained=bb.pretrained, frozen_stages=cfg.freeze.frozen_stages,
-                            trainable_stages=cfg.freeze.trainable_stages)
+                            trainable_stages=cfg.freeze.trainable_stages, layer_decay=cfg.train.layer_decay)
     return plan, why
 
 
