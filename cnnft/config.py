@@ -124,6 +124,10 @@ class TrainConfig(_Section):
     scheduler: Literal["cosine", "none"] = "cosine"
     warmup_epochs: Float = Field(0.0, ge=0)
     label_smoothing: Float = Field(0.0, ge=0, lt=1)
+    mixup: Float = Field(0.0, ge=0, le=100, description="mixup's Beta(alpha, alpha) for blending image pairs "
+                         "(e.g. 0.2); 0: off. Mixing needs live images: the feature cache is off when on")
+    cutmix: Float = Field(0.0, ge=0, le=100, description="CutMix's alpha for pasting boxes between images "
+                          "(e.g. 1.0); 0: off. With mixup too, each batch uses one of them at even odds")
     grad_clip: Float | None = Field(None, gt=0)
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     amp: Bool = Field(True, description="mixed precision on CUDA (never on CPU)")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cnnft import cli, engine, freeze, models
+from cnnft import cli, engine, freeze, mixing, models, runtime
 from cnnft.config import TrainConfig
 
 from _fixtures import run_cli, train_small
@@ -57,6 +57,7 @@ def test_layer_decay_gives_each_trainable_stage_its_rate():
                                                        "backbone": top, "backbone_no_decay": top})
 
 
+@pytest.mark.slow
 def test_layer_decay_in_the_run_and_its_plan(tmp_path, tiny_data):
     s = _train(tmp_path, tiny_data, "model.backbone=resnet18", "freeze.strategy=freeze_early",
                "freeze.frozen_stages=2", "train.layer_decay=0.5", "train.lr=0.02", "train.epochs=1",
@@ -88,3 +89,65 @@ def test_freeze_plan_command_shows_the_decayed_rates(monkeypatch, capsys):
     assert table.exit_code == 0 and "6.3e-05" in table.stdout  # the stem's rate, in the stage table
     code, _, err = run_cli(monkeypatch, capsys, *args[:-1], "1.5")
     assert code == 2 and "--layer-decay must be in (0, 1]" in err
+
+
+# -------------------------------------------------------------------------- mixup / CutMix
+
+def test_mixup_blends_images_and_targets():
+    torch.manual_seed(0)
+    images, labels = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 1])
+    mixer = mixing.Mixer(3, mixup=0.4)
+    mixed, targets = mixer(images, labels)
+    lam = mixer.last_lam
+    assert 0 < lam < 1
+    assert torch.allclose(mixed, lam * images + (1 - lam) * images.flip(0))
+    assert torch.allclose(targets.sum(1), torch.ones(4))
+    assert targets[0].tolist() == pytest.approx([lam, 1 - lam, 0.0])  # sample 0 mixed with sample 3 (class 1)
+
+
+def test_cutmix_pastes_a_box_and_weights_targets_by_its_area():
+    torch.manual_seed(1)
+    images, labels = torch.rand(2, 3, 16, 16), torch.tensor([0, 1])
+    mixer = mixing.Mixer(2, cutmix=1.0)
+    mixed, targets = mixer(images, labels)
+    kept = (mixed[0] == images[0]).all(0).float().mean().item()  # pixels still the image's own
+    assert 0 < kept < 1 and mixer.last_lam == pytest.approx(kept)
+    assert targets[0].tolist() == pytest.approx([kept, 1 - kept])
+
+
+def test_the_loss_trained_on_is_the_soft_target_loss_with_label_smoothing():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    loader = [(torch.rand(4, 3, 4, 4), torch.tensor([0, 1, 2, 0]))]
+    seen = []
+    base = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def criterion(logits, targets):
+        loss = base(logits, targets)
+        seen.append((logits.detach(), targets, loss.detach()))
+        return loss
+
+    rt = runtime.make_runtime(torch.device("cpu"), False, False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    r = engine.train_one_epoch(model, loader, optimizer, None, criterion, rt, epoch=1,
+                               mix=mixing.Mixer(3, mixup=1.0))
+    logits, targets, loss = seen[0]
+    assert targets.shape == (4, 3) and ((targets > 0) & (targets < 1)).any()  # mixed, not one-hot
+    smoothed = targets * 0.9 + 0.1 / 3
+    assert loss == pytest.approx(float(-(smoothed * logits.log_softmax(1)).sum(1).mean()), rel=1e-5)
+    assert r.correct == int((logits.argmax(1) == targets.argmax(1)).sum())  # against the mixed targets
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["train.mixup=0.4", "train.cutmix=1.0"])
+def test_a_lenet5_run_trains_with_mixing_and_resumes_exactly(tmp_path, tiny_data, key):
+    logged: list[str] = []
+    common = ["model.backbone=lenet5", "freeze.strategy=freeze_most", key, "train.scheduler=none"]
+    straight = _train(tmp_path, tiny_data, *common, "train.epochs=2", log=logged.append)
+    assert any(m.startswith("feature cache: off (train.mixup/train.cutmix") for m in logged)
+    short = _train(tmp_path, tiny_data, *common, "train.epochs=1")
+    resumed = _train(tmp_path, tiny_data, "train.epochs=2", resume=short.run_dir)
+    losses = [[r["train_loss"] for r in _rows(run.run_dir)] for run in (straight, resumed)]
+    assert losses[0] == losses[1]
+    plain = _train(tmp_path, tiny_data, *common[:2], "train.scheduler=none", "train.epochs=1")
+    assert _rows(plain.run_dir)[0]["train_loss"] != losses[0][0]  # the mixing changed what was trained on

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import balance, cache, checkpoint, data, distributed, engine, freeze, models, progress, runtime, strategies, transforms
+from .. import balance, cache, checkpoint, data, distributed, engine, freeze, mixing, models, progress, runtime, strategies, transforms
 from ..checkpoint import RunDir
 from ..config import Config, DataConfig
 from ..errors import ConfigError
@@ -100,8 +100,7 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     model = _setup_model(bb, plan, rt, _part(resumed, "model"))
 
     loaders = _setup_loaders(cfg.data, bundle, bb.preprocess, cfg.seed, rt.pin_memory, dd)
-    fit = loaders.use_cache(dd.main_first(_cached.setup, cfg, bb, plan.frozen, bundle, loaders.sampler, rt, log,
-                                          progress_bar), model)
+    fit = loaders.use_cache(_train_cache(cfg, bb, plan, bundle, loaders.sampler, rt, log, progress_bar, dd), model)
     fit = _compiled(dd.wrap(fit, rt.device, cfg.train.sync_bn, log), cfg.train.compile)
     groups = freeze.param_groups(model, bb.stages, plan, cfg.train.weight_decay)
     optimizer = engine.build_optimizer(groups, cfg.train, _part(resumed, "optimizer"))
@@ -110,6 +109,7 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     scheduler = engine.build_scheduler(optimizer, cfg.train, steps, _part(resumed, "scheduler"), start)
     scaler = _restored(rt.grad_scaler(), _part(resumed, "scaler"))
     criterion = nn.CrossEntropyLoss(weight=_class_weights(cfg, bundle, log), label_smoothing=cfg.train.label_smoothing)
+    mix = _mixer(cfg, len(bundle.classes))
     state = dd.own_share(_setup_state(resumed, resume, log, cfg.train.monitor))  # last: restores the RNGs of the stop
 
     run = disk.run = dd.run_dir(_run.open_run_dir, cfg, resume, _records.plan_record(plan, bb, why), log)
@@ -121,8 +121,8 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
         _run_head_phase(cfg, bb, bundle, rt, state, saved, run, writer, log, progress_bar, criterion,
                         loaders.sampler.weights, dd)
         while state.epoch < cfg.train.epochs and not _records.patience_spent(state, cfg.train.patience, log):
-            _Epoch(fit, loaders, optimizer, scheduler, scaler, criterion, rt, dd, saved, run, writer, log).run(
-                state, stop, cfg, progress_bar)
+            _Epoch(fit, loaders, optimizer, scheduler, scaler, criterion, rt, dd, saved, run, writer, log,
+                   mix).run(state, stop, cfg, progress_bar)
 
     return _finish(_summary(run, state, plan, bb, bundle, rt.device), run, bundle, cfg.train.device, dd, log)
 
@@ -150,6 +150,7 @@ class _Epoch:
     run_dir: RunDir
     writer: Callable | None
     log: Callable[[str], None]
+    mix: mixing.Mixer | None = None
 
     def run(self, state: engine.TrainState, stop, cfg: Config, progress_bar: bool) -> None:
         """Train epoch ``state.epoch + 1`` (or the rest of it), validate, save; a stop request
@@ -165,7 +166,7 @@ class _Epoch:
         state.running = self.dd.sum_running(engine.train_one_epoch(
             self.fit, loader, self.optimizer, self.scheduler, self.criterion, self.rt, epoch=epoch + 1,
             running=state.running, scaler=self.scaler, grad_clip=cfg.train.grad_clip, stop=stop,
-            on_step=getattr(loader, "on_step", None)))
+            on_step=getattr(loader, "on_step", None), mix=self.mix))
         state.step = state.running.steps
         if stop.stopped and state.step < steps:
             if self.dd.is_main:
@@ -204,6 +205,24 @@ def _class_weights(cfg: Config, bundle: data.DataBundle, log: Callable[[str], No
                else "consider train.class_weights=auto or data.balanced_sampler=true")
         log(f"{note}; {how}")
     return weights
+
+
+def _train_cache(cfg: Config, bb: models.Backbone, plan: FreezePlan, bundle: data.DataBundle,
+                 sampler: data.EpochSampler, rt: runtime.Runtime, log: Callable[[str], None], show: bool,
+                 dd: distributed.Dist) -> "_cached.Cached | None":
+    """Stored activations of the plan's frozen prefix to train from, unless mixing is on."""
+    if cfg.train.mixup or cfg.train.cutmix:
+        log("feature cache: off (train.mixup/train.cutmix blend input images, which stored activations "
+            "of the frozen layers cannot be; set both to 0 to train from the cache)")
+        return None
+    return dd.main_first(_cached.setup, cfg, bb, plan.frozen, bundle, sampler, rt, log, show)
+
+
+def _mixer(cfg: Config, num_classes: int) -> mixing.Mixer | None:
+    """Mixup/CutMix of the training batches as ``train.mixup`` / ``train.cutmix`` ask (None: off)."""
+    if not (cfg.train.mixup or cfg.train.cutmix):
+        return None
+    return mixing.Mixer(num_classes, cfg.train.mixup, cfg.train.cutmix)
 
 
 def _compiled(fit: nn.Module, enabled: bool) -> nn.Module:
