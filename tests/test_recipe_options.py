@@ -11,7 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cnnft import cli, engine, freeze, mixing, models, runtime
+from cnnft import checkpoint, cli, engine, freeze, mixing, models, runtime
+from cnnft.ema import WeightEma
 from cnnft.config import TrainConfig
 
 from _fixtures import run_cli, train_small
@@ -151,3 +152,56 @@ def test_a_lenet5_run_trains_with_mixing_and_resumes_exactly(tmp_path, tiny_data
     assert losses[0] == losses[1]
     plain = _train(tmp_path, tiny_data, *common[:2], "train.scheduler=none", "train.epochs=1")
     assert _rows(plain.run_dir)[0]["train_loss"] != losses[0][0]  # the mixing changed what was trained on
+
+
+# ------------------------------------------------------------------------------ weight EMA
+
+def test_ema_averages_weights_and_batchnorm_statistics_and_swaps_them_in_place():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    avg = WeightEma(model, decay=0.5)
+    avg.update()  # the first update copies
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model(torch.randn(8, 2))  # moves the BatchNorm statistics and its batch counter
+    avg.update()  # decay ramps: min(0.5, 2/11)
+    d = 2 / 11
+    now = model.state_dict()
+    assert torch.allclose(avg.shadow["0.weight"], d * start["0.weight"] + (1 - d) * now["0.weight"])
+    assert torch.allclose(avg.shadow["1.running_mean"], d * start["1.running_mean"] + (1 - d) * now["1.running_mean"])
+    assert avg.shadow["1.num_batches_tracked"] == now["1.num_batches_tracked"] == 1
+    raw = {k: v.clone() for k, v in now.items()}
+    with avg.applied():
+        assert torch.equal(model[0].weight, avg.shadow["0.weight"])
+    assert all(torch.equal(model.state_dict()[k], raw[k]) for k in raw)
+
+
+@pytest.mark.slow
+def test_ema_run_validates_and_saves_the_average_and_resumes_it(tmp_path, tiny_data):
+    from cnnft.recipes.evaluate import evaluate
+
+    common = ["model.backbone=lenet5", "train.ema=0.9", "train.scheduler=none", "train.lr=0.02"]
+    straight = _train(tmp_path, tiny_data, *common, "train.epochs=3")
+    run = Path(straight.run_dir)
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert last["ema"]["updates"] == 3 * 2  # 8 training images in batches of 4, 3 epochs
+    assert any(not torch.equal(last["model"][k], last["ema"]["raw"][k]) for k in last["model"])
+
+    # best.pt holds the average that was validated: load_model + evaluate reproduce its accuracy
+    best = checkpoint.load(run / "checkpoints" / "best.pt")
+    loaded = checkpoint.load_model(run / "checkpoints" / "best.pt")
+    assert all(torch.equal(loaded.model.state_dict()[k], best["model"][k]) for k in best["model"])
+    ev = evaluate(run / "checkpoints" / "best.pt", log=lambda m: None)
+    row = next(r for r in _rows(run) if int(r["epoch"]) == straight.best_epoch)
+    assert ev.accuracy == pytest.approx(float(row["val_acc"]))
+
+    # resumed after epoch 1, the run continues both the raw weights and their average
+    short = _train(tmp_path, tiny_data, *common, "train.epochs=1")
+    resumed = _train(tmp_path, tiny_data, "train.epochs=3", resume=short.run_dir)
+    again = torch.load(Path(resumed.run_dir) / "checkpoints" / "last.pt", weights_only=True)
+    assert again["ema"]["updates"] == last["ema"]["updates"]
+    for part in ("model", "raw"):
+        a = last["model"] if part == "model" else last["ema"]["raw"]
+        b = again["model"] if part == "model" else again["ema"]["raw"]
+        assert all(torch.equal(a[k], b[k]) for k in a), part

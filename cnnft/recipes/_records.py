@@ -13,6 +13,7 @@ from torch import nn
 from .. import __version__, checkpoint, data, engine, metrics, models
 from ..checkpoint import RunDir
 from ..config import Config
+from ..ema import WeightEma
 from ..freeze import FreezePlan
 from . import _run
 
@@ -52,18 +53,29 @@ class Saved:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     scaler: torch.amp.GradScaler | None
     disk: _run.OnDisk  # what the run holds on disk, updated as last.pt is written (for Ctrl-C's message)
+    ema: WeightEma | None = None
 
     def checkpoint(self, state: engine.TrainState) -> dict:
-        """A resumable checkpoint at ``state``."""
+        """A resumable checkpoint at ``state``. Under train.ema, ``model`` holds the averaged
+        weights (what predict/evaluate use) and ``ema`` the raw ones a resumed run trains on."""
+        weights = _cpu(self.model.state_dict())
+        averaged = {} if self.ema is None else {
+            "model": _cpu(self.ema.averaged_state()),
+            "ema": {"decay": self.ema.decay, "updates": self.ema.updates, "raw": weights}}
         return {
             **self.header,
             **state.state_dict(),
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model": weights,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": checkpoint.rng_state(),
+            **averaged,
         }
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 

@@ -7,6 +7,7 @@ part of the checkpoint where it is built.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shlex
 import sys
@@ -21,6 +22,7 @@ from torch import nn
 from .. import balance, cache, checkpoint, data, distributed, engine, freeze, mixing, models, progress, runtime, strategies, transforms
 from ..checkpoint import RunDir
 from ..config import Config, DataConfig
+from ..ema import WeightEma
 from ..errors import ConfigError
 from ..freeze import FreezePlan
 from . import _cached, _phases, _records, _run, _tensorboard
@@ -97,7 +99,8 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     plan, why = _setup_plan(bb, cfg, len(bundle.train), log)
     if resumed is not None:
         _run.check_resumable(resumed, bb, bundle.classes, plan)
-    model = _setup_model(bb, plan, rt, _part(resumed, "model"))
+    model = _setup_model(bb, plan, rt, _trained_weights(resumed, cfg.train.ema is not None))
+    averaged = _setup_ema(model, cfg.train.ema, resumed)
 
     loaders = _setup_loaders(cfg.data, bundle, bb.preprocess, cfg.seed, rt.pin_memory, dd)
     fit = loaders.use_cache(_train_cache(cfg, bb, plan, bundle, loaders.sampler, rt, log, progress_bar, dd), model)
@@ -115,14 +118,14 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     run = disk.run = dd.run_dir(_run.open_run_dir, cfg, resume, _records.plan_record(plan, bb, why), log)
     log(_describe(bb, bundle, plan, rt.device))
     saved = _records.Saved({**_records.header(bb, bundle, plan, cfg), "schedule_start": start, **dd.header()},
-                           model, optimizer, scheduler, scaler, disk)
+                           model, optimizer, scheduler, scaler, disk, averaged)
 
     with dd.stop_flag(engine.StopFlag()) as stop, _run.failed_summary(run, state.history, log, write=dd.is_main):
         _run_head_phase(cfg, bb, bundle, rt, state, saved, run, writer, log, progress_bar, criterion,
                         loaders.sampler.weights, dd)
         while state.epoch < cfg.train.epochs and not _records.patience_spent(state, cfg.train.patience, log):
             _Epoch(fit, loaders, optimizer, scheduler, scaler, criterion, rt, dd, saved, run, writer, log,
-                   mix).run(state, stop, cfg, progress_bar)
+                   mix, averaged).run(state, stop, cfg, progress_bar)
 
     return _finish(_summary(run, state, plan, bb, bundle, rt.device), run, bundle, cfg.train.device, dd, log)
 
@@ -151,6 +154,7 @@ class _Epoch:
     writer: Callable | None
     log: Callable[[str], None]
     mix: mixing.Mixer | None = None
+    ema: WeightEma | None = None
 
     def run(self, state: engine.TrainState, stop, cfg: Config, progress_bar: bool) -> None:
         """Train epoch ``state.epoch + 1`` (or the rest of it), validate, save; a stop request
@@ -166,7 +170,7 @@ class _Epoch:
         state.running = self.dd.sum_running(engine.train_one_epoch(
             self.fit, loader, self.optimizer, self.scheduler, self.criterion, self.rt, epoch=epoch + 1,
             running=state.running, scaler=self.scaler, grad_clip=cfg.train.grad_clip, stop=stop,
-            on_step=getattr(loader, "on_step", None), mix=self.mix))
+            on_step=_after_step(getattr(loader, "on_step", None), self.ema), mix=self.mix))
         state.step = state.running.steps
         if stop.stopped and state.step < steps:
             if self.dd.is_main:
@@ -175,11 +179,26 @@ class _Epoch:
             raise _run.interrupted(stop.signum, self.run_dir, epoch + 1, state.step, steps)
         # validation loss is plain cross-entropy: comparable across label_smoothing values and
         # equal to what `cnnft evaluate` reports
-        ev = self.dd.evaluate(self.fit, self.loaders.val, self.rt, criterion=nn.CrossEntropyLoss())
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():  # validate the average
+            ev = self.dd.evaluate(self.fit, self.loaders.val, self.rt, criterion=nn.CrossEntropyLoss())
         _records.end_epoch(state, _records.row(state, "train", lrs, state.running, ev), self.saved, self.run_dir, self.writer,
                    self.log, cfg.train.epochs, write=self.dd.is_main)
         if stop.stopped:
             raise _run.interrupted(stop.signum, self.run_dir, epoch + 1, 0, steps)
+
+
+def _after_step(show: Callable[[engine.Running], None] | None,
+                averaged: WeightEma | None) -> Callable[[engine.Running], None] | None:
+    """What runs after each optimizer step: the EMA update, then the progress bar."""
+    if averaged is None:
+        return show
+
+    def step(r: engine.Running) -> None:
+        averaged.update()
+        if show is not None:
+            show(r)
+
+    return step
 
 
 def _finish(summary: "TrainSummary", run: RunDir, bundle: data.DataBundle, device: str, dd: distributed.Dist,
@@ -248,6 +267,14 @@ def _part(resumed: dict | None, key: str):
     return None if resumed is None else resumed[key]
 
 
+def _trained_weights(resumed: dict | None, averaged: bool) -> dict | None:
+    """A resumed run's own weights (None for a new run): under train.ema the checkpoint's
+    ``model`` holds the average and ``ema`` the weights training goes on from."""
+    if resumed is None:
+        return None
+    return resumed["ema"]["raw"] if averaged else resumed["model"]
+
+
 def _restored(obj, state: dict | None):
     """``obj`` with ``state`` loaded into it when both exist (a resumed run)."""
     if obj is not None and state is not None:
@@ -300,6 +327,17 @@ def _setup_model(bb: models.Backbone, plan: FreezePlan, rt: runtime.Runtime, sta
     freeze.apply_plan(bb.model, bb.stages, plan)
     rt.prepare(bb.model)
     return _restored(bb.model, state)
+
+
+def _setup_ema(model: nn.Module, decay: float | None, resumed: dict | None) -> WeightEma | None:
+    """The weight average ``train.ema`` asks for (None: off), continued from a resumed run;
+    its checkpoint's ``model`` holds the average and ``ema`` the raw weights."""
+    if decay is None:
+        return None
+    averaged = WeightEma(model, decay)
+    if resumed is not None:
+        averaged.load(resumed["model"], resumed["ema"]["updates"])
+    return averaged
 
 
 @dataclass
