@@ -129,6 +129,9 @@ class TrainConfig(_Section):
     cutmix: Float = Field(0.0, ge=0, le=100, description="CutMix's alpha for pasting boxes between images "
                           "(e.g. 1.0); 0: off. With mixup too, each batch uses one of them at even odds")
     grad_clip: Float | None = Field(None, gt=0)
+    gradual_unfreeze: Bool = Field(
+        False, description="start with the head and the deepest trainable stage, unfreeze one more stage "
+        "(top down) each epoch until the strategy's trainable stages all learn (ULMFiT)")
     ema: Float | None = Field(
         None, gt=0, lt=1, description="decay of an exponential moving average of the weights (e.g. 0.999), "
         "updated every step: what is validated and saved in best.pt/last.pt for predict/evaluate; null: off")

@@ -144,7 +144,8 @@ def _stage_rates(trainable: list[str], lr: float, backbone_lr: float, layer_deca
 
 def _keep_eval(module: nn.Module, _inputs) -> None:
     # Runs before every forward: model.train() anywhere cannot make frozen BN update its stats.
-    module.training = False
+    if module._cnnft_pinned:
+        module.training = False
 
 
 def _owner_stage(name: str, module: nn.Module, owner: dict[str, str], stages: list[Stage]) -> str | None:
@@ -159,22 +160,36 @@ def _owner_stage(name: str, module: nn.Module, owner: dict[str, str], stages: li
     return None
 
 
-def apply_plan(model: nn.Module, stages: list[Stage], plan: FreezePlan) -> list[nn.Module]:
+def apply_plan(model: nn.Module, stages: list[Stage], plan: FreezePlan,
+               frozen: list[str] | None = None) -> list[nn.Module]:
     """Set ``requires_grad`` per the plan and pin BatchNorm in frozen stages to eval mode.
-    Returns the pinned BatchNorm modules."""
-    frozen = set(plan.frozen)
+    ``frozen`` (gradual unfreezing) names the stages frozen for now instead of the plan's;
+    BatchNorm of a stage no longer frozen is released. Returns the pinned BatchNorm modules."""
+    frozen_now = set(plan.frozen if frozen is None else frozen)
     owner = param_stage_map(model, stages)
     for name, p in model.named_parameters():
-        p.requires_grad_(owner[name] not in frozen)
+        p.requires_grad_(owner[name] not in frozen_now)
     pinned = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and _owner_stage(name, m, owner, stages) in frozen:
-            if not getattr(m, "_cnnft_pinned", False):
-                m.register_forward_pre_hook(_keep_eval)
-                m._cnnft_pinned = True
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            continue
+        pin = _owner_stage(name, m, owner, stages) in frozen_now
+        if pin and not hasattr(m, "_cnnft_pinned"):
+            m.register_forward_pre_hook(_keep_eval)
+        if pin or hasattr(m, "_cnnft_pinned"):
+            m._cnnft_pinned = pin
+        if pin:
             m.eval()
             pinned.append(m)
     return pinned
+
+
+def gradual_frozen(plan: FreezePlan, epoch: int) -> list[str]:
+    """Gradual unfreezing (ULMFiT): the stages frozen in training epoch ``epoch`` (0: the
+    first). The head and the deepest trainable pretrained stage learn from the start and one
+    more stage below joins each epoch, until the plan's trainable stages all learn."""
+    body = [s.name for s in plan.stages if not s.frozen and s.name != "head"]
+    return plan.frozen + body[:max(len(body) - 1 - epoch, 0)]
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:

@@ -21,15 +21,6 @@ def _rows(run: str) -> list[dict]:
 _train = train_small  # resnet18, the default backbone
 
 
-@pytest.fixture
-def pretrained_file(tmp_path) -> Path:
-    """A resnet18 state dict standing in for pretrained weights (a local weights file)."""
-    torch.manual_seed(3)
-    path = tmp_path / "resnet18.pth"
-    torch.save(models.build("resnet18", "none", 1000).model.state_dict(), path)
-    return path
-
-
 def test_head_phase_runs_first_as_epoch_zero(tmp_path, tiny_data, pretrained_file):
     logged: list[str] = []
     s = _train(tmp_path, tiny_data, f"model.weights={pretrained_file}", "freeze.strategy=freeze_most",

@@ -205,3 +205,77 @@ def test_ema_run_validates_and_saves_the_average_and_resumes_it(tmp_path, tiny_d
         a = last["model"] if part == "model" else last["ema"]["raw"]
         b = again["model"] if part == "model" else again["ema"]["raw"]
         assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+# ---------------------------------------------------------------------- gradual unfreezing
+
+def test_gradual_unfreezing_adds_one_stage_per_epoch_from_the_top():
+    bb = models.build("resnet18", "none", 2)
+    plan = freeze.make_plan(bb.model, bb.stages, "freeze_early", HEAD_LR, frozen_stages=1)
+    assert [freeze.gradual_frozen(plan, e) for e in range(4)] == [
+        ["stem", "stage1", "stage2", "stage3"], ["stem", "stage1", "stage2"], ["stem", "stage1"], ["stem", "stage1"]]
+    freeze.apply_plan(bb.model, bb.stages, plan, freeze.gradual_frozen(plan, 0))
+    bb.model.train()
+    bb.model(torch.randn(2, 3, 32, 32))
+    layer3_bn, layer4_bn = bb.model.layer3[0].bn1, bb.model.layer4[0].bn1
+    assert not layer3_bn.training and layer4_bn.training  # frozen for now: BatchNorm pinned
+    assert not bb.model.layer3[0].conv1.weight.requires_grad
+    freeze.apply_plan(bb.model, bb.stages, plan, freeze.gradual_frozen(plan, 1))
+    bb.model.train()
+    bb.model(torch.randn(2, 3, 32, 32))
+    assert layer3_bn.training and bb.model.layer3[0].conv1.weight.requires_grad  # released
+    assert not bb.model.layer1[0].bn1.training  # the plan's frozen stages stay pinned
+
+
+def _same(a: dict, b: dict, prefix: str) -> bool:
+    keys = [k for k in a if k.startswith(prefix)]
+    assert keys, prefix
+    return all(torch.equal(a[k], b[k]) for k in keys)
+
+
+@pytest.mark.slow
+def test_gradual_unfreezing_in_a_run_with_head_phase_cache_and_resume(tmp_path, tiny_data, pretrained_file):
+    logged: list[str] = []
+    common = ["model.backbone=resnet18", f"model.weights={pretrained_file}", "freeze.strategy=freeze_early",
+              "freeze.frozen_stages=1", "train.gradual_unfreeze=true", "train.scheduler=none"]
+    straight = train_small(tmp_path, tiny_data, *common, "train.epochs=2", log=logged.append)
+    assert any("the frozen layers up to layer1 run once" in m for m in logged)  # cut: the plan's frozen prefix
+    assert "gradual unfreezing: epoch 1 trains stage4, head (2 more stage(s) to unfreeze)" in logged
+    rows = _rows(straight.run_dir)
+    assert [(r["phase"], r["trainable_stages"]) for r in rows] == [
+        ("head", "head"), ("train", "stage4+head"), ("train", "stage3+stage4+head")]
+
+    start = torch.load(pretrained_file, weights_only=True)
+    short = train_small(tmp_path, tiny_data, *common, "train.epochs=1")
+    after1 = torch.load(Path(short.run_dir) / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert _same(after1, start, "layer3.") and _same(after1, start, "layer2.")  # weights and BatchNorm statistics
+    assert not _same(after1, start, "layer4.")
+    resumed = train_small(tmp_path, tiny_data, "train.epochs=2", resume=short.run_dir)
+    after2 = torch.load(Path(resumed.run_dir) / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert not _same(after2, start, "layer3.") and _same(after2, start, "layer2.")
+    assert [r["trainable_stages"] for r in _rows(resumed.run_dir)] == [r["trainable_stages"] for r in rows]
+    final = torch.load(Path(straight.run_dir) / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(final[k], after2[k]) for k in final)  # the resumed run is the uninterrupted one
+
+
+# ------------------------------------------------------------------------------ all together
+
+@pytest.mark.slow
+def test_all_four_with_the_head_phase_resume_exactly(tmp_path, tiny_data):
+    torch.manual_seed(5)
+    weights = tmp_path / "lenet5.pth"
+    torch.save(models.build("lenet5", "none", 1000).model.state_dict(), weights)
+    common = ["model.backbone=lenet5", f"model.weights={weights}", "freeze.strategy=freeze_most",
+              "freeze.trainable_stages=2", "train.layer_decay=0.5", "train.mixup=0.4", "train.cutmix=1.0",
+              "train.ema=0.9", "train.gradual_unfreeze=true", "train.scheduler=none"]
+    straight = train_small(tmp_path, tiny_data, *common, "train.epochs=2")
+    rows = _rows(straight.run_dir)
+    assert [(r["phase"], r["trainable_stages"]) for r in rows] == [
+        ("head", "head"), ("train", "stage2+head"), ("train", "stage1+stage2+head")]
+    assert float(rows[1]["lr_backbone"]) == pytest.approx(1e-4)  # lr 1e-3 x backbone_lr_scale 0.1
+    short = train_small(tmp_path, tiny_data, *common, "train.epochs=1")
+    resumed = train_small(tmp_path, tiny_data, "train.epochs=2", resume=short.run_dir)
+    a, b = (torch.load(Path(s.run_dir) / "checkpoints" / "last.pt", weights_only=True) for s in (straight, resumed))
+    assert [r["train_loss"] for r in _rows(resumed.run_dir)] == [r["train_loss"] for r in rows]
+    assert all(torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["ema"]["raw"][k], b["ema"]["raw"][k])
+               for k in a["model"])

@@ -89,8 +89,10 @@ def lrs(optimizer: torch.optim.Optimizer) -> dict[str, float | None]:
 
 
 
-def row(state: engine.TrainState, phase: str, lrs: dict, running: engine.Running, ev: engine.EvalResult) -> dict:
-    """metrics.csv's row for an epoch just finished (the head phase is epoch 0)."""
+def row(state: engine.TrainState, phase: str, lrs: dict, running: engine.Running, ev: engine.EvalResult,
+        trainable: list[str]) -> dict:
+    """metrics.csv's row for an epoch just finished (the head phase is epoch 0); ``trainable``:
+    the stages that learnt in it."""
     return {
         "epoch": state.epoch + 1 if phase == "train" else 0, "phase": phase, **lrs,
         "train_loss": running.loss, "train_acc": running.acc,
@@ -98,6 +100,7 @@ def row(state: engine.TrainState, phase: str, lrs: dict, running: engine.Running
         "epoch_seconds": round(running.seconds + ev.seconds, 3),
         "images_per_second": round(running.seen / max(running.seconds, 1e-9), 1),
         "wall_seconds": round(state.wall_seconds, 3),
+        "trainable_stages": "+".join(trainable),
     }
 
 

@@ -112,7 +112,7 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     scheduler = engine.build_scheduler(optimizer, cfg.train, steps, _part(resumed, "scheduler"), start)
     scaler = _restored(rt.grad_scaler(), _part(resumed, "scaler"))
     criterion = nn.CrossEntropyLoss(weight=_class_weights(cfg, bundle, log), label_smoothing=cfg.train.label_smoothing)
-    mix = _mixer(cfg, len(bundle.classes))
+    mix, unfreeze = _mixer(cfg, len(bundle.classes)), _unfreezing(cfg, bb, plan, dd, log)
     state = dd.own_share(_setup_state(resumed, resume, log, cfg.train.monitor))  # last: restores the RNGs of the stop
 
     run = disk.run = dd.run_dir(_run.open_run_dir, cfg, resume, _records.plan_record(plan, bb, why), log)
@@ -125,7 +125,7 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
                         loaders.sampler.weights, dd)
         while state.epoch < cfg.train.epochs and not _records.patience_spent(state, cfg.train.patience, log):
             _Epoch(fit, loaders, optimizer, scheduler, scaler, criterion, rt, dd, saved, run, writer, log,
-                   mix, averaged).run(state, stop, cfg, progress_bar)
+                   mix, averaged, unfreeze).run(state, stop, cfg, progress_bar)
 
     return _finish(_summary(run, state, plan, bb, bundle, rt.device), run, bundle, cfg.train.device, dd, log)
 
@@ -153,8 +153,9 @@ class _Epoch:
     run_dir: RunDir
     writer: Callable | None
     log: Callable[[str], None]
-    mix: mixing.Mixer | None = None
-    ema: WeightEma | None = None
+    mix: mixing.Mixer | None
+    ema: WeightEma | None
+    trainable: Callable[[int], list[str]]  # sets, and names, the stages that learn in an epoch
 
     def run(self, state: engine.TrainState, stop, cfg: Config, progress_bar: bool) -> None:
         """Train epoch ``state.epoch + 1`` (or the rest of it), validate, save; a stop request
@@ -164,6 +165,7 @@ class _Epoch:
             seed_everything(data.epoch_seed(cfg.seed, epoch))
             state.running = None
         self.loaders.position(epoch, state.step)
+        trainable = self.trainable(epoch)
         self.fit.train()
         lrs = _records.lrs(self.optimizer)  # the rates this epoch starts with, as it trains with them
         loader = _progress(self.loaders.train, epoch, cfg.train.epochs, progress_bar)
@@ -181,10 +183,32 @@ class _Epoch:
         # equal to what `cnnft evaluate` reports
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext():  # validate the average
             ev = self.dd.evaluate(self.fit, self.loaders.val, self.rt, criterion=nn.CrossEntropyLoss())
-        _records.end_epoch(state, _records.row(state, "train", lrs, state.running, ev), self.saved, self.run_dir, self.writer,
+        _records.end_epoch(state, _records.row(state, "train", lrs, state.running, ev, trainable), self.saved, self.run_dir, self.writer,
                    self.log, cfg.train.epochs, write=self.dd.is_main)
         if stop.stopped:
             raise _run.interrupted(stop.signum, self.run_dir, epoch + 1, 0, steps)
+
+
+def _unfreezing(cfg: Config, bb: models.Backbone, plan: FreezePlan, dd: distributed.Dist,
+                log: Callable[[str], None]) -> Callable[[int], list[str]]:
+    """The stages that learn in each epoch, set on the model when asked: the plan's, or under
+    ``train.gradual_unfreeze`` a function of the epoch alone (so a resumed run gets the same)."""
+    final = [s.name for s in plan.stages if not s.frozen]
+    if not cfg.train.gradual_unfreeze:
+        return lambda epoch: final
+    if dd.active:  # DistributedDataParallel fixes the parameters it synchronises when it wraps the model
+        raise ConfigError("train.gradual_unfreeze: not supported under torchrun, which fixes the trainable "
+                          "parameters when training starts; set train.gradual_unfreeze=false or train in one process")
+
+    def at(epoch: int) -> list[str]:
+        frozen = freeze.gradual_frozen(plan, epoch)
+        freeze.apply_plan(bb.model, bb.stages, plan, frozen)
+        now = [name for name in final if name not in frozen]
+        log(f"gradual unfreezing: epoch {epoch + 1} trains {', '.join(now)}"
+            + ("" if len(now) == len(final) else f" ({len(final) - len(now)} more stage(s) to unfreeze)"))
+        return now
+
+    return at
 
 
 def _after_step(show: Callable[[engine.Running], None] | None,
@@ -229,7 +253,8 @@ def _class_weights(cfg: Config, bundle: data.DataBundle, log: Callable[[str], No
 def _train_cache(cfg: Config, bb: models.Backbone, plan: FreezePlan, bundle: data.DataBundle,
                  sampler: data.EpochSampler, rt: runtime.Runtime, log: Callable[[str], None], show: bool,
                  dd: distributed.Dist) -> "_cached.Cached | None":
-    """Stored activations of the plan's frozen prefix to train from, unless mixing is on."""
+    """Stored activations of the plan's frozen prefix to train from, unless mixing is on. Under
+    train.gradual_unfreeze the cut is still the plan's: stages frozen only for now run live."""
     if cfg.train.mixup or cfg.train.cutmix:
         log("feature cache: off (train.mixup/train.cutmix blend input images, which stored activations "
             "of the frozen layers cannot be; set both to 0 to train from the cache)")
@@ -417,7 +442,7 @@ def _run_head_phase(cfg: Config, bb: models.Backbone, bundle: data.DataBundle, r
     if done is not None:
         running, ev, _ = done
         lrs = {"lr_head": cfg.train.lr, "lr_backbone": None}
-        _records.end_epoch(state, _records.row(state, "head", lrs, running, ev), saved, run, writer, log, cfg.train.epochs)
+        _records.end_epoch(state, _records.row(state, "head", lrs, running, ev, ["head"]), saved, run, writer, log, cfg.train.epochs)
 
 
 def _schedule_start(resumed: dict | None, epochs: int) -> int:
