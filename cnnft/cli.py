@@ -136,6 +136,7 @@ def freeze_plan(
     weights: str = typer.Option("DEFAULT", "--weights", help="Weights of --model for the measurement."),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Input size for the measurement; "
                                              "default: the weights' own."),
+    layer_decay: Optional[float] = typer.Option(None, "--layer-decay", help="train.layer_decay: each trainable stage below the deepest learns this many times slower."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Recommend a freeze strategy from dataset size x similarity.
@@ -154,7 +155,7 @@ def freeze_plan(
         advice = plan_recipe.measured_plan(
             model=model, data_dir=data, dataset=dataset, weights=weights, image_size=image_size,
             similar=None if similar is None else similar == YesNo.yes, strategy=strategy.value if strategy else None,
-            lr=lr, frozen_stages=frozen_stages, trainable_stages=trainable_stages,
+            lr=lr, frozen_stages=frozen_stages, trainable_stages=trainable_stages, layer_decay=layer_decay,
             show_progress=err.is_terminal and not json_out, log=None if err.is_terminal or json_out else _log)
     else:
         advice = plan_recipe.freeze_plan(
@@ -167,6 +168,7 @@ def freeze_plan(
             lr=lr,
             frozen_stages=frozen_stages,
             trainable_stages=trainable_stages,
+            layer_decay=layer_decay,
         )
     if json_out:
         _print_json(advice.to_dict())

@@ -124,13 +124,26 @@ class TrainConfig(_Section):
         1e-3, description="learning rate of the new head; auto: picked by a learning-rate range test "
         "(`cnnft lr-find`) when the run starts, and saved in the run's config.yaml")
     backbone_lr_scale: Float = Field(0.1, gt=0, le=1, description="pretrained layers get lr x this")
+    layer_decay: Float | None = Field(
+        None, gt=0, le=1, description="layer-wise lr decay (e.g. 0.7): each trainable pretrained stage below the "
+        "deepest one learns this many times slower again; null: off")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: Float = Field(0.9, ge=0, lt=1)
     weight_decay: Float = Field(0.01, ge=0)
     scheduler: Literal["cosine", "none"] = "cosine"
     warmup_epochs: Float = Field(0.0, ge=0)
     label_smoothing: Float = Field(0.0, ge=0, lt=1)
+    mixup: Float = Field(0.0, ge=0, le=100, description="mixup's Beta(alpha, alpha) for blending image pairs "
+                         "(e.g. 0.2); 0: off. Mixing needs live images: the feature cache is off when on")
+    cutmix: Float = Field(0.0, ge=0, le=100, description="CutMix's alpha for pasting boxes between images "
+                          "(e.g. 1.0); 0: off. With mixup too, each batch uses one of them at even odds")
     grad_clip: Float | None = Field(None, gt=0)
+    gradual_unfreeze: Bool = Field(
+        False, description="start with the head and the deepest trainable stage, unfreeze one more stage "
+        "(top down) each epoch until the strategy's trainable stages all learn (ULMFiT)")
+    ema: Float | None = Field(
+        None, gt=0, lt=1, description="decay of an exponential moving average of the weights (e.g. 0.999), "
+        "updated every step: what is validated and saved in best.pt/last.pt for predict/evaluate; null: off")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     amp: Bool = Field(True, description="mixed precision on CUDA (never on CPU)")
     channels_last: Bool = True

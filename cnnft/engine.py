@@ -81,20 +81,27 @@ def train_one_epoch(
     grad_clip: float | None = None,
     stop: StopFlag | None = None,
     on_step: Callable[[Running], None] | None = None,
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Running:
     """Train for one pass over ``loader`` (the caller puts the model in train mode).
-    Returns the running sums; stops early, consistently, when ``stop`` is set."""
+    Returns the running sums; stops early, consistently, when ``stop`` is set. ``mix`` (mixup,
+    CutMix) turns a batch into mixed images and soft targets; accuracy then counts the
+    prediction against each mixed target's larger share."""
     r = running or Running()
     t0 = time.perf_counter()
     for images, labels in loader:
         images = rt.images(images)
         labels = labels.to(rt.device, non_blocking=True)
+        targets = labels
+        if mix is not None:
+            images, targets = mix(images, labels)
+            labels = targets.argmax(1)
         with rt.autocast():
             out = model(images)
             logits = logits_of(out)
-            loss = criterion(logits, labels)
+            loss = criterion(logits, targets)
             for aux in aux_logits_of(out):
-                loss = loss + AUX_LOSS_WEIGHT * criterion(aux, labels)
+                loss = loss + AUX_LOSS_WEIGHT * criterion(aux, targets)
         if not torch.isfinite(loss):
             raise TrainingFailed(
                 f"loss became {loss.item()} at epoch {epoch}, step {r.steps + 1}",

@@ -80,6 +80,15 @@ def tiny_run(tmp_path_factory) -> dict:
     return _once("tiny", make)
 
 
+def train_small(tmp_path: Path, data_dir: Path, *overrides: str, resume=None, log=None):
+    """Train on a tiny image folder (a third held out) at 32 px in batches of 4, caching into
+    ``tmp_path``; a resumed run takes only ``overrides``."""
+    base = [] if resume else [f"data.train={data_dir}", "data.val_split=0.34", "data.image_size=32",
+                              "data.num_workers=0", "data.batch_size=4",
+                              f"output_dir={tmp_path / 'runs'}", f"train.cache_dir={tmp_path / 'cache'}"]
+    return train_recipe.train(None, base + list(overrides), resume=resume, log=log or (lambda m: None))
+
+
 def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """Run ``cnnft ARGS`` in-process through the real entry point (error -> exit code mapping)."""
     from cnnft import cli

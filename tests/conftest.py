@@ -43,6 +43,19 @@ def tiny_data(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "data")
 
 
+@pytest.fixture
+def pretrained_file(tmp_path: Path) -> Path:
+    """A resnet18 state dict standing in for pretrained weights (a local weights file)."""
+    import torch
+
+    from cnnft import models
+
+    torch.manual_seed(3)
+    path = tmp_path / "resnet18.pth"
+    torch.save(models.build("resnet18", "none", 1000).model.state_dict(), path)
+    return path
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _feature_cache_in_a_temporary_folder(tmp_path_factory):
     """Runs keep their stored activations out of the user's ~/.cache."""

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cnnft import checkpoint, models
-from cnnft.recipes import train as train_recipe
+
+from _fixtures import train_small
 
 
 def _rows(run: str) -> list[dict]:
@@ -17,20 +18,7 @@ def _rows(run: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _train(tmp_path: Path, data_dir: Path, *overrides: str, resume=None, log=None):
-    base = [] if resume else [f"data.train={data_dir}", "data.val_split=0.34", "model.backbone=resnet18",
-                              "data.image_size=32", "data.num_workers=0", "data.batch_size=4",
-                              f"output_dir={tmp_path / 'runs'}", f"train.cache_dir={tmp_path / 'cache'}"]
-    return train_recipe.train(None, base + list(overrides), resume=resume, log=log or (lambda m: None))
-
-
-@pytest.fixture
-def pretrained_file(tmp_path) -> Path:
-    """A resnet18 state dict standing in for pretrained weights (a local weights file)."""
-    torch.manual_seed(3)
-    path = tmp_path / "resnet18.pth"
-    torch.save(models.build("resnet18", "none", 1000).model.state_dict(), path)
-    return path
+_train = train_small  # resnet18, the default backbone
 
 
 def test_head_phase_runs_first_as_epoch_zero(tmp_path, tiny_data, pretrained_file):

@@ -38,13 +38,15 @@ def test_a_monotone_curve_is_similar():
                                                                             ["stem", "stage1", "stage2"], 2)
 
 
-def test_a_peak_at_a_middle_stage_freezes_up_to_it():
+def test_a_peak_at_a_middle_stage_trains_from_the_first_stage_beyond_the_stem():
+    # the curve rises from stage1 on: only the stem's generic features stay frozen
     d = strategies.decide(_curve((0.5, 0.01), (0.7, 0.01), (0.9, 0.01), (0.8, 0.01), (0.7, 0.01)), "small")
-    assert (d.similar, d.strategy, d.peak, d.trainable_stages) == (False, "freeze_most", "stage2", 2)
-    assert d.frozen_stages == ["stem", "stage1", "stage2"]
-    # a stage within the margin of the best is as good: the later one is kept, one fewer trains
-    d = strategies.decide(_curve((0.5, 0.01), (0.7, 0.01), (0.9, 0.01), (0.89, 0.01), (0.7, 0.01)), "small")
-    assert (d.peak, d.trainable_stages) == ("stage3", 1)
+    assert (d.similar, d.strategy, d.peak, d.trainable_stages) == (False, "freeze_most", "stage2", 4)
+    assert d.frozen_stages == ["stem"]
+    # stages no better than the stem (within the margin) are generic too and stay frozen
+    d = strategies.decide(_curve((0.7, 0.01), (0.68, 0.01), (0.71, 0.01), (0.9, 0.01), (0.8, 0.01)), "small")
+    assert (d.peak, d.frozen_stages, d.trainable_stages) == ("stage3", ["stem", "stage1", "stage2"], 2)
+    assert "from stage3 on adapt" in d.reason
     assert strategies.decide(_curve((0.5, 0.01), (0.9, 0.01), (0.7, 0.01)), "large").strategy == "full"
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from .. import __version__, checkpoint, data, engine, metrics, models
 from ..checkpoint import RunDir
 from ..config import Config
+from ..ema import WeightEma
 from ..freeze import FreezePlan
 from . import _run
 
@@ -54,30 +55,46 @@ class Saved:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     scaler: torch.amp.GradScaler | None
     disk: _run.OnDisk  # what the run holds on disk, updated as last.pt is written (for Ctrl-C's message)
+    ema: WeightEma | None = None
 
     def checkpoint(self, state: engine.TrainState) -> dict:
-        """A resumable checkpoint at ``state``."""
+        """A resumable checkpoint at ``state``. Under train.ema, ``model`` holds the averaged
+        weights (what predict/evaluate use) and ``ema`` the raw ones a resumed run trains on."""
+        weights = _cpu(self.model.state_dict())
+        averaged = {} if self.ema is None else {
+            "model": _cpu(self.ema.averaged_state()),
+            "ema": {"decay": self.ema.decay, "updates": self.ema.updates, "raw": weights}}
         return {
             **self.header,
             **state.state_dict(),
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model": weights,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": checkpoint.rng_state(),
+            **averaged,
         }
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 
 def lrs(optimizer: torch.optim.Optimizer) -> dict[str, float | None]:
-    """The current rate of the head and of the trainable pretrained stages (None: none train)."""
-    rates = {g["name"].removesuffix("_no_decay"): g["lr"] for g in optimizer.param_groups}
-    return {"lr_head": rates.get("head"), "lr_backbone": rates.get("backbone")}
+    """The current rate of the head and of the trainable pretrained stages: the deepest one's,
+    under a layer decay (None: none train now)."""
+    learning = [g for g in optimizer.param_groups if any(p.requires_grad for p in g["params"])]
+    head = [g["lr"] for g in learning if g["name"].removesuffix("_no_decay") == "head"]
+    backbone = [g["lr"] for g in learning if g["name"].startswith("backbone")]
+    return {"lr_head": head[0] if head else None, "lr_backbone": max(backbone, default=None)}
 
 
 
-def row(state: engine.TrainState, phase: str, lrs: dict, running: engine.Running, ev: engine.EvalResult) -> dict:
-    """metrics.csv's row for an epoch just finished (the head phase is epoch 0)."""
+def row(state: engine.TrainState, phase: str, lrs: dict, running: engine.Running, ev: engine.EvalResult,
+        trainable: list[str]) -> dict:
+    """metrics.csv's row for an epoch just finished (the head phase is epoch 0); ``trainable``:
+    the stages that learnt in it."""
     return {
         "epoch": state.epoch + 1 if phase == "train" else 0, "phase": phase, **lrs,
         "train_loss": running.loss, "train_acc": running.acc,
@@ -85,6 +102,7 @@ def row(state: engine.TrainState, phase: str, lrs: dict, running: engine.Running
         "epoch_seconds": round(running.seconds + ev.seconds, 3),
         "images_per_second": round(running.seen / max(running.seconds, 1e-9), 1),
         "wall_seconds": round(state.wall_seconds, 3),
+        "trainable_stages": "+".join(trainable),
     }
 
 

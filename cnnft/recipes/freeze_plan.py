@@ -72,6 +72,7 @@ def freeze_plan(
     lr: float | None = None,
     frozen_stages: int | None = None,
     trainable_stages: int | None = None,
+    layer_decay: float | None = None,
 ) -> FreezeAdvice:
     """Recommend a strategy for a quadrant and, given a model, plan it stage by stage."""
     size_rule = None
@@ -100,6 +101,8 @@ def freeze_plan(
     lr = defaults_train.lr if lr is None else lr
     if lr <= 0:
         raise InputError(f"--lr must be > 0 (got {lr})")
+    if layer_decay is not None and not 0 < layer_decay <= 1:
+        raise InputError(f"--layer-decay must be in (0, 1] (got {layer_decay}), e.g. --layer-decay 0.7")
     bb = models.build(model, "DEFAULT", DEFAULT_PLAN_CLASSES if classes is None else classes, on_meta=True)
     plan = freeze.make_plan(
         bb.model, bb.stages, strategy, lr, defaults_train.backbone_lr_scale,
@@ -107,6 +110,7 @@ def freeze_plan(
         frozen_stages=frozen_stages,
         trainable_stages=strategies.DEFAULT_TRAINABLE_STAGES if trainable_stages is None else trainable_stages,
         batchnorm=strategies.resolve_batchnorm(config_mod.FreezeConfig().batchnorm, size or "small", True),
+        layer_decay=defaults_train.layer_decay if layer_decay is None else layer_decay,
     )
     return replace(advice, model=model, num_classes=bb.num_classes, plan=plan, classes_defaulted=classes is None)
 
@@ -145,6 +149,7 @@ def measured_plan(
     lr: float | None = None,
     frozen_stages: int | None = None,
     trainable_stages: int | None = None,
+    layer_decay: float | None = None,
     show_progress: bool = False,
     log=None,
 ) -> FreezeAdvice:
@@ -180,6 +185,7 @@ def measured_plan(
         raise InputError(f"--lr must be > 0 (got {lr})")
     plan = freeze.make_plan(bb.model, bb.stages, chosen, lr, defaults_train.backbone_lr_scale,
                             pretrained=bb.pretrained, frozen_stages=frozen_stages, trainable_stages=trainable,
+                            layer_decay=defaults_train.layer_decay if layer_decay is None else layer_decay,
                             batchnorm=strategies.resolve_batchnorm(config_mod.FreezeConfig().batchnorm, size,
                                                                    bb.pretrained))
     sample = {k: v for k, v in m.to_dict().items() if k != "stages"}

@@ -7,6 +7,7 @@ part of the checkpoint where it is built.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shlex
@@ -19,9 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import balance, cache, checkpoint, data, distributed, engine, freeze, models, progress, runtime, strategies, transforms
+from .. import balance, cache, checkpoint, data, distributed, engine, freeze, mixing, models, progress, runtime, strategies, transforms
 from ..checkpoint import RunDir
 from ..config import Config, DataConfig
+from ..ema import WeightEma
 from ..errors import ConfigError
 from ..freeze import FreezePlan
 from . import _cached, _phases, _records, _run, _tensorboard
@@ -100,11 +102,11 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     plan, why = _setup_plan(bb, cfg, len(bundle.train), measured, log)
     if resumed is not None:
         _run.check_resumable(resumed, bb, bundle.classes, plan)
-    model = _setup_model(bb, plan, rt, _part(resumed, "model"))
+    model = _setup_model(bb, plan, rt, _trained_weights(resumed, cfg.train.ema is not None))
+    averaged = _setup_ema(model, cfg.train.ema, resumed)
 
     loaders = _setup_loaders(cfg.data, bundle, bb.preprocess, cfg.seed, rt.pin_memory, dd)
-    fit = loaders.use_cache(dd.main_first(_cached.setup, cfg, bb, plan.frozen, bundle, loaders.sampler, rt, log,
-                                          progress_bar), model)
+    fit = loaders.use_cache(_train_cache(cfg, bb, plan, bundle, loaders.sampler, rt, log, progress_bar, dd), model)
     fit = _compiled(dd.wrap(fit, rt.device, cfg.train.sync_bn, log), cfg.train.compile)
     groups = freeze.param_groups(model, bb.stages, plan, cfg.train.weight_decay)
     optimizer = engine.build_optimizer(groups, cfg.train, _part(resumed, "optimizer"))
@@ -113,19 +115,20 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     scheduler = engine.build_scheduler(optimizer, cfg.train, steps, _part(resumed, "scheduler"), start)
     scaler = _restored(rt.grad_scaler(), _part(resumed, "scaler"))
     criterion = _setup_criterion(cfg, bundle, log)
+    mix, unfreeze = _mixer(cfg, len(bundle.classes)), _unfreezing(cfg, bb, plan, dd, log)
     state = dd.own_share(_setup_state(resumed, resume, log, cfg.train.monitor))  # last: restores the RNGs of the stop
 
     run = disk.run = dd.run_dir(_run.open_run_dir, cfg, resume, _records.plan_record(plan, bb, why, measured), log)
     log(_describe(bb, bundle, plan, rt.device))
     saved = _records.Saved({**_records.header(bb, bundle, plan, cfg), "schedule_start": start, **dd.header()},
-                           model, optimizer, scheduler, scaler, disk)
+                           model, optimizer, scheduler, scaler, disk, averaged)
 
     with dd.stop_flag(engine.StopFlag()) as stop, _run.failed_summary(run, state.history, log, write=dd.is_main):
         _run_head_phase(cfg, bb, bundle, rt, state, saved, run, writer, log, progress_bar, criterion,
                         loaders.sampler.weights, dd)
         while state.epoch < cfg.train.epochs and not _records.patience_spent(state, cfg.train.patience, log):
-            _Epoch(fit, loaders, optimizer, scheduler, scaler, criterion, rt, dd, saved, run, writer, log).run(
-                state, stop, cfg, progress_bar)
+            _Epoch(fit, loaders, optimizer, scheduler, scaler, criterion, rt, dd, saved, run, writer, log,
+                   mix, averaged, unfreeze).run(state, stop, cfg, progress_bar)
 
     return _finish(_summary(run, state, plan, bb, bundle, rt.device), run, bundle, cfg.train.device, dd, log)
 
@@ -153,6 +156,9 @@ class _Epoch:
     run_dir: RunDir
     writer: Callable | None
     log: Callable[[str], None]
+    mix: mixing.Mixer | None
+    ema: WeightEma | None
+    trainable: Callable[[int], list[str]]  # sets, and names, the stages that learn in an epoch
 
     def run(self, state: engine.TrainState, stop, cfg: Config, progress_bar: bool) -> None:
         """Train epoch ``state.epoch + 1`` (or the rest of it), validate, save; a stop request
@@ -162,13 +168,14 @@ class _Epoch:
             seed_everything(data.epoch_seed(cfg.seed, epoch))
             state.running = None
         self.loaders.position(epoch, state.step)
+        trainable = self.trainable(epoch)
         self.fit.train()
         lrs = _records.lrs(self.optimizer)  # the rates this epoch starts with, as it trains with them
         loader = _progress(self.loaders.train, epoch, cfg.train.epochs, progress_bar)
         state.running = self.dd.sum_running(engine.train_one_epoch(
             self.fit, loader, self.optimizer, self.scheduler, self.criterion, self.rt, epoch=epoch + 1,
             running=state.running, scaler=self.scaler, grad_clip=cfg.train.grad_clip, stop=stop,
-            on_step=getattr(loader, "on_step", None)))
+            on_step=_after_step(getattr(loader, "on_step", None), self.ema), mix=self.mix))
         state.step = state.running.steps
         if stop.stopped and state.step < steps:
             if self.dd.is_main:
@@ -177,11 +184,48 @@ class _Epoch:
             raise _run.interrupted(stop.signum, self.run_dir, epoch + 1, state.step, steps)
         # validation loss is plain cross-entropy: comparable across label_smoothing values and
         # equal to what `cnnft evaluate` reports
-        ev = self.dd.evaluate(self.fit, self.loaders.val, self.rt, criterion=nn.CrossEntropyLoss())
-        _records.end_epoch(state, _records.row(state, "train", lrs, state.running, ev), self.saved, self.run_dir, self.writer,
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():  # validate the average
+            ev = self.dd.evaluate(self.fit, self.loaders.val, self.rt, criterion=nn.CrossEntropyLoss())
+        _records.end_epoch(state, _records.row(state, "train", lrs, state.running, ev, trainable), self.saved, self.run_dir, self.writer,
                    self.log, cfg.train.epochs, write=self.dd.is_main)
         if stop.stopped:
             raise _run.interrupted(stop.signum, self.run_dir, epoch + 1, 0, steps)
+
+
+def _unfreezing(cfg: Config, bb: models.Backbone, plan: FreezePlan, dd: distributed.Dist,
+                log: Callable[[str], None]) -> Callable[[int], list[str]]:
+    """The stages that learn in each epoch, set on the model when asked: the plan's, or under
+    ``train.gradual_unfreeze`` a function of the epoch alone (so a resumed run gets the same)."""
+    final = [s.name for s in plan.stages if not s.frozen]
+    if not cfg.train.gradual_unfreeze:
+        return lambda epoch: final
+    if dd.active:  # DistributedDataParallel fixes the parameters it synchronises when it wraps the model
+        raise ConfigError("train.gradual_unfreeze: not supported under torchrun, which fixes the trainable "
+                          "parameters when training starts; set train.gradual_unfreeze=false or train in one process")
+
+    def at(epoch: int) -> list[str]:
+        frozen = freeze.gradual_frozen(plan, epoch)
+        freeze.apply_plan(bb.model, bb.stages, plan, frozen)
+        now = [name for name in final if name not in frozen]
+        log(f"gradual unfreezing: epoch {epoch + 1} trains {', '.join(now)}"
+            + ("" if len(now) == len(final) else f" ({len(final) - len(now)} more stage(s) to unfreeze)"))
+        return now
+
+    return at
+
+
+def _after_step(show: Callable[[engine.Running], None] | None,
+                averaged: WeightEma | None) -> Callable[[engine.Running], None] | None:
+    """What runs after each optimizer step: the EMA update, then the progress bar."""
+    if averaged is None:
+        return show
+
+    def step(r: engine.Running) -> None:
+        averaged.update()
+        if show is not None:
+            show(r)
+
+    return step
 
 
 def _finish(summary: "TrainSummary", run: RunDir, bundle: data.DataBundle, device: str, dd: distributed.Dist,
@@ -209,6 +253,25 @@ def _class_weights(cfg: Config, bundle: data.DataBundle, log: Callable[[str], No
     return weights
 
 
+def _train_cache(cfg: Config, bb: models.Backbone, plan: FreezePlan, bundle: data.DataBundle,
+                 sampler: data.EpochSampler, rt: runtime.Runtime, log: Callable[[str], None], show: bool,
+                 dd: distributed.Dist) -> "_cached.Cached | None":
+    """Stored activations of the plan's frozen prefix to train from, unless mixing is on. Under
+    train.gradual_unfreeze the cut is still the plan's: stages frozen only for now run live."""
+    if cfg.train.mixup or cfg.train.cutmix:
+        log("feature cache: off (train.mixup/train.cutmix blend input images, which stored activations "
+            "of the frozen layers cannot be; set both to 0 to train from the cache)")
+        return None
+    return dd.main_first(_cached.setup, cfg, bb, plan.frozen, bundle, sampler, rt, log, show)
+
+
+def _mixer(cfg: Config, num_classes: int) -> mixing.Mixer | None:
+    """Mixup/CutMix of the training batches as ``train.mixup`` / ``train.cutmix`` ask (None: off)."""
+    if not (cfg.train.mixup or cfg.train.cutmix):
+        return None
+    return mixing.Mixer(num_classes, cfg.train.mixup, cfg.train.cutmix)
+
+
 def _compiled(fit: nn.Module, enabled: bool) -> nn.Module:
     """``fit`` through torch.compile when ``train.compile`` asks (it shares the model's parameters)."""
     return torch.compile(fit) if enabled else fit
@@ -230,6 +293,14 @@ def seed_everything(seed: int) -> None:
 def _part(resumed: dict | None, key: str):
     """One piece of a resumed run's checkpoint; None for a new run."""
     return None if resumed is None else resumed[key]
+
+
+def _trained_weights(resumed: dict | None, averaged: bool) -> dict | None:
+    """A resumed run's own weights (None for a new run): under train.ema the checkpoint's
+    ``model`` holds the average and ``ema`` the weights training goes on from."""
+    if resumed is None:
+        return None
+    return resumed["ema"]["raw"] if averaged else resumed["model"]
 
 
 def _restored(obj, state: dict | None):
@@ -352,7 +423,8 @@ def _setup_plan(bb: models.Backbone, cfg: Config, n_images: int, measured: strat
     plan = freeze.make_plan(bb.model, bb.stages, strategy, cfg.train.lr, cfg.train.backbone_lr_scale,
                             pretrained=bb.pretrained, frozen_stages=cfg.freeze.frozen_stages,
                             trainable_stages=strategies.trainable_stages(cfg.freeze.trainable_stages, measured),
-                            batchnorm=strategies.resolve_batchnorm(cfg.freeze.batchnorm, size, bb.pretrained))
+                            batchnorm=strategies.resolve_batchnorm(cfg.freeze.batchnorm, size, bb.pretrained),
+                            layer_decay=cfg.train.layer_decay)
     return plan, why
 
 
@@ -361,6 +433,17 @@ def _setup_model(bb: models.Backbone, plan: FreezePlan, rt: runtime.Runtime, sta
     freeze.apply_plan(bb.model, bb.stages, plan)
     rt.prepare(bb.model)
     return _restored(bb.model, state)
+
+
+def _setup_ema(model: nn.Module, decay: float | None, resumed: dict | None) -> WeightEma | None:
+    """The weight average ``train.ema`` asks for (None: off), continued from a resumed run;
+    its checkpoint's ``model`` holds the average and ``ema`` the raw weights."""
+    if decay is None:
+        return None
+    averaged = WeightEma(model, decay)
+    if resumed is not None:
+        averaged.load(resumed["model"], resumed["ema"]["updates"])
+    return averaged
 
 
 @dataclass
@@ -440,7 +523,7 @@ def _run_head_phase(cfg: Config, bb: models.Backbone, bundle: data.DataBundle, r
     if done is not None:
         running, ev, _ = done
         lrs = {"lr_head": cfg.train.lr, "lr_backbone": None}
-        _records.end_epoch(state, _records.row(state, "head", lrs, running, ev), saved, run, writer, log, cfg.train.epochs)
+        _records.end_epoch(state, _records.row(state, "head", lrs, running, ev, ["head"]), saved, run, writer, log, cfg.train.epochs)
 
 
 def _schedule_start(resumed: dict | None, epochs: int) -> int:
