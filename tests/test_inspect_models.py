@@ -113,8 +113,8 @@ def test_init_writes_a_config_that_validates(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.real
 def test_init_without_arguments_trains_offline_as_written(tmp_path, monkeypatch, capsys):
-    """The starter config needs no download (packaged digits and Lite0 weights) and picks the
-    quadrant that suits digits (small, not like ImageNet photos: freeze_most)."""
+    """The starter config needs no download (packaged digits and Lite0 weights) and the run's
+    measurement picks the quadrant that suits digits (small, not like ImageNet photos: freeze_most)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-hub"))  # nothing cached to lean on
     code, _, err = run_cli(monkeypatch, capsys, "init")
@@ -125,15 +125,15 @@ def test_init_without_arguments_trains_offline_as_written(tmp_path, monkeypatch,
     assert report["ok"] and report["weights"]["offline"] and not any("download" in n for n in report["notes"])
     cfg = report["config"]
     assert (cfg["data"]["dataset"], cfg["model"]["backbone"], cfg["freeze"]["similar"]) == \
-        ("digits", "efficientnet_lite0", False)
+        ("digits", "efficientnet_lite0", "auto")
     assert cfg["data"]["image_size"] <= 64 and cfg["train"]["epochs"] <= 5
     code, out, err = run_cli(monkeypatch, capsys, "train", "experiment.yaml", "train.epochs=1",
-                             "data.limit_per_class=4", "data.num_workers=0", "train.device=cpu", "--json")
+                             "data.num_workers=0", "train.device=cpu", "--json")
     assert code == 0, err
     summary = json.loads(out)
     assert summary["epochs_completed"] == 1
     plan = json.loads((tmp_path / "runs" / "digits" / "freeze_plan.json").read_text())
-    assert plan["strategy"] == "freeze_most"
+    assert plan["strategy"] == "freeze_most" and plan["similarity"]["similar"] is False
 
 
 @pytest.mark.real
