@@ -160,7 +160,9 @@ class TrainConfig(_Section):
     feature_cache: Literal["auto", "memory", "disk", "off"] = Field(
         "auto", description="store the frozen prefix's outputs once (auto: in memory within the budget, "
         "kept on disk for later runs)")
-    cache_views: Int = Field(2, ge=1, le=1000, description="augmented views per training image in the cache")
+    cache_views: Annotated[Int, Field(ge=1, le=1000)] | Literal["auto"] = Field(
+        "auto", description="augmented views per training image in the cache (auto: 4 when the whole "
+        "backbone is frozen, where they are all the head learns from, else 2)")
     cache_budget_mb: Int = Field(2048, ge=0, description="memory the cached activations may take")
     cache_dir: str | None = Field(None, description="default: $XDG_CACHE_HOME/cnnft or ~/.cache/cnnft")
 

@@ -70,3 +70,11 @@ def test_augmented_views_and_the_disk_path_under_a_tiny_memory_budget(tmp_path, 
     assert kinds and all(issubclass(k, np.memmap) for k in kinds)  # read from the cache folder, not memory
     assert summary["epochs_completed"] == 2
     assert list((tmp_path / "cache").glob("*.npy"))
+
+
+@pytest.mark.parametrize("strategy,views", [("head_only", 4), ("freeze_most", 2)])
+def test_cache_views_auto_gives_a_frozen_backbone_more_views(tmp_path, tiny_data, strategy, views):
+    # a fully frozen backbone leaves the head only the augmented views to learn from
+    _, logged = _train(tmp_path, tiny_data, "data.augment=light", f"freeze.strategy={strategy}",
+                       "train.epochs=1")
+    assert any(f"{views} augmented view(s)" in m for m in logged), logged
