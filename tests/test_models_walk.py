@@ -306,3 +306,22 @@ def test_timm_weights_file_as_the_hint_says(tmp_path) -> None:
     for key, value in source.items():
         if not key.startswith("fc."):
             assert torch.equal(got[key], value), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SMALL_NAMES)
+def test_stage_order_follows_the_forward_pass(name: str) -> None:
+    """Stages are listed in the order the forward pass runs them: the spatial size of their
+    outputs never grows from one stage to the next (4-d feature maps; tokens are skipped)."""
+    torch.manual_seed(0)
+    bb = models.build(name, "none", NUM_CLASSES)
+    model = bb.model.eval()
+    size = max(models.min_input(model), 64)
+    body = [s for s in bb.stages if s.name != "head"]
+    modules = {k: v for k, v in models.stage_modules(model, bb.stages).items() if k != "head"}
+    with models.last_stage_outputs(model, modules) as latest, torch.inference_mode():
+        model(torch.randn(1, 3, size, size))
+        outputs = [latest.get(s.name) for s in body]
+    sides = [o.shape[-1] * o.shape[-2] for o in outputs if o is not None and o.dim() == 4]
+    assert len(outputs) == len(body) and all(o is not None for o in outputs), name
+    assert sides == sorted(sides, reverse=True), f"{name}: stage output areas {sides}"

@@ -65,3 +65,14 @@ def test_extending_a_finished_run_restarts_the_schedule_and_trains(tmp_path, tin
     # 8 images / batch 4 = 2 steps an epoch: epochs 1-2 on the first cosine, 3-4 on a new one
     # that starts again at the full rate
     assert lrs == pytest.approx([0.02, 0.01, 0.02, 0.01])
+
+
+def test_pretrained_run_optimizer_groups_carry_lr_and_backbone_scale(tmp_path, tiny_data, pretrained_file):
+    s = _train(tmp_path, tiny_data, f"model.weights={pretrained_file}", "freeze.strategy=freeze_most",
+               "train.epochs=1", "train.lr=0.02", "train.backbone_lr_scale=0.25", "train.scheduler=none",
+               "train.head_phase=false")
+    groups = checkpoint.load(Path(s.run_dir) / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
+    rates = {g["name"]: g["lr"] for g in groups}
+    assert rates["head"] == pytest.approx(0.02) and rates["backbone"] == pytest.approx(0.005)
+    row = _rows(s.run_dir)[0]
+    assert float(row["lr_head"]) == pytest.approx(0.02) and float(row["lr_backbone"]) == pytest.approx(0.005)
