@@ -240,12 +240,15 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: "int | tuple[int, int]"):
+        # (epoch, i) from an EpochTagged sampler: persistent workers keep their own copy of the
+        # dataset, so the epoch must travel with the index
+        epoch, i = i if isinstance(i, tuple) else (self.epoch, i)
         img = self.source.load(i, self.draft)
         if self.seed is None:
             return self.transform(img), self.source.labels[i]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, i))
+            torch.manual_seed(sample_seed(self.seed, epoch, i))
             return self.transform(img), self.source.labels[i]
 
 
@@ -286,6 +289,21 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n - self.start
+
+
+class EpochTagged(Sampler):
+    """``sampler``'s indices as (epoch, index) pairs, its current epoch read at each pass: how
+    an ImageDataset in persistent loader workers learns which epoch's augmentation to draw."""
+
+    def __init__(self, sampler: Sampler[int]) -> None:
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, i) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 def _sigterm_only_from_parent() -> None:
@@ -331,6 +349,7 @@ def loader_workers(setting: int | str) -> int:
 def make_loader(
     dataset: Dataset, batch_size: int, num_workers: int | str, *, sampler: Sampler | None = None,
     generator: torch.Generator | None = None, pin_memory: bool = False, collate_fn: Callable | None = None,
+    persistent: bool | None = None,
 ) -> DataLoader:
     """A DataLoader with seeded workers that leave Ctrl-C and SIGTERM to the main process: the
     one loader policy of training and inference.
@@ -338,11 +357,21 @@ def make_loader(
     A loader with a ``sampler`` is a training loader: when its last batch would hold a single
     image, that image is left out of the epoch (the shuffle picks another one each epoch),
     because BatchNorm cannot train on a batch of one ("Expected more than 1 value per
-    channel") and a dataset of 4k+1 images would crash the run at the end of epoch 1."""
+    channel") and a dataset of 4k+1 images would crash the run at the end of epoch 1.
+    ``persistent`` (default: with pinned memory, i.e. on CUDA) keeps worker processes alive
+    between passes."""
     lone_last = sampler is not None and batch_size > 1 and len(sampler) % batch_size == 1
     num_workers = loader_workers(num_workers)
+    # workers that outlive an epoch save their start-up (process spawn, imports, opening files)
+    # every epoch: worth it where pinned memory says a GPU trains; the epoch then rides on the
+    # indices, since each worker holds its own copy of the dataset
+    if persistent is None:
+        persistent = pin_memory
+    persistent = bool(persistent and num_workers and (sampler is None or hasattr(sampler, "epoch")))
+    if persistent and sampler is not None:
+        sampler = EpochTagged(sampler)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers else None, generator=generator,
-        pin_memory=pin_memory, drop_last=lone_last, persistent_workers=False, collate_fn=collate_fn,
+        pin_memory=pin_memory, drop_last=lone_last, persistent_workers=persistent, collate_fn=collate_fn,
     )

@@ -123,6 +123,28 @@ def test_augmentation_is_fixed_per_image_and_epoch_whatever_the_worker(tmp_path:
     assert not torch.equal(ds[0][0], alone[0]), "another epoch draws another augmentation"
 
 
+def test_persistent_workers_draw_each_epochs_augmentation(tmp_path: Path) -> None:
+    """Workers kept alive between epochs (the CUDA default) hold their own copy of the dataset:
+    the epoch travels with each index, so epoch after epoch they draw what a fresh loader draws."""
+    ds = _augmented(tmp_path)
+
+    def epochs(persistent: bool) -> list[torch.Tensor]:
+        sampler = data.EpochSampler(len(ds), 0, True)
+        loader = data.make_loader(ds, batch_size=5, num_workers=1, sampler=sampler, persistent=persistent)
+        assert loader.persistent_workers == persistent
+        out = []
+        for epoch in (1, 2, 3):
+            sampler.set_epoch(epoch, start=1 if epoch == 3 else 0)  # epoch 3 resumed after one sample
+            ds.set_epoch(epoch)
+            out.append(torch.cat([x for x, _ in loader]))
+        return out
+
+    fresh, kept = epochs(False), epochs(True)
+    assert all(torch.equal(a, b) for a, b in zip(fresh, kept))
+    assert not torch.equal(kept[0], kept[1]) and len(kept[2]) == len(ds) - 1
+    assert not data.make_loader(ds, batch_size=5, num_workers=0, persistent=True).persistent_workers
+
+
 def test_a_run_is_the_same_with_and_without_loader_workers(tmp_path: Path) -> None:
     """data.num_workers changes how fast images are augmented, never which augmentation they get."""
     import csv
