@@ -150,6 +150,8 @@ def probe(features: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> tu
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    if not np.isfinite(features).all():  # overflowing weights: the stage's features separate nothing
+        return 0.0, 0.0
     # a bounded probe: 100 L-BFGS steps rank the stages as well as full convergence does
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=100, tol=1e-3))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)

@@ -152,7 +152,7 @@ def test_hyperparameter_table(run_dir, tiny_run):
                 "images", "wall time", "images/s (training)"):
         assert key in hp, key
     assert hp["model"] == "resnet18, weights: none" and hp["strategy"].startswith(tiny_run["strategy"])
-    assert hp["image size"] == "32 px" and hp["batch size"] == "4" and hp["augmentation"] == "light"
+    assert hp["image size"] == "32 px" and hp["batch size"] == "4" and hp["augmentation"] == "mild"
     assert hp["epochs"] == "1 of 1"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [c["class"] for c in res.class_counts] == ["a", "b"]

@@ -188,3 +188,11 @@ def test_hymenoptera_is_similar_digits_is_not(hymenoptera):
     assert digits.measured.similar is False, digits.measured.reason
     assert digits.strategy in ("freeze_most", "full") and digits.to_dict()["trainable_stages"] >= 1
     assert "stage7" not in digits.plan.frozen
+
+
+def test_a_stage_with_non_finite_features_probes_at_zero():
+    from cnnft import similarity
+
+    feats = np.ones((20, 4))
+    feats[3, 1] = np.inf
+    assert similarity.probe(feats, np.arange(20) % 2, 2, 0) == (0.0, 0.0)

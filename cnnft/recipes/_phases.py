@@ -65,6 +65,9 @@ def _fit_head(cached: _cached.Cached, model: nn.Module, rt: runtime.Runtime, log
               sample_weights: torch.Tensor | None):
     t0 = time.perf_counter()
     x, y = _all(cached.views, rt)
+    if not torch.isfinite(x).all():  # overflowing weights: no probe to fit; training reports the loss
+        log("head phase: skipped (the frozen backbone's features are not finite)")
+        return None
     w = None if sample_weights is None else (sample_weights / sample_weights.mean()).to(rt.device)
     params = [p for p in model.parameters() if p.requires_grad]
     decayed = [p for p in params if p.ndim > 1]  # weights, not biases (as the optimizer groups do)
