@@ -127,3 +127,38 @@ def test_sgd_smoothing_clipping_and_warmup_in_a_run(tmp_path, tiny_data):
         rows = list(csv.DictReader(f))
     best = max(rows, key=lambda r: float(r["val_acc"]))  # first of equals, as best.pt
     assert res["loss"] == pytest.approx(float(best["val_loss"]), rel=1e-5)
+
+
+def test_label_smoothing_and_grad_clip_reach_the_loss_and_the_step(tmp_path, tiny_data, monkeypatch):
+    """train.label_smoothing is the training criterion's; train.grad_clip bounds each step's
+    gradient norm before the optimizer steps."""
+    from cnnft import engine as engine_mod
+    from cnnft.recipes import train as train_recipe
+
+    clipped, losses = [], []
+    real_clip = nn.utils.clip_grad_norm_
+    monkeypatch.setattr(engine_mod.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm, **kw: clipped.append(max_norm) or real_clip(params, max_norm, **kw))
+    real_forward = nn.CrossEntropyLoss.forward
+    monkeypatch.setattr(nn.CrossEntropyLoss, "forward",
+                        lambda self, x, y: losses.append(self.label_smoothing) or real_forward(self, x, y))
+    train_recipe.train(None, [f"data.train={tiny_data}", "data.val_split=0.34", "model.backbone=resnet18",
+                              "model.weights=none", "data.image_size=32", "data.batch_size=4", "data.num_workers=0",
+                              "train.epochs=1", "train.label_smoothing=0.2", "train.grad_clip=0.5",
+                              f"output_dir={tmp_path / 'runs'}", f"train.cache_dir={tmp_path / 'cache'}"],
+                       log=lambda m: None)
+    assert clipped and set(clipped) == {0.5}
+    assert 0.2 in losses  # the training loss; validation stays plain cross-entropy (0.0)
+
+
+def test_grad_clip_bounds_the_update():
+    torch.manual_seed(0)
+    rt = runtime.make_runtime("cpu", amp=False, channels_last=False)
+    for clip, bounded in ((0.1, True), (None, False)):
+        model = nn.Linear(4, 2)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        batch = [(torch.randn(8, 4) * 100, torch.randint(0, 2, (8,)))]
+        engine.train_one_epoch(model, batch, opt, None, nn.CrossEntropyLoss(), rt, epoch=1, grad_clip=clip)
+        step = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
+        assert (float(step) <= 0.1 + 1e-5) == bounded, (clip, float(step))
