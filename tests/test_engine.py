@@ -160,5 +160,5 @@ def test_grad_clip_bounds_the_update():
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         batch = [(torch.randn(8, 4) * 100, torch.randint(0, 2, (8,)))]
         engine.train_one_epoch(model, batch, opt, None, nn.CrossEntropyLoss(), rt, epoch=1, grad_clip=clip)
-        step = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
+        step = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
         assert (float(step) <= 0.1 + 1e-5) == bounded, (clip, float(step))
