@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .errors import ConfigError
 from .models import Stage, param_stage_map
 from .strategies import frozen_names
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnft import checkpoint, models
+from cnnft import checkpoint
 
 from _fixtures import train_small
 
@@ -76,3 +76,31 @@ def test_pretrained_run_optimizer_groups_carry_lr_and_backbone_scale(tmp_path, t
     assert rates["head"] == pytest.approx(0.02) and rates["backbone"] == pytest.approx(0.005)
     row = _rows(s.run_dir)[0]
     assert float(row["lr_head"]) == pytest.approx(0.02) and float(row["lr_backbone"]) == pytest.approx(0.005)
+
+
+def test_head_phase_solves_the_probe_as_logistic_regression_does():
+    """On fixed features the head phase is softmax regression solved to convergence: its
+    validation accuracy matches scikit-learn's LogisticRegression on the same features."""
+    from sklearn.linear_model import LogisticRegression
+    from torch import nn
+
+    from cnnft import cache, runtime
+    from cnnft.recipes import _cached, _phases
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 32, generator=g) * 0.6
+    def draw(n):
+        y = torch.arange(n) % 5
+        return centres[y] + torch.randn(n, 32, generator=g), y
+    (xt, yt), (xv, yv) = draw(300), draw(200)
+    head = nn.Linear(32, 5)
+    train = cache.CachedFeatures(cache.Store(xt[None]), yt.tolist(), 1)
+    val = cache.CachedFeatures(cache.Store(xv[None]), yv.tolist(), 1)
+    loader = cache.cached_loader(val, torch.utils.data.SequentialSampler(range(len(yv))), 64)
+    rt = runtime.make_runtime("cpu", amp=False, channels_last=False)
+    logged = []
+    _, ev, _ = _phases._fit_head(_cached.Cached(head, None, loader, train), head, rt, logged.append,
+                                 nn.CrossEntropyLoss(), None)
+    probe = LogisticRegression(max_iter=5000).fit(xt.numpy(), yt.numpy()).score(xv.numpy(), yv.numpy())
+    assert ev.acc >= probe - 0.01, (ev.acc, probe)
+    assert ev.acc > 0.5 and "L-BFGS" in logged[0]

@@ -95,24 +95,36 @@ def freeze_plan(
     advice = FreezeAdvice(strategy, size, similar, strategies.RATIONALE[strategy], size_rule)
     if model is None:
         return advice
-    from .. import freeze, models
+    from .. import models
 
-    defaults_train = config_mod.TrainConfig()
-    lr = defaults_train.lr if lr is None else lr
-    if lr <= 0:
+    _check_rates(lr, layer_decay)
+    bb = models.build(model, "DEFAULT", DEFAULT_PLAN_CLASSES if classes is None else classes, on_meta=True)
+    trainable = strategies.DEFAULT_TRAINABLE_STAGES if trainable_stages is None else trainable_stages
+    # the quadrant's plan for the model's DEFAULT weights (built on the meta device, nothing loaded)
+    plan = _plan(bb, strategy, size or "small", lr, frozen_stages, trainable, layer_decay, pretrained=True)
+    return replace(advice, model=model, num_classes=bb.num_classes, plan=plan, classes_defaulted=classes is None)
+
+
+def _check_rates(lr: float | None, layer_decay: float | None) -> None:
+    """Refuse --lr and --layer-decay values no run could use, before a model is built."""
+    if lr is not None and lr <= 0:
         raise InputError(f"--lr must be > 0 (got {lr})")
     if layer_decay is not None and not 0 < layer_decay <= 1:
         raise InputError(f"--layer-decay must be in (0, 1] (got {layer_decay}), e.g. --layer-decay 0.7")
-    bb = models.build(model, "DEFAULT", DEFAULT_PLAN_CLASSES if classes is None else classes, on_meta=True)
-    plan = freeze.make_plan(
-        bb.model, bb.stages, strategy, lr, defaults_train.backbone_lr_scale,
-        pretrained=True,
-        frozen_stages=frozen_stages,
-        trainable_stages=strategies.DEFAULT_TRAINABLE_STAGES if trainable_stages is None else trainable_stages,
-        batchnorm=strategies.resolve_batchnorm(config_mod.FreezeConfig().batchnorm, size or "small", True),
-        layer_decay=defaults_train.layer_decay if layer_decay is None else layer_decay,
+
+
+def _plan(bb, strategy: str, size: str, lr: float | None, frozen_stages: int | None, trainable_stages: int,
+          layer_decay: float | None, pretrained: bool) -> FreezePlan:
+    """The stage-by-stage plan of ``strategy`` for ``bb``, unset rates taken from the schema's defaults."""
+    from .. import freeze
+
+    t = config_mod.TrainConfig()
+    return freeze.make_plan(
+        bb.model, bb.stages, strategy, t.lr if lr is None else lr, t.backbone_lr_scale,
+        pretrained=pretrained, frozen_stages=frozen_stages, trainable_stages=trainable_stages,
+        layer_decay=t.layer_decay if layer_decay is None else layer_decay,
+        batchnorm=strategies.resolve_batchnorm(config_mod.FreezeConfig().batchnorm, size, pretrained),
     )
-    return replace(advice, model=model, num_classes=bb.num_classes, plan=plan, classes_defaulted=classes is None)
 
 
 def _trainable_count(plan: FreezePlan) -> int:
@@ -156,8 +168,9 @@ def measured_plan(
     """Measure the data's similarity to ImageNet with ``model`` (see :mod:`cnnft.similarity`)
     and plan the strategy it gives: size from the image count, similar from the probe curve.
     An explicit ``similar`` or ``strategy`` wins; a disagreeing ``similar`` is noted."""
-    from .. import freeze, models, similarity
+    from .. import models, similarity
 
+    _check_rates(lr, layer_decay)
     classes, source, where = training_images(data_dir, dataset)
     size = strategies.size_class(len(source), len(classes))
     size_rule = (f"{len(source)} images / {len(classes)} classes in {where} = {len(source) / len(classes):.0f} "
@@ -179,15 +192,7 @@ def measured_plan(
     chosen = strategy or (strategies.recommend(size, similar) if note else decision.strategy)
     trainable = trainable_stages if trainable_stages is not None else strategies.trainable_stages(
         "auto", decision if chosen == decision.strategy else None)
-    defaults_train = config_mod.TrainConfig()
-    lr = defaults_train.lr if lr is None else lr
-    if lr <= 0:
-        raise InputError(f"--lr must be > 0 (got {lr})")
-    plan = freeze.make_plan(bb.model, bb.stages, chosen, lr, defaults_train.backbone_lr_scale,
-                            pretrained=bb.pretrained, frozen_stages=frozen_stages, trainable_stages=trainable,
-                            layer_decay=defaults_train.layer_decay if layer_decay is None else layer_decay,
-                            batchnorm=strategies.resolve_batchnorm(config_mod.FreezeConfig().batchnorm, size,
-                                                                   bb.pretrained))
+    plan = _plan(bb, chosen, size, lr, frozen_stages, trainable, layer_decay, pretrained=bb.pretrained)
     sample = {k: v for k, v in m.to_dict().items() if k != "stages"}
     return FreezeAdvice(chosen, size, decision.similar if similar is None else similar, strategies.RATIONALE[chosen],
                         size_rule, model, bb.num_classes, plan, False, decision, sample, note)
