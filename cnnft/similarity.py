@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from . import data, models, progress, strategies, transforms
+from . import data, models, progress, runtime, strategies, transforms
 from .errors import DataError
 from .samples import Source
 from .strategies import Decision, StageProbe
@@ -122,6 +122,8 @@ def stage_features(model: nn.Module, stages: list[models.Stage], source: Source,
     feats: dict[str, list[torch.Tensor]] = {s.name: [] for s in body}
     labels: list[int] = []
     model.eval().to(device)
+    if device.type == "cpu":
+        runtime.tune_cpu_allocator()
     with models.last_stage_outputs(model, mods) as latest, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for batch in progress.bar(loader, show or "", show is not None):

@@ -50,3 +50,46 @@ def test_cuda_runtime_turns_on_cudnn_autotuning(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     rt = runtime.make_runtime("cuda", True, True)
     assert torch.backends.cudnn.benchmark and rt.amp_dtype == torch.bfloat16
+
+
+_ALLOCATION_PROBE = r"""
+import ctypes, json, sys
+import torch
+from cnnft import runtime
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+runtime.make_runtime("cpu", False, True)
+before = libc.mallinfo2()
+x = torch.empty(64 * 2**20, dtype=torch.uint8)  # 64 MiB: glibc would map it on its own
+x.fill_(1)
+during = libc.mallinfo2()
+del x
+after = libc.mallinfo2()
+print(json.dumps({"mapped": during.hblkhd - before.hblkhd, "heap": during.arena - before.arena,
+                  "kept": after.arena - before.arena}))
+"""
+
+
+def _allocation(env: dict) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _ALLOCATION_PROBE], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **env}, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's allocator is Linux's")
+def test_cpu_runtime_keeps_freed_tensor_memory_in_the_heap():
+    tuned = _allocation({"CNNFT_CPU_ALLOCATOR": ""})
+    # a large tensor comes from the heap, not from a mapping of its own, and stays there when freed
+    assert tuned["mapped"] == 0 and tuned["heap"] >= 64 * 2**20 and tuned["kept"] >= 64 * 2**20
+    system = _allocation({"CNNFT_CPU_ALLOCATOR": "system"})
+    assert system["mapped"] >= 64 * 2**20  # the opt-out leaves glibc's default: one mapping per large block
