@@ -140,23 +140,26 @@ class Split:
     modules: tuple[str, ...]  # every prefix module, in call order
     rest: nn.Module
 
+    runner: nn.Module | None = None  # what ``prefix`` runs (the model with folded BatchNorm), else the model
+
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
         """The activation at the cut for a batch of images (computed in eval mode)."""
-        target = self.model.get_submodule(self.boundary)
+        runner = self.model if self.runner is None else self.runner
+        target = runner.get_submodule(self.boundary)
 
         def stop(_m, _a, out):
             raise _Stop(out)
 
         handle = target.register_forward_hook(stop)
         was_training = self.model.training
-        self.model.eval()  # frozen layers: BatchNorm statistics are used, never updated
+        runner.eval()  # frozen layers: BatchNorm statistics are used, never updated
         try:
-            self.model(x)
+            runner(x)
         except _Stop as s:
             return s.value
         finally:
             handle.remove()
-            self.model.train(was_training)
+            self.model.train(was_training)  # the runner shares the model's modules
         raise RuntimeError(f"the forward pass never reached {self.boundary}")
 
 
@@ -202,7 +205,92 @@ def find_split(model: nn.Module, sample: torch.Tensor, logits_of: Callable = lam
     scale = max(float(full.abs().max()), 1.0)
     if full.shape != cut.shape or float((full - cut).abs().max()) > VERIFY_TOLERANCE * scale:
         return None, f"the forward pass after {names[-1]} does not reproduce the model's output"
-    return split, f"cut after {names[-1]}"
+    return fold_batchnorm(split, sample), f"cut after {names[-1]}"
+
+
+def _conv_bn_pairs(split: Split, sample: torch.Tensor) -> list[tuple[str, str]]:
+    """(convolution, BatchNorm) module names in the prefix where the BatchNorm takes exactly the
+    convolution's output, as the forward pass on ``sample`` shows; each of the two runs once."""
+    inside = tuple(split.modules)
+    outputs: dict[int, str] = {}
+    calls: dict[str, int] = {}
+    pairs: list[tuple[str, str]] = []
+
+    def ran(name: str) -> None:
+        calls[name] = calls.get(name, 0) + 1
+
+    def after_conv(name: str, out) -> None:
+        ran(name)
+        outputs[id(out)] = name
+
+    def before_bn(name: str, args) -> None:
+        ran(name)
+        if args and id(args[0]) in outputs:
+            pairs.append((outputs[id(args[0])], name))
+
+    handles = []
+    for name, m in split.model.named_modules():
+        if not any(name == n or name.startswith(n + ".") for n in inside) \
+                or any(p.requires_grad for p in m.parameters(recurse=False)):
+            continue
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(lambda _m, _a, out, n=name: after_conv(n, out)))
+        elif isinstance(m, nn.BatchNorm2d) and _bn_replacement(m) is not None:
+            handles.append(m.register_forward_pre_hook(lambda _m, args, n=name: before_bn(n, args)))
+    try:
+        split.prefix(sample)
+    finally:
+        for h in handles:
+            h.remove()
+    convs = [c for c, _ in pairs]
+    return [(c, b) for c, b in pairs if calls[c] == calls[b] == 1 and convs.count(c) == 1]
+
+
+def _bn_replacement(bn: nn.BatchNorm2d) -> nn.Module | None:
+    """What is left of a BatchNorm once folded into the convolution before it: nothing, or the
+    activation of timm's BatchNormAct2d; None for another subclass (not folded)."""
+    if type(bn) is nn.BatchNorm2d:
+        return nn.Identity()
+    if type(bn).__name__ == "BatchNormAct2d" and hasattr(bn, "act") and hasattr(bn, "drop"):
+        return nn.Sequential(bn.drop, bn.act)
+    return None
+
+
+def fold_batchnorm(split: Split, sample: torch.Tensor) -> Split:
+    """The split with each frozen convolution of the prefix merged with the BatchNorm after it
+    (y = BN(conv(x)) is one convolution with scaled weights and a bias when the statistics are
+    fixed): one pass over each activation less, 10-20% of an EfficientNet forward on CPU.
+    Only the runner of ``prefix`` changes (a copy that shares all other modules); the merged
+    prefix must reproduce the activation of the unmerged one, else the split is kept as it is."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    try:
+        with torch.no_grad():
+            pairs = _conv_bn_pairs(split, sample)
+            if not pairs:
+                return split
+            runner = _shallow_path_copy(split.model, [n for pair in pairs for n in pair])
+            for conv_name, bn_name in pairs:
+                conv, bn = split.model.get_submodule(conv_name), split.model.get_submodule(bn_name)
+                fused = copy.copy(conv)
+                fused._parameters = dict(conv._parameters)
+                weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                                    bn.weight, bn.bias)
+                fmt = torch.channels_last if conv.weight.is_contiguous(memory_format=torch.channels_last) \
+                    and not conv.weight.is_contiguous() else torch.contiguous_format
+                fused.weight = nn.Parameter(weight.detach().contiguous(memory_format=fmt), requires_grad=False)
+                fused.bias = nn.Parameter(bias.detach(), requires_grad=False)
+                _replace(runner, conv_name, fused)
+                _replace(runner, bn_name, _bn_replacement(bn))
+            merged = Split(split.model, split.boundary, split.modules, split.rest, runner)
+            want, got = split.prefix(sample).float(), merged.prefix(sample).float()
+    except Exception:  # noqa: BLE001 - an architecture the merge does not understand: run it unmerged
+        return split
+    scale = max(float(want.abs().max()), 1.0)
+    if want.shape != got.shape or not bool(torch.isfinite(got).all()) \
+            or float((want - got).abs().max()) > VERIFY_TOLERANCE * scale:
+        return split
+    return merged
 
 
 # ----------------------------------------------------------------------------- storage

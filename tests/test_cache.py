@@ -87,3 +87,64 @@ def test_cache_key_changes_with_any_input(tmp_path):
     assert cache.cache_key({**base, "boundary": "layer2"}) != k
     f.write_bytes(b"xy")  # the file changed
     assert cache.cache_key({**base, "files": cache.file_identity([str(f)])}) != k
+
+
+def _random_batchnorm(model: torch.nn.Module) -> None:
+    """Statistics and affine parameters far from a fresh BatchNorm's, so a merge has work to do."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1, 0.3)
+                m.bias.normal_(0, 0.3)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0", "mobilenet_v3_small"])
+def test_frozen_batchnorm_is_merged_into_the_convolution_before_it(name):
+    bb, _ = _planned(name, "head_only")
+    _random_batchnorm(bb.model)
+    before = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    x = torch.randn(2, 3, 64, 64)
+    split, why = cache.find_split(bb.model, x, models.logits_of)
+    assert split is not None and split.runner is not None, why
+    in_prefix = [m for n, m in split.runner.named_modules()
+                 if any(n == p or n.startswith(p + ".") for p in split.modules)]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in in_prefix)  # every one merged
+    unmerged = cache.Split(split.model, split.boundary, split.modules, split.rest)
+    bb.model.train()
+    with torch.no_grad():
+        want, got = unmerged.prefix(x), split.prefix(x)
+    assert torch.allclose(want, got, atol=1e-4 * float(want.abs().max()))
+    # the model itself is untouched: its BatchNorm modules, values and training mode
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in bb.model.modules()) > 0
+    assert all(torch.equal(before[k], v) for k, v in bb.model.state_dict().items())
+    assert bb.model.training and bb.model.get_submodule(split.boundary).training
+
+
+class _ConvUsedTwice(torch.nn.Module):
+    """BN(conv(x)) + conv(x): the convolution's output is read beside its BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_a_merge_that_would_change_the_activation_is_not_used():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_ConvUsedTwice(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2))
+    _random_batchnorm(model)
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 3, 16, 16)
+    split, why = cache.find_split(model, x, models.logits_of)
+    assert split is not None, why
+    assert split.runner is None  # the merged prefix was checked against the model and refused
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(split.rest(split.prefix(x)), model(x), atol=1e-6)
