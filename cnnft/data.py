@@ -248,7 +248,10 @@ class ImageDataset(Dataset):
         if self.seed is None:
             return self.transform(img), self.source.labels[i]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, i))
+            # the CPU generator only, which the transforms draw from: torch.manual_seed would also
+            # seed every GPU (not restored by fork_rng(devices=[])), or, before CUDA starts,
+            # record a stack trace per call to do it later (~1 ms per image)
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i))
             return self.transform(img), self.source.labels[i]
 
 

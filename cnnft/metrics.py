@@ -11,7 +11,7 @@ import numpy as np
 from .checkpoint import atomic_write_text
 
 EPOCH_COLUMNS = ("epoch", "phase", "lr_head", "lr_backbone", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1",
-                 "epoch_seconds", "images_per_second", "trainable_stages")
+                 "epoch_seconds", "images_per_second", "data_wait", "trainable_stages")
 
 
 def write_csv(path: str | Path, rows: list[dict], columns: tuple[str, ...] | None = None) -> None:

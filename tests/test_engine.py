@@ -162,3 +162,32 @@ def test_grad_clip_bounds_the_update():
         engine.train_one_epoch(model, batch, opt, None, nn.CrossEntropyLoss(), rt, epoch=1, grad_clip=clip)
         step = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
         assert (float(step) <= 0.1 + 1e-5) == bounded, (clip, float(step))
+
+
+def test_time_waiting_for_the_loader_is_counted_apart():
+    import time
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def slow_batches():
+        for _ in range(4):
+            time.sleep(0.05)  # a loader still decoding
+            yield torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,))
+
+    r = engine.train_one_epoch(model, slow_batches(), opt, None, nn.CrossEntropyLoss(),
+                               runtime.Runtime(torch.device("cpu")), epoch=1)
+    assert r.steps == 4 and 0.2 <= r.data_seconds <= r.seconds
+    # resumed sums from a checkpoint written before the field existed start it at 0
+    old = {k: v for k, v in engine.Running(1.0, 1, 8, 1, 0.5).__dict__.items() if k != "data_seconds"}
+    assert engine.Running(**old).data_seconds == 0.0
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_cpu_optimizers_take_the_fused_update(name):
+    from cnnft.config import TrainConfig
+
+    model = nn.Linear(4, 2)
+    opt = engine.build_optimizer([{"params": list(model.parameters())}], TrainConfig(optimizer=name))
+    assert opt.defaults.get("fused") is True

@@ -101,6 +101,8 @@ def row(state: engine.TrainState, phase: str, lrs: dict, running: engine.Running
         "val_loss": ev.loss, "val_acc": ev.acc, "val_f1": macro_f1(ev),
         "epoch_seconds": round(running.seconds + ev.seconds, 3),
         "images_per_second": round(running.seen / max(running.seconds, 1e-9), 1),
+        # the share of the training time spent waiting for images: near 1, the input is the limit
+        "data_wait": round(running.data_seconds / max(running.seconds, 1e-9), 3),
         "wall_seconds": round(state.wall_seconds, 3),
         "trainable_stages": "+".join(trainable),
     }
