@@ -70,7 +70,10 @@ def _check_promise(argv: list[str], cwd: Path, stdout: str) -> None:
         assert json.loads(Path(f"{out}.json").read_text())["classes"], f"{out}.json names no classes"
     elif cmd == "predict":
         classes = json.loads((cwd / f"{args[0]}.json").read_text())["classes"]
-        for image in args[1:]:
+        # the images: the arguments that are files (an option's value, like --top-k's 3, is not)
+        images = [a for a in args[1:] if (cwd / a).is_file()]
+        assert images, argv
+        for image in images:
             # a table row: the image, its predicted class, the probability
             row = re.search(rf"{re.escape(image)}\W+(\S+)\W+([01]\.\d{{3}})", stdout)
             assert row and row.group(1) in classes, (image, classes, stdout)
