@@ -123,7 +123,7 @@ def evaluate(
     if data_dir is None and split == "test" and d.test is None:
         raise InputError("--split test: the run has no test set (data.test was not set when it was trained)",
                          hint="pass --data DIR (a folder with one sub-folder per class) to evaluate on other images")
-    rt = lm.to_device(device)
+    inference_model, rt = lm.inference(device)
     note = None
     if data_dir is not None:
         src, data_name, described, skipped = _folder_data(data_dir, lm.classes)
@@ -137,7 +137,7 @@ def evaluate(
         log(f"skipping {len(skipped)} unreadable image(s):")
         for p, why in skipped:
             log(f"  {p}: {why}")
-    model = with_tta(lm.model, tta, lm.config.data.hflip is True)
+    model = with_tta(inference_model, tta, lm.config.data.hflip is True)
     out = _eval_dir(lm.path, data_name + ("-tta" if tta else ""), out_dir)
 
     pre = lm.preprocess

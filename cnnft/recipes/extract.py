@@ -61,7 +61,8 @@ def _model_for(source: str | Path, device: str) -> tuple[nn.Module, str, models.
     """A checkpoint's model and runtime, or a backbone's pretrained one with the default runtime."""
     if _is_checkpoint_arg(source):
         lm = checkpoint.load_model(source)
-        return lm.model, lm.name, lm.preprocess, lm.to_device(device)
+        model, rt = lm.inference(device)
+        return model, lm.name, lm.preprocess, rt
     bb = models.build(str(source), "DEFAULT", None)
     defaults = TrainConfig()
     rt = runtime.make_runtime(device, defaults.amp, defaults.channels_last, "--device")

@@ -69,7 +69,8 @@ def _load(source: str | Path, device: str):
     meta = export.export_metadata(source)
     if meta is None:
         lm = checkpoint.load_model(source)
-        return lm.model, lm.name, lm.classes, lm.preprocess, lm.path, lm.to_device(device), lm.config.data.hflip is True
+        model, rt = lm.inference(device)
+        return model, lm.name, lm.classes, lm.preprocess, lm.path, rt, lm.config.data.hflip is True
     ex = export.load_export(source, meta)
     # onnxruntime runs here on the CPU; a TorchScript module goes to the device asked for, in fp32
     rt = runtime.make_runtime(device if ex.export_format == "torchscript" else "cpu", False, False, "--device")
