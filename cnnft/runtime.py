@@ -105,9 +105,9 @@ def tune_cpu_allocator() -> bool:
 
     By default glibc serves every allocation above 128 KiB to 32 MiB with its own ``mmap`` and
     returns it to the system on free, so each activation of every forward and backward pass
-    is fresh memory that the kernel must fault in page by page: measured on 2 cores, half the
-    wall time of an EfficientNet-Lite0 forward pass at batch 32 and 224 px was spent in the
-    kernel (69 images/s, 156 with this; ResNet-18 training at 112 px 91 -> 113 images/s). With
+    is fresh memory that the kernel must fault in page by page: measured on 2 cores by
+    benchmarks/cpu_settings.py, an EfficientNet-Lite0 forward pass at batch 32 and 224 px runs
+    at 49 images/s as glibc comes and 134 with this (ResNet-18 training at 112 px 1.1x). With
     ``mmap`` off and trimming off, the heap grows to the peak a training step needs and stays
     there, as PyTorch's CUDA caching allocator does on a GPU; jemalloc or tcmalloc preloaded
     (the usual advice) have the same effect. Process-wide and once; Linux with glibc only;
