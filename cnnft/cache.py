@@ -33,11 +33,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import fold
 from .checkpoint import atomic_write_bytes, atomic_write_json
-from .fold import replace_module as _replace
-from .fold import shallow_path_copy as _shallow_path_copy
 
 FORMAT_VERSION = 1
-VERIFY_TOLERANCE = fold.TOLERANCE  # max abs logit difference (relative to the logits' scale) of a valid cut
 HALF_ABOVE_VALUES = 4096  # activations wider than this per image are stored in fp16 on disk
 
 
@@ -164,11 +161,11 @@ def find_split(model: nn.Module, sample: torch.Tensor, logits_of: Callable = lam
     names = _prefix_modules(model, events)
     if not names:
         return None, "no frozen prefix runs before the trainable layers"
-    shell = _shallow_path_copy(model, names)
+    shell = fold.shallow_path_copy(model, names)
     inject = _Inject()
-    _replace(shell, names[0], inject)
+    fold.replace_module(shell, names[0], inject)
     for n in names[1:]:
-        _replace(shell, n, _Pass())
+        fold.replace_module(shell, n, _Pass())
     split = Split(model, names[-1], tuple(names), _Rest(shell, inject))
     was_training = model.training
     model.eval()
@@ -180,8 +177,7 @@ def find_split(model: nn.Module, sample: torch.Tensor, logits_of: Callable = lam
         return None, f"the model's forward pass cannot start after {names[-1]} ({type(exc).__name__})"
     finally:
         model.train(was_training)
-    scale = max(float(full.abs().max()), 1.0)
-    if full.shape != cut.shape or float((full - cut).abs().max()) > VERIFY_TOLERANCE * scale:
+    if not fold.reproduces(full, cut):
         return None, f"the forward pass after {names[-1]} does not reproduce the model's output"
     return fold_batchnorm(split, sample), f"cut after {names[-1]}"
 

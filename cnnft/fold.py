@@ -45,6 +45,13 @@ def shallow_path_copy(model: nn.Module, names: Sequence[str]) -> nn.Module:
     return root
 
 
+def reproduces(want: torch.Tensor, got: torch.Tensor, tolerance: float = TOLERANCE) -> bool:
+    """Whether ``got`` is ``want`` up to ``tolerance`` of its scale, in the same shape (a NaN
+    in either is no match)."""
+    scale = max(float(want.abs().max()), 1.0)
+    return want.shape == got.shape and float((want - got).abs().max()) <= tolerance * scale
+
+
 def _leftover(bn: nn.BatchNorm2d) -> nn.Module | None:
     """What is left of a BatchNorm once merged into the convolution before it: nothing, or the
     activation of timm's BatchNormAct2d; None for another subclass (not merged)."""
@@ -60,18 +67,21 @@ def conv_bn_pairs(model: nn.Module, run: Callable[[nn.Module], object],
     """(convolution, BatchNorm) module names, frozen (unless not ``frozen_only``) and (when
     given) inside the modules ``within``, where the BatchNorm takes exactly the convolution's output in the forward pass
     that ``run(model)`` makes; each of the two runs once in it."""
-    outputs: dict[int, str] = {}
+    # each output is held (not only its id) for the whole pass: the id of a freed tensor is
+    # reused by a later one, which would pair a BatchNorm with a convolution it never follows
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}
     calls: dict[str, int] = {}
     pairs: list[tuple[str, str]] = []
 
     def after_conv(name: str, out) -> None:
         calls[name] = calls.get(name, 0) + 1
-        outputs[id(out)] = name
+        outputs[id(out)] = (name, out)
 
     def before_bn(name: str, args) -> None:
         calls[name] = calls.get(name, 0) + 1
-        if args and id(args[0]) in outputs:
-            pairs.append((outputs[id(args[0])], name))
+        conv = outputs.get(id(args[0])) if args else None
+        if conv is not None and conv[1] is args[0]:
+            pairs.append((conv[0], name))
 
     handles = []
     for name, m in model.named_modules():
@@ -89,6 +99,7 @@ def conv_bn_pairs(model: nn.Module, run: Callable[[nn.Module], object],
     finally:
         for h in handles:
             h.remove()
+        outputs.clear()
     convs = [c for c, _ in pairs]
     return [(c, b) for c, b in pairs if calls[c] == calls[b] == 1 and convs.count(c) == 1]
 
@@ -125,11 +136,7 @@ def merged(model: nn.Module, run: Callable[[nn.Module], torch.Tensor],
             want, got = run(model).float(), run(copy_).float()
     except Exception:  # noqa: BLE001 - an architecture the merge does not understand: keep the model
         return model
-    scale = max(float(want.abs().max()), 1.0)
-    if want.shape != got.shape or not bool(torch.isfinite(got).all()) \
-            or float((want - got).abs().max()) > TOLERANCE * scale:
-        return model
-    return copy_
+    return copy_ if reproduces(want, got) else model
 
 
 def for_inference(model: nn.Module, sample: torch.Tensor, logits_of: Callable = lambda o: o) -> nn.Module:

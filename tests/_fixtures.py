@@ -101,3 +101,17 @@ def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def random_batchnorm(model) -> None:
+    """BatchNorm statistics and affine parameters far from a fresh layer's, so that merging
+    them into a convolution has work to do."""
+    import torch
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1, 0.3)
+                m.bias.normal_(0, 0.3)

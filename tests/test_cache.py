@@ -8,6 +8,8 @@ import torch
 
 from cnnft import cache, freeze, models
 
+import _fixtures
+
 CASES = [("resnet18", 64), ("vgg11", 64), ("efficientnet_b0", 64), ("efficientnet_lite0", 64),
          ("mobilenet_v3_small", 64), ("googlenet", 64), ("densenet121", 64), ("swin_t", 64)]
 
@@ -89,21 +91,10 @@ def test_cache_key_changes_with_any_input(tmp_path):
     assert cache.cache_key({**base, "files": cache.file_identity([str(f)])}) != k
 
 
-def _random_batchnorm(model: torch.nn.Module) -> None:
-    """Statistics and affine parameters far from a fresh BatchNorm's, so a merge has work to do."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1, 0.3)
-                m.bias.normal_(0, 0.3)
-
-
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0", "mobilenet_v3_small"])
 def test_frozen_batchnorm_is_merged_into_the_convolution_before_it(name):
     bb, _ = _planned(name, "head_only")
-    _random_batchnorm(bb.model)
+    _fixtures.random_batchnorm(bb.model)
     before = {k: v.clone() for k, v in bb.model.state_dict().items()}
     x = torch.randn(2, 3, 64, 64)
     split, why = cache.find_split(bb.model, x, models.logits_of)
@@ -138,7 +129,7 @@ def test_a_merge_that_would_change_the_activation_is_not_used():
     torch.manual_seed(0)
     model = torch.nn.Sequential(_ConvUsedTwice(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                                 torch.nn.Linear(4, 2))
-    _random_batchnorm(model)
+    _fixtures.random_batchnorm(model)
     for p in model[0].parameters():
         p.requires_grad_(False)
     x = torch.randn(2, 3, 16, 16)

@@ -9,15 +9,7 @@ import torch
 
 from cnnft import fold, models
 
-
-def _random_batchnorm(model: torch.nn.Module) -> None:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1, 0.3)
-                m.bias.normal_(0, 0.3)
+import _fixtures
 
 
 def _batchnorms(model: torch.nn.Module) -> int:
@@ -28,7 +20,7 @@ def _batchnorms(model: torch.nn.Module) -> int:
 def test_inference_model_gives_the_same_logits_with_batchnorm_merged(name):
     torch.manual_seed(0)
     model = models.build(name, "none", 3).model.eval()
-    _random_batchnorm(model)
+    _fixtures.random_batchnorm(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(2, 3, 64, 64)
     fast = fold.for_inference(model, x, models.logits_of)
@@ -70,3 +62,17 @@ def test_a_checkpoint_evaluates_and_predicts_with_the_merged_model(tmp_path, tin
         probs = torch.softmax(trained(x), 1)
     for row, p in zip(res.predictions, probs):
         assert row["prob"] == pytest.approx(float(p.max()), abs=1e-4)
+
+
+def test_pairs_are_found_from_the_data_flow_not_from_reused_ids():
+    """DenseNet: a BatchNorm after each convolution (norm0, norm2) and after each concatenation
+    (norm1, transitions, norm5): only the first kind are pairs. Many tensors are freed during
+    the pass, and a new one may take a freed one's id: an id alone would pair wrongly."""
+    model = models.build("densenet121", "none", 3).model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    for _ in range(3):  # the pairs are the same however the allocator reuses memory
+        pairs = fold.conv_bn_pairs(model, lambda m: m(x), frozen_only=False)
+        assert len(pairs) == 1 + 58 and {b.rsplit(".", 1)[1] for _, b in pairs} == {"norm0", "norm2"}
+        assert all(c.rsplit(".", 1)[1] in ("conv0", "conv1") for c, _ in pairs)
+        garbage = [torch.randn(2, 64, 16, 16) for _ in range(50)]
+        del garbage
