@@ -1,6 +1,6 @@
 """What cnnft's CPU settings buy, side by side in one run: glibc's allocator as it comes against
-cnnft's setting (``CNNFT_CPU_ALLOCATOR``, see cnnft.runtime.tune_cpu_allocator), and
-BatchNorm merged into the convolution before it (cnnft.fold) against the model as trained.
+cnnft's setting (``CNNFT_CPU_ALLOCATOR``, see cnnft.training.runtime.tune_cpu_allocator), and
+BatchNorm merged into the convolution before it (cnnft.training.fold) against the model as trained.
 
     python benchmarks/cpu_settings.py [--batch 32]
 
@@ -39,7 +39,8 @@ def measure(batch: int) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from cnnft import fold, models, runtime
+    from cnnft import models
+    from cnnft.training import fold, runtime
 
     runtime.make_runtime("cpu", False, True)  # what every cnnft command on CPU does first
     tuned = runtime.tune_cpu_allocator()  # (done once: this says whether it took)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from cnnft import data, transforms
+from cnnft.data import folders as data
+from cnnft.data import transforms
 from cnnft.models import Preprocess
 
 

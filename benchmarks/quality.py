@@ -29,8 +29,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cnnft import data, models, transforms  # noqa: E402
+from cnnft import models
 from cnnft.config import DataConfig  # noqa: E402
+from cnnft.data import folders as data  # noqa: E402
+from cnnft.data import transforms
 from cnnft.recipes import train as train_recipe  # noqa: E402
 
 BACKBONE = "efficientnet_lite0"

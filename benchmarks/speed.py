@@ -32,8 +32,9 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cnnft import freeze, models  # noqa: E402
+from cnnft import models
 from cnnft.recipes import train as train_recipe  # noqa: E402
+from cnnft.training import freeze  # noqa: E402
 
 
 def _best(fn, repeats: int) -> float:
@@ -117,7 +118,7 @@ def plain_loop(name: str, train_dir: Path, val_dir: Path, strategy: str, size: i
 
 def plain_loop_apart(*args, **kwargs) -> dict:
     """The plain loop in a fresh interpreter: cnnft tunes the process's C allocator when it runs
-    on CPU (see cnnft.runtime.tune_cpu_allocator), and a hand-written loop has no such help."""
+    on CPU (see cnnft.training.runtime.tune_cpu_allocator), and a hand-written loop has no such help."""
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(1) as pool:

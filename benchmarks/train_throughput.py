@@ -33,7 +33,8 @@ def measure(name: str, strategy: str, channels_last: bool, size: int, batch: int
     import torch
     from torch import nn
 
-    from cnnft import freeze, models
+    from cnnft import models
+    from cnnft.training import freeze
 
     torch.manual_seed(0)
     bb = models.build(name, "none", 10)

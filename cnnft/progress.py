@@ -24,3 +24,20 @@ def bar(iterable: Iterable[T], desc: str, enabled: bool) -> Iterable[T]:
     fallback = shutil.get_terminal_size((100, 24))
     shape = {"dynamic_ncols": True} if sized else {"ncols": fallback.columns, "nrows": fallback.lines}
     return tqdm(iterable, desc=desc, leave=False, file=sys.stderr, **shape)
+
+
+def epoch_bar(loader, epoch: int, epochs: int, enabled: bool):
+    """A training loader wrapped in a bar that shows the running loss and accuracy when
+    ``enabled`` (its ``on_step`` takes the loop's running sums after each step)."""
+    if not enabled:
+        return loader
+    shown = bar(loader, f"epoch {epoch + 1}/{epochs}", True)
+
+    class _Bar:
+        def __iter__(self):
+            return iter(shown)
+
+        def on_step(self, r) -> None:
+            shown.set_postfix(loss=f"{r.loss:.3f}", acc=f"{r.acc:.3f}", refresh=False)
+
+    return _Bar()

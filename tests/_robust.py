@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from _fixtures import run_cli
+from PIL import Image
 
 TRACEBACK = "Traceback (most recent call last)"
 
@@ -154,7 +153,7 @@ def flat(text: str) -> str:
 
 
 def run_inprocess(argv: list[str], monkeypatch, capfd, cwd: Path) -> Result:
-    """``cnnft ARGV`` through ``cnnft.cli.main`` (its error -> exit code mapping) in this process."""
+    """``cnnft ARGV`` through ``cnnft.cli.app.main`` (its error -> exit code mapping) in this process."""
     monkeypatch.chdir(cwd)
     monkeypatch.delenv("CNNFT_DEBUG", raising=False)
     capfd.readouterr()

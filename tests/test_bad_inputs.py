@@ -3,7 +3,7 @@ and the fix, no Python traceback, and no half-made run folder.
 
 Each row of ``CASES`` sets up a tiny experiment in a temporary folder (2 classes x 4 PNGs of
 24x24, random-init resnet18 at 32 px, one epoch), spoils one thing, runs ``cnnft ...`` and
-checks the outcome. Rows run in-process through ``cnnft.cli.main`` (the same error -> exit
+checks the outcome. Rows run in-process through ``cnnft.cli.app.main`` (the same error -> exit
 code mapping as the console script) because starting Python + torch costs seconds per run;
 ``test_real_entry_point_agrees`` repeats a handful of rows as ``python -m cnnft`` to show the
 real entry point behaves the same.
@@ -23,9 +23,21 @@ from typing import Callable
 import pytest
 import torch
 import yaml
-
-from _robust import (TRACEBACK, Result, deny_access, flat, make_dataset, odd_mode_images, png_bomb, run_folders,
-                     run_inprocess, run_subprocess, summary_of, text_as_jpeg, truncated_jpeg)
+from _robust import (
+    TRACEBACK,
+    Result,
+    deny_access,
+    flat,
+    make_dataset,
+    odd_mode_images,
+    png_bomb,
+    run_folders,
+    run_inprocess,
+    run_subprocess,
+    summary_of,
+    text_as_jpeg,
+    truncated_jpeg,
+)
 
 BASE: dict = {
     "name": "t",
@@ -281,9 +293,9 @@ def disk_full(at_save: int) -> Callable[[Path, pytest.MonkeyPatch], None]:
 
 def mark_failed(tmp: Path) -> None:
     """runs/t as a run that died in epoch 2 leaves it: the failure summary.json."""
-    from cnnft.checkpoint import RunDir
     from cnnft.errors import TrainingFailed
-    from cnnft.recipes import _run
+    from cnnft.results.rundir import RunDir
+    from cnnft.run import folder as _run
 
     history = [{"epoch": 1, "val_acc": 0.5, "wall_seconds": 1.0}]
     with pytest.raises(TrainingFailed):
@@ -368,7 +380,7 @@ def _resolved(**expected) -> Callable[[Path, Result], None]:
 
 
 def _nan_kept_progress(tmp: Path, res: Result) -> None:
-    from cnnft import checkpoint
+    from cnnft.run import checkpoint
 
     (run,) = run_folders(tmp / "runs")
     s = summary_of(run)
@@ -392,7 +404,7 @@ def _nan_first_step(tmp: Path, res: Result) -> None:
 
 def _disk_full_later(tmp: Path, res: Result) -> None:
     """Full at epoch 2's checkpoint: everything that says what was trained says epoch 1."""
-    from cnnft import checkpoint
+    from cnnft.run import checkpoint
 
     (run,) = run_folders(tmp / "runs")
     s = summary_of(run)
@@ -433,7 +445,7 @@ def _unchanged(path: Path, content: bytes) -> None:
 
 
 def checkpoint_intact(path: Path) -> None:
-    from cnnft import checkpoint
+    from cnnft.run import checkpoint
 
     assert checkpoint.load(path)["epoch"] >= 1
 
@@ -746,8 +758,8 @@ def test_debug_shows_the_traceback(tmp_path: Path, monkeypatch, capfd) -> None:
 
 
 def test_malicious_checkpoint_is_refused_by_load(tmp_path: Path) -> None:
-    from cnnft import checkpoint
     from cnnft.errors import CheckpointError
+    from cnnft.run import checkpoint
 
     evil_pickle(tmp_path)
     for name in ("evil.pkl", "evil.pt"):

@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-from cnnft import balance, data
+from cnnft.data import balance
+from cnnft.data import folders as data
 from cnnft.errors import ConfigError
 from cnnft.recipes import train as train_recipe
 

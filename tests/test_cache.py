@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import _fixtures
 import numpy as np
 import pytest
 import torch
 
-from cnnft import cache, freeze, models
-
-import _fixtures
+from cnnft import models
+from cnnft.training import cache, freeze
 
 CASES = [("resnet18", 64), ("vgg11", 64), ("efficientnet_b0", 64), ("efficientnet_lite0", 64),
          ("mobilenet_v3_small", 64), ("googlenet", 64), ("densenet121", 64), ("swin_t", 64)]

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cnnft import cli
 from cnnft import config as cfgmod
+from cnnft import yamlfile
+from cnnft import cli
 from cnnft.errors import ConfigError
 
 
@@ -141,13 +142,13 @@ def test_yaml_reads_what_it_shows(tmp_path) -> None:
     """Only true/false are booleans, dates and yes/no stay text, 1e-3 is a number, merge keys work."""
     p = tmp_path / "c.yaml"
     p.write_text("name: 2024-05-01\nbase: &base {train: no, val: off}\n", encoding="utf-8")
-    assert cfgmod.read_yaml(p) == {"name": "2024-05-01", "base": {"train": "no", "val": "off"}}
+    assert yamlfile.read_yaml(p) == {"name": "2024-05-01", "base": {"train": "no", "val": "off"}}
     p.write_text("data:\n  train: 2024-05-01\n  download: TRUE\ntrain:\n  lr: 1e-3\n  amp: False\n", encoding="utf-8")
     c = cfgmod.load(p)
     assert (c.data.train, c.data.download, c.train.lr, c.train.amp) == ("2024-05-01", True, 0.001, False)
     assert type(cfgmod.load(p, ["train.lr=1"]).train.lr) is float
     p.write_text("x: &x {lr: 0.1, epochs: 2}\ntrain:\n  <<: *x\n  lr: 0.5\n", encoding="utf-8")
-    assert cfgmod.read_yaml(p)["train"] == {"lr": 0.5, "epochs": 2}  # a merge key may be overridden
+    assert yamlfile.read_yaml(p)["train"] == {"lr": 0.5, "epochs": 2}  # a merge key may be overridden
 
 
 def test_section_override_merges_into_the_section(tmp_path) -> None:

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cnnft import config as cfgmod
+from cnnft import yamlfile
 from cnnft.errors import ConfigError
 
 SECTIONS = {name: list(schema.model_fields) for name, schema in cfgmod._SECTIONS.items() if name}
@@ -141,7 +142,7 @@ def _only_config_or_config_error(fn) -> None:
     # a config that validates must survive the round trip through the run folder's config.yaml
     dumped = yaml.safe_dump(result.to_dict(), sort_keys=False)
     assert cfgmod.validate(yaml.safe_load(dumped)) == result
-    assert cfgmod.validate(cfgmod.parse_yaml(dumped)) == result  # as `--resume` reads it back
+    assert cfgmod.validate(yamlfile.parse_yaml(dumped)) == result  # as `--resume` reads it back
     # values that validate must also be usable by the recipe
     for f in ("lr", "backbone_lr_scale", "momentum", "weight_decay", "warmup_epochs", "label_smoothing"):
         assert math.isfinite(getattr(result.train, f)), f"train.{f} must be finite"

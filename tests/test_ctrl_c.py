@@ -12,7 +12,6 @@ import signal
 from pathlib import Path
 
 import pytest
-
 from _fixtures import run_cli
 from _robust import TRACEBACK, make_dataset, summary_of
 
@@ -36,7 +35,7 @@ def ctrl_c(*_args, **_kwargs):
 
 def train_until(monkeypatch, calls: int, interrupt) -> None:
     """Train ``calls - 1`` epochs for real, then call ``interrupt`` in place of the next one."""
-    from cnnft import engine
+    from cnnft.training import engine
 
     real, n = engine.train_one_epoch, [0]
 
@@ -69,7 +68,7 @@ def assert_interrupted(code: int, err: str, *expected: str) -> None:
 
 
 def test_ctrl_c_before_training_says_nothing_was_saved(exp: Path, monkeypatch, capsys) -> None:
-    from cnnft import data
+    from cnnft.data import folders as data
 
     monkeypatch.setattr(data, "build_data", ctrl_c)  # Ctrl-C while the images are checked
     code, _, err = run_cli(monkeypatch, capsys, "train", *ARGS)
@@ -94,7 +93,7 @@ def test_ctrl_c_before_the_first_checkpoint_can_start_over(exp: Path, monkeypatc
 def test_second_ctrl_c_names_the_last_checkpoint_and_the_resume(exp: Path, monkeypatch, capsys, when: str) -> None:
     """In epoch 2: at a step, or while epoch 2's checkpoint is being written (it is not the
     last one saved: epoch 1's is)."""
-    from cnnft import checkpoint
+    from cnnft.run import checkpoint
 
     if when == "step":
         train_until(monkeypatch, 2, double_ctrl_c)
@@ -114,7 +113,7 @@ def test_second_ctrl_c_names_the_last_checkpoint_and_the_resume(exp: Path, monke
     unpatch(monkeypatch, exp)
 
     # a Ctrl-C while the resumed run starts up leaves the same checkpoint, and says so
-    from cnnft import data
+    from cnnft.data import folders as data
 
     monkeypatch.setattr(data, "build_data", ctrl_c)
     code, _, err = run_cli(monkeypatch, capsys, "train", "--resume", RUN, "-q")

@@ -13,10 +13,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from cnnft import data
-from cnnft.recipes import train as train_recipe
 from cnnft.config import DataConfig
+from cnnft.data import folders as data
 from cnnft.errors import DataError
+from cnnft.recipes import train as train_recipe
 
 
 def _idx(path: Path, array: np.ndarray) -> None:
@@ -80,7 +80,7 @@ def test_packaged_dataset_download_failure(tmp_path, monkeypatch):
 
 
 def test_stratified_split_keeps_proportions_sizes_and_no_overlap():
-    from cnnft.samples import stratified_split
+    from cnnft.data.samples import stratified_split
 
     labels = [0] * 50 + [1] * 30 + [2] * 20 + [3] * 1  # a class of one stays in training
     train, val = stratified_split(labels, 0.2, seed=5)

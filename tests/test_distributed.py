@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import REPO, make_image_folder
 from torch import nn
 
-from cnnft import data, distributed, freeze, models
+from cnnft import models
+from cnnft.data import folders as data
 from cnnft.recipes import evaluate as evaluate_recipe
 from cnnft.recipes import train as train_recipe
-
-from conftest import REPO, make_image_folder
+from cnnft.training import distributed, freeze
 
 N_TRAIN = 22  # 30 images, val_split 0.27 -> 8 val
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from cnnft import engine, runtime
 from cnnft.errors import InputError
+from cnnft.training import engine, runtime
 
 
 @pytest.fixture
@@ -92,8 +92,8 @@ def test_sgd_smoothing_clipping_and_warmup_in_a_run(tmp_path, tiny_data):
 
     import yaml
 
-    from cnnft import checkpoint
     from cnnft.recipes import train as train_recipe
+    from cnnft.run import checkpoint
 
     cfg = {"name": "opt", "output_dir": str(tmp_path / "runs"), "seed": 0,
            "data": {"train": str(tiny_data), "val_split": 0.34, "image_size": 32, "batch_size": 4,
@@ -132,8 +132,8 @@ def test_sgd_smoothing_clipping_and_warmup_in_a_run(tmp_path, tiny_data):
 def test_label_smoothing_and_grad_clip_reach_the_loss_and_the_step(tmp_path, tiny_data, monkeypatch):
     """train.label_smoothing is the training criterion's; train.grad_clip bounds each step's
     gradient norm before the optimizer steps."""
-    from cnnft import engine as engine_mod
     from cnnft.recipes import train as train_recipe
+    from cnnft.training import engine as engine_mod
 
     clipped, losses = [], []
     real_clip = nn.utils.clip_grad_norm_

@@ -7,14 +7,14 @@ import json
 import sys
 from pathlib import Path
 
+import _fixtures
 import pytest
 import torch
-
-import _fixtures
 from _fixtures import run_cli
-from cnnft import checkpoint
-from cnnft.recipes import export
+
 from cnnft.errors import InputError
+from cnnft.recipes import export
+from cnnft.run import checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from _fixtures import run_cli
 from conftest import REPO, make_image_folder
+
 from cnnft.errors import ConfigError
 from cnnft.models import catalog
 from cnnft.recipes import backbones, validate
@@ -71,7 +71,7 @@ def test_validate_digits_without_torch(tmp_path):
 def test_digits_read_without_scikit_learn_are_load_digits():
     from sklearn.datasets import load_digits
 
-    from cnnft.packaged import digits_arrays
+    from cnnft.data.packaged import digits_arrays
 
     images, target = digits_arrays()
     d = load_digits()

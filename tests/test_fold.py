@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import _fixtures
 import pytest
 import torch
 
-from cnnft import fold, models
-
-import _fixtures
+from cnnft import models
+from cnnft.training import fold
 
 
 def _batchnorms(model: torch.nn.Module) -> int:
@@ -40,9 +40,10 @@ def test_a_network_without_conv_batchnorm_pairs_is_returned_as_it_is():
 
 
 def test_a_checkpoint_evaluates_and_predicts_with_the_merged_model(tmp_path, tiny_data):
-    from cnnft import checkpoint
-    from cnnft.recipes import evaluate, predict
+    from cnnft.data import folders, transforms
+    from cnnft.recipes import predict
     from cnnft.recipes import train as train_recipe
+    from cnnft.run import checkpoint
 
     run = Path(train_recipe.train(None, [f"data.train={tiny_data}", "data.image_size=32", "data.num_workers=0",
                                          "model.backbone=resnet18", "model.weights=none", "train.epochs=1",
@@ -53,7 +54,7 @@ def test_a_checkpoint_evaluates_and_predicts_with_the_merged_model(tmp_path, tin
     fast, _ = lm.inference("cpu")
     assert _batchnorms(trained) == 20 and _batchnorms(fast) == 0 and lm.model is trained
     images = sorted(p for p in tiny_data.rglob("*") if p.is_file())[:4]
-    x = torch.stack([evaluate.transforms.eval_transform(lm.preprocess)(evaluate.data.open_image(p)) for p in images])
+    x = torch.stack([transforms.eval_transform(lm.preprocess)(folders.open_image(p)) for p in images])
     with torch.no_grad():
         assert torch.allclose(trained(x), fast(x), atol=1e-4)
     # the commands on top give the unmerged model's answers

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnft import freeze, models, strategies
+from cnnft import models
 from cnnft.errors import ConfigError
+from cnnft.training import freeze, strategies
 
 HEAD_LR = 1e-2
 BACKBONE_LR = 1e-3

@@ -7,11 +7,11 @@ import json
 
 import pytest
 import yaml
-
 from _fixtures import run_cli
+
 from cnnft import config as config_mod
-from cnnft.recipes import init as starter
 from cnnft.errors import ConfigError, InputError
+from cnnft.recipes import init as starter
 from cnnft.recipes import inspect as modelinfo
 
 # one model per entry of models.FAMILIES, plus the timm-based packaged backbone
@@ -167,7 +167,7 @@ def test_starter_config_explains_every_schema_key():
 
 
 def test_inspect_table_compacts_numbered_blocks():
-    from cnnft.tables import compact_names as _compact_names
+    from cnnft.results.tables import compact_names as _compact_names
 
     assert _compact_names(["encoder.layers.encoder_layer_9", "encoder.layers.encoder_layer_10",
                            "encoder.layers.encoder_layer_11", "encoder.ln"]) == \
@@ -177,7 +177,7 @@ def test_inspect_table_compacts_numbered_blocks():
 
 
 def test_shown_paths_are_relative_to_the_current_folder_when_inside_it(tmp_path, monkeypatch):
-    from cnnft.tables import _images_root, shown_path
+    from cnnft.results.tables import _images_root, shown_path
 
     monkeypatch.chdir(tmp_path)
     assert shown_path(tmp_path / "runs" / "x") == "runs/x"

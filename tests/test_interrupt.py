@@ -25,8 +25,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from _robust import TRACEBACK, make_dataset, run_folders, run_subprocess, subprocess_env, summary_of
+from _robust import (
+    TRACEBACK,
+    make_dataset,
+    run_folders,
+    run_subprocess,
+    subprocess_env,
+    summary_of,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -123,7 +129,7 @@ def baseline(exp: Path) -> dict:
 
 def assert_checkpoints_sound(out: Path) -> list[str]:
     """Every last.pt/best.pt present loads as a cnnft checkpoint; returns leftover temp files."""
-    from cnnft import checkpoint
+    from cnnft.run import checkpoint
 
     leftovers = []
     for run in run_folders(out):
@@ -157,7 +163,7 @@ def test_signal_saves_a_resumable_checkpoint(exp: Path, baseline: dict, sig: int
     """With loader workers too: each image's augmentation is fixed by (seed, epoch, image), so
     the resumed epoch draws what the stopped one would have, and the run matches the baseline
     (which has no workers)."""
-    from cnnft import checkpoint
+    from cnnft.run import checkpoint
 
     out = f"sig{int(sig)}-w{workers}"
     proc = Proc(["train", "cfg.yaml", f"output_dir={out}", f"data.num_workers={workers}", "-q"], exp)
@@ -216,7 +222,7 @@ def test_sigkill_at_random_moments_never_corrupts_and_resume_matches(exp: Path, 
         runs = run_folders(exp / out)
         last = [r / "checkpoints" / "last.pt" for r in runs if (r / "checkpoints" / "last.pt").exists()]
         leftovers = assert_checkpoints_sound(exp / out)
-        from cnnft import checkpoint
+        from cnnft.run import checkpoint
 
         at = [checkpoint.load(p)["epoch"] for p in last]
         report.append(f"kill {i} at {delay:.2f}s{' into training' if i else ''}: run folders {[r.name for r in runs]}, "
@@ -237,7 +243,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves(exp: Path, basel
     DataLoader workers too. The workers must leave SIGTERM to the main process, which saves
     a resumable checkpoint and exits 143; a worker that died of it used to crash the run
     ("DataLoader worker (pid N) is killed by signal: Terminated", exit 1) in 3 trials of 4."""
-    from cnnft import checkpoint
+    from cnnft.run import checkpoint
 
     rng = random.Random(143)
     epoch = baseline["epochs_at"][0] - baseline["train_start"]
@@ -298,7 +304,7 @@ def test_death_inside_the_atomic_checkpoint_write_then_resume(exp: Path, baselin
     out = f"fault{nth}"
     script = (
         "import os, sys\n"
-        "from cnnft import checkpoint, cli\n"
+        "from cnnft import cli, files\n"
         "real, calls = os.replace, []\n"
         "def dying_replace(src, dst):\n"
         "    if str(dst).endswith('.pt'):\n"
@@ -306,7 +312,7 @@ def test_death_inside_the_atomic_checkpoint_write_then_resume(exp: Path, baselin
         f"        if len(calls) == {nth}:\n"
         "            os._exit(9)\n"
         "    return real(src, dst)\n"
-        "checkpoint.os.replace = dying_replace\n"
+        "files.os.replace = dying_replace\n"
         f"cli.main(['train', 'cfg.yaml', 'output_dir={out}', '-q'])\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=exp, env=subprocess_env(), capture_output=True,

@@ -4,7 +4,6 @@ loader never ends on a batch of one, and hidden files and folders are never data
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -13,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _robust import make_dataset, subprocess_env
 from torch.utils.data import Dataset
 
-from _robust import make_dataset, subprocess_env
-from cnnft import data
+from cnnft.data import folders as data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +95,7 @@ def test_hidden_files_and_folders_are_never_data(tmp_path: Path) -> None:
 
 
 def _augmented(root: Path, seed: int = 5):
-    from cnnft import transforms
+    from cnnft.data import transforms
     from cnnft.models import Preprocess
 
     classes, paths, labels = data.scan_folder(str(make_dataset(root, n=5, size=24)), "data.train")

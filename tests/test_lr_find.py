@@ -10,15 +10,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _fixtures import run_cli
 from torch import nn
 
-from cnnft import cli, lrfind, runtime, transforms
+from cnnft import cli
+from cnnft.cli import train_cmds
 from cnnft.config import load
+from cnnft.data import transforms
 from cnnft.errors import ConfigError
 from cnnft.recipes import lr_find as lr_find_recipe
 from cnnft.recipes import train as train_recipe
-
-from _fixtures import run_cli
+from cnnft.run import build
+from cnnft.training import lrfind, runtime
 
 LRS = lrfind.sweep_rates(lrfind.START_LR, lrfind.END_LR, 100)
 X = np.log10(LRS)
@@ -146,10 +149,10 @@ def test_sweep_of_a_config_is_repeatable(tiny_data):
     cfg = load(None, _tiny_overrides(tiny_data))
     cfg.data.augment, cfg.data.hflip = transforms.resolve_augment(cfg.data.augment, cfg.data.hflip, cfg.freeze.similar)
     rt = runtime.make_runtime("cpu", False, False)
-    bundle = train_recipe._setup_data(cfg.data, None, cfg.seed, lambda m: None)
+    bundle = build.setup_data(cfg.data, None, cfg.seed, lambda m: None)
     results = []
     for _ in range(2):
-        train_recipe.seed_everything(cfg.seed)
+        build.seed_everything(cfg.seed)
         results.append(lr_find_recipe.sweep(cfg, bundle, rt, lambda m: None, steps=20))
     assert results[0] == results[1]
 
@@ -170,7 +173,7 @@ def test_cli_writes_the_png_and_json(tiny_data, tmp_path, monkeypatch, capsys):
 def test_cli_default_steps_is_the_library_default():
     import inspect
 
-    assert inspect.signature(cli.lr_find_cmd).parameters["steps"].default.default == lrfind.STEPS
+    assert inspect.signature(train_cmds.lr_find_cmd).parameters["steps"].default.default == lrfind.STEPS
 
 
 def test_cli_refuses_an_out_that_is_not_a_png(tiny_data, tmp_path, monkeypatch, capsys):

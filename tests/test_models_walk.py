@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from cnnft import freeze, models, strategies
+from cnnft import models
 from cnnft.errors import ConfigError, WeightsUnavailableError
+from cnnft.training import freeze, strategies
 
 NUM_CLASSES = 7
 MAX_FORWARD_PARAMS = 100_000_000

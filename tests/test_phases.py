@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from cnnft import checkpoint
-
 from _fixtures import train_small
+
+from cnnft.run import checkpoint
 
 
 def _rows(run: str) -> list[dict]:
@@ -84,8 +83,9 @@ def test_head_phase_solves_the_probe_as_logistic_regression_does():
     from sklearn.linear_model import LogisticRegression
     from torch import nn
 
-    from cnnft import cache, runtime
-    from cnnft.recipes import _cached, _phases
+    from cnnft.run import cached as _cached
+    from cnnft.run import phases as _phases
+    from cnnft.training import cache, runtime
 
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(5, 32, generator=g) * 0.6

@@ -9,13 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from _fixtures import run_cli, train_small
 from typer.testing import CliRunner
 
-from cnnft import checkpoint, cli, engine, freeze, mixing, models, runtime
-from cnnft.ema import WeightEma
+from cnnft import models
+from cnnft import cli
 from cnnft.config import TrainConfig
-
-from _fixtures import run_cli, train_small
+from cnnft.data import mixing
+from cnnft.run import checkpoint
+from cnnft.training import engine, freeze, runtime
+from cnnft.training.ema import WeightEma
 
 HEAD_LR, SCALE = 0.01, 0.1
 

@@ -9,14 +9,14 @@ import json
 import shutil
 from pathlib import Path
 
+import _fixtures
 import numpy as np
 import pytest
+from _fixtures import run_cli
 from PIL import Image
 
-import _fixtures
-from _fixtures import run_cli
-from cnnft.recipes import report
 from cnnft.errors import InputError
+from cnnft.recipes import report
 
 PNGS = ("loss.png", "accuracy.png", "confusion_matrix.png", "confusion_matrix_normalized.png")
 
@@ -92,9 +92,9 @@ def _copy_run(tiny_run, dest: Path) -> Path:
 
 
 def test_report_of_a_failed_run_reports_what_exists(tiny_run, tmp_path, monkeypatch, capsys):
-    from cnnft.checkpoint import RunDir
     from cnnft.errors import TrainingFailed
-    from cnnft.recipes import _run
+    from cnnft.results.rundir import RunDir
+    from cnnft.run import folder as _run
 
     run_dir = _copy_run(tiny_run, tmp_path / "failed")
     history = [{"epoch": 1, "val_acc": tiny_run["best_val_acc"], "wall_seconds": 1.5}]

@@ -12,14 +12,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import _fixtures
 import numpy as np
 import pytest
 from PIL import Image
 
-import _fixtures
-from cnnft import data, plots
+from cnnft.data import folders as data
 from cnnft.errors import DataError
-from cnnft.recipes import _report_data, report
+from cnnft.recipes import report
+from cnnft.results import plots
+from cnnft.results import report_data as _report_data
 
 
 @pytest.fixture(scope="session")

@@ -9,15 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_image_folder
 from typer.testing import CliRunner
 
-from cnnft import cli, models, similarity, strategies
+from cnnft import models
+from cnnft import cli
 from cnnft.errors import DataError
 from cnnft.recipes import freeze_plan as plan_recipe
 from cnnft.recipes import inspect as inspect_recipe
 from cnnft.recipes import train as train_recipe
-from cnnft.strategies import StageProbe
-from conftest import make_image_folder
+from cnnft.training import similarity, strategies
+from cnnft.training.strategies import StageProbe
 
 runner = CliRunner()
 
@@ -71,7 +73,8 @@ def test_a_decision_survives_its_json_form():
 # ------------------------------------------------------------------ features at stage outputs
 
 def _tiny_source(tmp_path: Path, per_class: int = 4, size: int = 40):
-    from cnnft import data, samples
+    from cnnft.data import folders as data
+    from cnnft.data import samples
 
     classes, paths, labels = samples.scan_folder(make_image_folder(tmp_path / "d", per_class=per_class, size=size), "d")
     return data._folder_source(paths, labels)
@@ -97,7 +100,7 @@ def test_the_pooled_features_are_the_mean_of_the_stage_output(tmp_path):
     bb = models.build("lenet5", "none", 2)
     src = _tiny_source(tmp_path, per_class=2)
     feats, _ = similarity.stage_features(bb.model, bb.stages, src, bb.preprocess, torch.device("cpu"), batch_size=4)
-    from cnnft import transforms
+    from cnnft.data import transforms
 
     x = torch.stack([transforms.eval_transform(bb.preprocess)(src.load(i)) for i in range(len(src))])
     with torch.no_grad():
@@ -130,7 +133,7 @@ def test_freeze_plan_data_json(tmp_path, model):
 
 
 def test_many_classes_get_a_smaller_sample_each(tmp_path):
-    from cnnft.samples import Source
+    from cnnft.data.samples import Source
 
     labels = [c for c in range(25) for _ in range(40)]
     picked: list[int] = []
@@ -191,7 +194,7 @@ def test_hymenoptera_is_similar_digits_is_not(hymenoptera):
 
 
 def test_a_stage_with_non_finite_features_probes_at_zero():
-    from cnnft import similarity
+    from cnnft.training import similarity
 
     feats = np.ones((20, 4))
     feats[3, 1] = np.inf

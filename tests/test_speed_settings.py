@@ -7,8 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnft import data, models, runtime, transforms
+from cnnft import models
+from cnnft.data import folders as data
+from cnnft.data import transforms
 from cnnft.recipes import train as train_recipe
+from cnnft.training import runtime
 
 
 @pytest.mark.parametrize("cores, expected", [(1, 0), (2, 0), (4, 3), (16, 8)])

@@ -10,10 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnft import checkpoint, data, engine, models, runtime, transforms
+from cnnft import models
 from cnnft.config import DataConfig
-from cnnft.recipes import _tensorboard
+from cnnft.data import folders as data
+from cnnft.data import transforms
 from cnnft.recipes import train as train_recipe
+from cnnft.results import tensorboard as _tensorboard
+from cnnft.run import checkpoint
+from cnnft.training import engine, runtime
 
 LOSS_ACC = ("train_loss", "train_acc", "val_loss", "val_acc")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnnft import cache
 from cnnft.recipes import train as train_recipe
+from cnnft.training import cache
 
 
 def _train(tmp_path: Path, data_dir: Path, *overrides: str) -> tuple[dict, list[str]]:

@@ -7,8 +7,8 @@ import copy
 import torch
 from torch import nn
 
-from cnnft import engine
 from cnnft.config import TrainConfig
+from cnnft.training import engine
 
 
 def _groups(model: nn.Module) -> list[dict]:

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnft import models, transforms
+from cnnft import models
+from cnnft.data import transforms
 
 
 @pytest.fixture(scope="module")

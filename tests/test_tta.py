@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _fixtures import run_cli
-from cnnft import models, tta
+
+from cnnft import models
 from cnnft.recipes import evaluate, predict
 from cnnft.recipes import train as train_recipe
+from cnnft.training import tta
 
 
 def test_flip_average_is_the_mean_of_both_views():

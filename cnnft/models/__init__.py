@@ -47,9 +47,24 @@ if TYPE_CHECKING:
         replace_heads,
         stage_modules,
     )
-    from .families import AUX_LOSS_WEIGHT, FAMILIES, Family, aux_logits_of, family_of, logits_of, min_input
+    from .families import (
+        AUX_LOSS_WEIGHT,
+        FAMILIES,
+        Family,
+        aux_logits_of,
+        family_of,
+        logits_of,
+        min_input,
+    )
     from .lenet import LeNet5
-    from .sources import SOURCES, Source, find_source, head_paths, known_names, torchvision_names
+    from .sources import (
+        SOURCES,
+        Source,
+        find_source,
+        head_paths,
+        known_names,
+        torchvision_names,
+    )
     from .weights import Kind, WeightsSpec, apply_file
 
 # name -> the submodule that defines it

@@ -99,7 +99,7 @@ def load_file(path: Path) -> dict[str, torch.Tensor]:
             return load_safetensors(str(p))
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(f"model.weights: {p} is not a valid safetensors file: {exc}") from None
-    from ..checkpoint import safe_torch_load
+    from ..safeload import safe_torch_load
 
     obj = safe_torch_load(p)
     for key in ("model", "state_dict", "model_state_dict"):

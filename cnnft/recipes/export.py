@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -18,10 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__, checkpoint, models
+from .. import __version__, files, models
 from ..errors import CnnftError, InputError
+from ..models import exported
+from ..models.exported import EXPORT_FORMATS
+from ..results.rundir import RunDir
+from ..run import checkpoint
 
-EXPORT_FORMATS = ("torchscript", "onnx")
 EXPORT_TOLERANCE = 1e-4  # max abs logit difference accepted between export and checkpoint
 ONNX_OPSET = 17
 
@@ -73,16 +75,6 @@ class Export:
         return {**self.metadata(), "out": self.out, "metadata": self.metadata_path, "tolerance": self.tolerance}
 
 
-def _onnx_modules():
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as exc:
-        raise InputError(f"--format onnx needs the onnx and onnxruntime packages ({exc.name} is not installed)",
-                         hint="pip install 'cnnft[onnx]'   (or: pip install onnx onnxruntime)") from None
-    return onnx, onnxruntime
-
-
 def export(source: str | Path, fmt: str, out: str | Path, *, tolerance: float = EXPORT_TOLERANCE,
            force: bool = False) -> Export:
     """Export a checkpoint's model as TorchScript or ONNX (dynamic batch axis), check that it
@@ -94,7 +86,7 @@ def export(source: str | Path, fmt: str, out: str | Path, *, tolerance: float = 
     """
     if fmt not in EXPORT_FORMATS:
         raise InputError(f"--format: unknown format {fmt!r}; use {' or '.join(EXPORT_FORMATS)}")
-    onnx_mods = _onnx_modules() if fmt == "onnx" else None
+    onnx_mods = exported.onnx_modules() if fmt == "onnx" else None
     lm = checkpoint.load_model(source)
     out = Path(out).expanduser()
     metadata_path = out.with_name(out.name + ".json")
@@ -118,8 +110,8 @@ def export(source: str | Path, fmt: str, out: str | Path, *, tolerance: float = 
     )
     # a temporary file made by mkstemp, renamed over the target: a symlink planted in the
     # folder is replaced, never followed
-    checkpoint.atomic_write_bytes(out, data)
-    checkpoint.atomic_write_json(metadata_path, res.metadata())
+    files.atomic_write_bytes(out, data)
+    files.atomic_write_json(metadata_path, res.metadata())
     return res
 
 
@@ -132,7 +124,7 @@ def _check_out(out: Path, metadata_path: Path, source: Path, force: bool) -> Non
         if _same_file(p, source):
             raise InputError(f"--out: {p} is the checkpoint being exported; cnnft never overwrites it",
                              hint="choose another --out file")
-    run = checkpoint.RunDir.of_checkpoint(source)
+    run = RunDir.of_checkpoint(source)
     if run is not None and _same_file(out.parent, run.checkpoints):
         raise InputError(f"--out: {out} is inside the run's checkpoints folder, which holds only its checkpoints",
                          hint=f"choose a file outside {run.checkpoints}, e.g. --out {run.root / out.name}")
@@ -250,85 +242,5 @@ def exportable_adaptive_pools(model: nn.Module, example: torch.Tensor) -> int:
     return replaced
 
 
-# ---- loading an export back: predict works on model.onnx / model.pt and their FILE.json ----
-
-@dataclass(frozen=True)
-class LoadedExport:
-    """An exported model ready to run on the CPU: its classes and preprocessing come from the
-    ``FILE.json`` that ``export`` wrote beside it, so the checkpoint is not needed."""
-
-    model: nn.Module
-    name: str
-    classes: list[str]
-    preprocess: "models.Preprocess"
-    path: Path
-    export_format: str
 
 
-class _OnnxModel(nn.Module):
-    """An onnxruntime session behind the ``nn.Module`` call that the inference loop uses."""
-
-    def __init__(self, session) -> None:
-        super().__init__()
-        self.session = session
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {"input": x.float().contiguous().numpy()})[0])
-
-
-def export_metadata(path: str | Path) -> dict | None:
-    """The ``FILE.json`` beside an exported file, or None when ``path`` is not an export."""
-    p = Path(path)
-    if not p.is_file():
-        return None
-    meta_path = p.with_name(p.name + ".json")
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            meta = None
-        if isinstance(meta, dict) and meta.get("format") == "cnnft-export":
-            return meta
-    if p.suffix.lower() == ".onnx" or _is_torchscript(p):
-        raise InputError(f"{p} looks like an exported model but {meta_path.name} is missing or unreadable beside it",
-                         hint=f"keep the {meta_path.name} that `cnnft export` wrote next to {p.name} (it holds the "
-                              "classes and preprocessing), or pass the run folder / checkpoint instead")
-    return None
-
-
-def _is_torchscript(p: Path) -> bool:
-    """A TorchScript archive is a zip holding code/ and constants.pkl (a checkpoint holds neither)."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(p) as z:
-            names = z.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return False
-    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
-
-
-def load_export(path: str | Path, meta: dict) -> LoadedExport:
-    """Load an exported TorchScript (``torch.jit.load``) or ONNX (onnxruntime, CPU) model with
-    its metadata ``meta`` (from :func:`export_metadata`)."""
-    p = Path(path)
-    fmt = meta.get("export_format")
-    try:
-        if fmt == "torchscript":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.jit's deprecation notice
-                model = torch.jit.load(str(p), map_location="cpu")
-        elif fmt == "onnx":
-            _, ort = _onnx_modules()
-            model = _OnnxModel(ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]))
-        else:
-            raise InputError(f"{p}.json: unknown export_format {fmt!r}; expected {' or '.join(EXPORT_FORMATS)}")
-        pre = models.Preprocess.from_dict(meta["preprocess"])
-        classes = [str(c) for c in meta["classes"]]
-    except CnnftError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a corrupt export breaks the loaders in many ways
-        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise InputError(f"cannot load the exported {fmt} model {p}: {why}",
-                         hint="export it again with `cnnft export RUN --format ... --out FILE`") from None
-    return LoadedExport(model, str(meta.get("model_name", p.name)), classes, pre, p, fmt)

@@ -19,10 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import checkpoint, data, models, runtime
+from .. import files, models
 from ..config import TrainConfig
+from ..data import folders as data
 from ..errors import CheckpointError, DataError, InputError
-from ..imagefiles import forward_files
+from ..run import checkpoint
+from ..training import runtime
+from ..training.inference import forward_files
 
 Log = Callable[[str], None]
 
@@ -125,6 +128,6 @@ def extract(
     np.savez(buf, features=features, labels=np.asarray([labels[i] for i in kept], dtype=np.int64),
              classes=np.asarray(classes, dtype=str), paths=np.asarray([paths[i] for i in kept], dtype=str),
              model=np.asarray(name, dtype=str))
-    checkpoint.atomic_write_bytes(out, buf.getvalue())
+    files.atomic_write_bytes(out, buf.getvalue())
     return Extraction(str(out), name, len(kept), int(features.shape[1]), classes,
                       [{"path": p, "reason": r} for p, r in skipped], round(time.perf_counter() - t0, 3), note)

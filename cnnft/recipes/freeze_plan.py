@@ -7,13 +7,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import config as config_mod, strategies
+from .. import config as config_mod
 from ..errors import InputError
-from ..strategies import Decision
+from ..training import strategies
+from ..training.strategies import Decision
 
 if TYPE_CHECKING:  # torch is loaded only to plan a model (--model): the advice alone needs none
-    from ..freeze import FreezePlan
-    from ..samples import Source
+    from ..data.samples import Source
+    from ..training.freeze import FreezePlan
 
 # classes of the head in a plan when --classes is not given: the smallest classifier, so that
 # the head's parameter count is not ImageNet's 1000 classes (2.05 M for resnet50) by surprise
@@ -116,7 +117,7 @@ def _check_rates(lr: float | None, layer_decay: float | None) -> None:
 def _plan(bb, strategy: str, size: str, lr: float | None, frozen_stages: int | None, trainable_stages: int,
           layer_decay: float | None, pretrained: bool) -> FreezePlan:
     """The stage-by-stage plan of ``strategy`` for ``bb``, unset rates taken from the schema's defaults."""
-    from .. import freeze
+    from ..training import freeze
 
     t = config_mod.TrainConfig()
     return freeze.make_plan(
@@ -135,7 +136,8 @@ def _trainable_count(plan: FreezePlan) -> int:
 def training_images(data_dir: str | None, dataset: str | None) -> tuple[list[str], Source, str]:
     """(classes, images, description) of ``--data DIR`` (class folders, or a dataset root whose
     train/ holds them) or ``--dataset NAME`` (a packaged set: its training split)."""
-    from .. import data, packaged, samples
+    from ..data import folders as data
+    from ..data import packaged, samples
 
     if (data_dir is None) == (dataset is None):
         raise InputError("give one of --data DIR (class folders) and --dataset NAME (e.g. digits)")
@@ -165,10 +167,11 @@ def measured_plan(
     show_progress: bool = False,
     log=None,
 ) -> FreezeAdvice:
-    """Measure the data's similarity to ImageNet with ``model`` (see :mod:`cnnft.similarity`)
+    """Measure the data's similarity to ImageNet with ``model`` (see :mod:`cnnft.training.similarity`)
     and plan the strategy it gives: size from the image count, similar from the probe curve.
     An explicit ``similar`` or ``strategy`` wins; a disagreeing ``similar`` is noted."""
-    from .. import models, similarity
+    from .. import models
+    from ..training import similarity
 
     _check_rates(lr, layer_decay)
     classes, source, where = training_images(data_dir, dataset)

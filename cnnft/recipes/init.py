@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from .. import config as config_mod
-from .. import samples
+from ..data import samples
 from ..errors import InputError
 from ..models import catalog
 

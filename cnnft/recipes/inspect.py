@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from .. import config as config_mod
-from .. import freeze, models, strategies
+from .. import models
 from ..errors import InputError
+from ..training import freeze, strategies
 
 # ------------------------------------------------------------------------------ inspect
 

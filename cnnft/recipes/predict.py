@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .. import checkpoint, data, runtime
-from ..tta import with_tta
+from ..data import folders as data
 from ..errors import DataError, InputError
-from ..imagefiles import forward_files
+from ..run import checkpoint
+from ..training import runtime
+from ..training.inference import forward_files
+from ..training.tta import with_tta
 
 Log = Callable[[str], None]
 
@@ -64,7 +66,7 @@ def collect_images(inputs: Iterable[str | Path], log: Log = _stderr) -> list[str
 def _load(source: str | Path, device: str):
     """(model, name, classes, preprocess, path, runtime, trained with flips) of a checkpoint, a run folder, or an
     exported TorchScript / ONNX file with the FILE.json that ``export`` wrote beside it."""
-    from . import export
+    from ..models import exported as export
 
     meta = export.export_metadata(source)
     if meta is None:

@@ -15,19 +15,20 @@ best checkpoint is evaluated. A failed or interrupted run gets a report of what 
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from .. import config as config_mod
-from .. import plots
-from ..checkpoint import RunDir, atomic_write_text
 from ..errors import CnnftError, InputError
-from . import _report_data as rd
-from . import _report_page as page
-from .evaluate import Evaluation, evaluate
+from ..files import atomic_write_text
+from ..results import plots
+from ..results import report_data as rd
+from ..results import report_page as page
+from ..results.evaluation import Evaluation
+from ..results.report_data import Report
+from ..results.rundir import RunDir
+from ..run.evaluation import evaluate
 
 Log = Callable[[str], None]
 ERRORS_SHOWN = 16  # tiles in the confidently-wrong grid (and rows in its table)
@@ -38,44 +39,6 @@ PAIR_EXAMPLES = 5
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
-
-
-@dataclass(frozen=True)
-class Report:
-    """A run's key figures, what the report shows, and the files written for it."""
-
-    run: str
-    status: str
-    error: str | None
-    model: str
-    weights: str
-    strategy: str
-    trainable_params: int
-    total_params: int
-    epochs: int
-    best_epoch: int
-    best_val_acc: float
-    final_val_acc: float | None
-    final_val_loss: float | None
-    wall_seconds: float | None
-    images_per_second: float | None
-    eval_accuracy: float | None
-    eval_loss: float | None
-    macro_f1: float | None
-    eval_error: str | None
-    hyperparameters: dict[str, str]
-    class_counts: list[dict]
-    confident_errors_shown: int
-    error_tiles: int
-    confused_pairs: list[dict]
-    pair_tiles: int
-    titles: dict[str, str]
-    out_dir: str
-    files: dict[str, str]
-    eval_dir: str | None
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def write_report(run_dir: str | Path, *, device: str = "auto", log: Log = _stderr) -> Report:

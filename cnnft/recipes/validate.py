@@ -6,7 +6,7 @@ device -> the output folder. Every problem is collected, so one run of ``validat
 them all. Nothing is downloaded, trained or written; images are listed, not decoded
 (training decodes each once before it starts).
 
-torch is not imported unless needed: folders are listed by :mod:`cnnft.samples`, backbones
+torch is not imported unless needed: folders are listed by :mod:`cnnft.data.samples`, backbones
 served by name are looked up in the catalog (:mod:`cnnft.models.catalog`), and the device
 is only probed when the config asks for cuda or mps. timm backbones, a catalog made with
 other package versions and torchvision's packaged datasets still load torch.
@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import config as config_mod
-from .. import packaged, samples
 from ..config import Config
+from ..data import packaged, samples
 from ..errors import CnnftError, ConfigError
+from ..files import check_writable
 from ..models import catalog
-from ._output import check_writable
 
 # device values answered without torch: which device `auto` picks is decided when a run starts
 NO_PROBE_DEVICES = ("auto", "cpu")
@@ -166,7 +166,7 @@ def _check_device(spec: str, problems: list[str]) -> str | None:
     starts); cuda and mps are looked for, which imports torch."""
     if spec in NO_PROBE_DEVICES:
         return spec
-    from .. import runtime
+    from ..training import runtime
 
     try:
         return str(runtime.resolve_device(spec))

@@ -1,0 +1,125 @@
+"""Every file cnnft writes, written one way: to a temporary name in the same folder, flushed
+to disk and renamed over the target, so a crash or SIGKILL leaves either the old file or the
+new one, never half of one; a full disk is reported with the room the write needs. No torch:
+``validate`` checks the output folder with this module.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError, NoSpaceError
+
+
+def _file_mode() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
+def clean_partial_writes(folder: str | Path) -> list[Path]:
+    """Remove temporary files that a killed process left behind (never the files they replace)."""
+    found = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        _raise_if_full(exc, path, len(data))
+        raise
+    try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600 files; results are shared like any other file
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            _raise_if_full(exc, path, len(data))
+        raise
+
+
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _raise_if_full(exc: OSError, path: Path, size: int) -> None:
+    """A full disk or quota is the user's to fix, not a bug: say how much room the write needs."""
+    if exc.errno in _FULL:
+        why = "disk quota exceeded" if exc.errno != errno.ENOSPC else "no space left on the device"
+        raise NoSpaceError(f"cannot write {path}: {why}; it needs {human_size(size)} ({size:,} bytes)",
+                           needed=size, hint=f"free at least {human_size(size)} on the disk holding {path.parent}, "
+                           "or write to another disk") from None
+
+
+def human_size(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    if n < 1024:
+        return f"{n} bytes"
+    size = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        size /= 1024
+        if size < 1024 or unit == "TiB":
+            break
+    return f"{size:.1f} {unit}"
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_link(src: str | Path, dst: str | Path) -> None:
+    """Make ``dst`` the same file as ``src`` (a hard link, renamed into place atomically);
+    falls back to a copy where links are not supported."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        _raise_if_full(exc, dst, src.stat().st_size)
+        raise
+
+
+def check_writable(output_dir: str) -> None:
+    """Fail before any work if the run folder could not be created."""
+    p = Path(output_dir).expanduser()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"output_dir: {probe} is a file, not a folder", hint="set output_dir to a folder path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"output_dir: {probe} is not writable", hint="set output_dir to a writable folder")
+    # os.access says yes to root everywhere; /proc, /sys and read-only mounts refuse only a real try
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cnnft-probe-", dir=probe))
+    except OSError as exc:
+        raise InputError(f"output_dir: cannot create folders in {probe}: {exc.strerror or exc}",
+                         hint="set output_dir to a writable folder") from None
