@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
+from . import ranges as R
 from .errors import ConfigError
 from .yamlfile import DuplicateKeys, parse_yaml, read_yaml
 
@@ -28,18 +28,8 @@ AUGMENT_PRESETS = ("none", "mild", "light", "standard", "strong")  # implemented
 Augment = Literal[("auto", *AUGMENT_PRESETS)]  # type: ignore[valid-type]
 
 
-def _number(v: Any) -> Any:
-    # Python's bool is an int, so `epochs: true` would silently become 1
-    if isinstance(v, bool):
-        raise PydanticCustomError("float_type", "Input should be a valid number")
-    return v
-
-
-# Strict: true/false are not numbers and 2.0 or "2" is not an integer.
-Int = Annotated[int, Strict()]
+# Strict: true/false are not booleans' stand-ins; every number's type and range is in ranges.py
 Bool = Annotated[bool, Strict()]
-# Floats take ints, and numeric strings because YAML 1.1 reads `1e-3` (no dot) as a string.
-Float = Annotated[float, BeforeValidator(_number)]
 
 
 class _Section(BaseModel):
@@ -68,19 +58,19 @@ class DataConfig(_Section):
     )
     root: str = Field("data", description="where packaged datasets are stored/downloaded")
     download: Bool = Field(False, description="allow downloading a packaged dataset")
-    val_split: Float = Field(0.2, gt=0, lt=1, description="fraction held out when `val` is absent")
-    image_size: Int | None = Field(
-        None, ge=16, le=1024, description="input size; default: the weights' own"
+    val_split: R.FRACTION_OPEN.t = Field(0.2, description="fraction held out when `val` is absent")
+    image_size: R.IMAGE_SIZE.t | None = Field(
+        None, description="input size; default: the weights' own"
     )
     augment: Augment = Field("auto", description="auto: light for photos like ImageNet's, mild otherwise")
     hflip: Bool | Literal["auto"] = Field("auto", description="mirror images at random (auto: for photos like ImageNet's)")
-    batch_size: Int = Field(32, ge=1, le=1_000_000)
-    num_workers: Annotated[Int, Field(ge=0, le=1024)] | Literal["auto"] = Field(
+    batch_size: R.BATCH_SIZE.t = 32
+    num_workers: R.WORKERS.t | Literal["auto"] = Field(
         "auto", description="processes decoding images; auto: none on 2 cores or fewer, else cores - 1 (at most 8)")
     balanced_sampler: Bool = Field(False, description="draw every class equally often in each epoch")
     on_bad_image: Literal["skip", "error"] = "skip"
-    limit_per_class: Int | None = Field(
-        None, ge=1, description="use at most N images per class (quick trials)"
+    limit_per_class: R.IMAGES_PER_CLASS.t | None = Field(
+        None, description="use at most N images per class (quick trials)"
     )
 
 
@@ -89,7 +79,7 @@ class ModelConfig(_Section):
 
     backbone: str = Field("resnet18", description="torchvision name, timm/<name>, efficientnet_lite0/1, lenet5")
     weights: str = Field("DEFAULT", description="DEFAULT, a weights name (IMAGENET1K_V2), none, or a file path")
-    num_classes: Int | None = Field(None, ge=2, description="default: number of class folders")
+    num_classes: R.CLASSES.t | None = Field(None, description="default: number of class folders")
 
     @field_validator("backbone", "weights")
     @classmethod
@@ -106,10 +96,10 @@ class FreezeConfig(_Section):
     similar: Bool | Literal["auto"] = Field(
         "auto", description="is the data similar to ImageNet? (used by auto) auto: measured at the start of "
         "training by a linear probe on each stage (cnnft freeze-plan --data shows it)")
-    frozen_stages: Int | None = Field(
-        None, ge=0, description="freeze_early: stages after the stem to freeze (default: half)"
+    frozen_stages: R.STAGES.t | None = Field(
+        None, description="freeze_early: stages after the stem to freeze (default: half)"
     )
-    trainable_stages: Annotated[Int, Field(ge=0)] | Literal["auto"] = Field(
+    trainable_stages: R.STAGES.t | Literal["auto"] = Field(
         "auto", description="freeze_most: last stages to train with the head (auto: the measured ones "
         "when similar is auto, else 1)")
     batchnorm: Literal[BATCHNORM] = Field(  # type: ignore[valid-type]
@@ -120,51 +110,51 @@ class FreezeConfig(_Section):
 class TrainConfig(_Section):
     """Optimisation and hardware."""
 
-    epochs: Int = Field(10, ge=1, le=100_000)
-    lr: Annotated[Float, Field(gt=0, le=10)] | Literal["auto"] = Field(
+    epochs: R.EPOCHS.t = 10
+    lr: R.LR.t | Literal["auto"] = Field(
         1e-3, description="learning rate of the new head; auto: picked by a learning-rate range test "
         "(`cnnft lr-find`) when the run starts, and saved in the run's config.yaml")
-    backbone_lr_scale: Float = Field(0.1, gt=0, le=1, description="pretrained layers get lr x this")
-    layer_decay: Float | None = Field(
-        None, gt=0, le=1, description="layer-wise lr decay (e.g. 0.7): each trainable pretrained stage below the "
+    backbone_lr_scale: R.LR_SCALE.t = Field(0.1, description="pretrained layers get lr x this")
+    layer_decay: R.LR_SCALE.t | None = Field(
+        None, description="layer-wise lr decay (e.g. 0.7): each trainable pretrained stage below the "
         "deepest one learns this many times slower again; null: off")
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    momentum: Float = Field(0.9, ge=0, lt=1)
-    weight_decay: Float = Field(0.01, ge=0)
+    momentum: R.FRACTION.t = 0.9
+    weight_decay: R.WEIGHT_DECAY.t = 0.01
     scheduler: Literal["cosine", "none"] = "cosine"
-    warmup_epochs: Float = Field(0.0, ge=0)
-    label_smoothing: Float = Field(0.0, ge=0, lt=1)
-    mixup: Float = Field(0.0, ge=0, le=100, description="mixup's Beta(alpha, alpha) for blending image pairs "
+    warmup_epochs: R.WARMUP_EPOCHS.t = 0.0
+    label_smoothing: R.FRACTION.t = 0.0
+    mixup: R.MIX_ALPHA.t = Field(0.0, description="mixup's Beta(alpha, alpha) for blending image pairs "
                          "(e.g. 0.2); 0: off. Mixing needs live images: the feature cache is off when on")
-    cutmix: Float = Field(0.0, ge=0, le=100, description="CutMix's alpha for pasting boxes between images "
+    cutmix: R.MIX_ALPHA.t = Field(0.0, description="CutMix's alpha for pasting boxes between images "
                           "(e.g. 1.0); 0: off. With mixup too, each batch uses one of them at even odds")
-    grad_clip: Float | None = Field(None, gt=0)
+    grad_clip: R.GRAD_CLIP.t | None = None
     gradual_unfreeze: Bool = Field(
         False, description="start with the head and the deepest trainable stage, unfreeze one more stage "
         "(top down) each epoch until the strategy's trainable stages all learn (ULMFiT)")
-    ema: Float | None = Field(
-        None, gt=0, lt=1, description="decay of an exponential moving average of the weights (e.g. 0.999), "
+    ema: R.FRACTION_OPEN.t | None = Field(
+        None, description="decay of an exponential moving average of the weights (e.g. 0.999), "
         "updated every step: what is validated and saved in best.pt/last.pt for predict/evaluate; null: off")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     amp: Bool = Field(True, description="mixed precision on CUDA (never on CPU)")
     channels_last: Bool = True
     tensorboard: Bool = False
-    class_weights: Literal["auto", "none"] | dict[str, Float] = Field(
+    class_weights: Literal["auto", "none"] | dict[str, R.CLASS_WEIGHT.t] = Field(
         "auto", description="loss weight per class; auto: inverse frequency when the classes are imbalanced")
     compile: Bool = Field(False, description="torch.compile the part of the model that trains")
     head_phase: Bool = Field(True, description="first train the new head alone on the frozen "
                              "backbone's cached features until the validation loss stops improving")
     monitor: Literal["val_acc", "val_loss", "val_f1"] = Field(
         "val_acc", description="what picks best.pt (val_f1: macro-F1) and what patience watches")
-    patience: Int | None = Field(None, ge=1, description="stop after this many epochs without a better monitor value")
+    patience: R.PATIENCE.t | None = Field(None, description="stop after this many epochs without a better monitor value")
     sync_bn: Bool = Field(False, description="torchrun: trainable BatchNorm normalises over the global batch (CUDA)")
     feature_cache: Literal["auto", "memory", "disk", "off"] = Field(
         "auto", description="store the frozen prefix's outputs once (auto: in memory within the budget, "
         "kept on disk for later runs)")
-    cache_views: Annotated[Int, Field(ge=1, le=1000)] | Literal["auto"] = Field(
+    cache_views: R.CACHE_VIEWS.t | Literal["auto"] = Field(
         "auto", description="augmented views per training image in the cache (auto: 4 when the whole "
         "backbone is frozen, where they are all the head learns from, else 2)")
-    cache_budget_mb: Int = Field(2048, ge=0, description="memory the cached activations may take")
+    cache_budget_mb: R.CACHE_BUDGET_MB.t = Field(2048, description="memory the cached activations may take")
     cache_dir: str | None = Field(None, description="default: $XDG_CACHE_HOME/cnnft or ~/.cache/cnnft")
 
 
@@ -173,7 +163,7 @@ class Config(_Section):
 
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     output_dir: str = "runs"
-    seed: Int = Field(0, ge=0, le=2**32 - 1)  # numpy's seed range; torch overflows above 2**63
+    seed: R.SEED.t = 0
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
@@ -244,14 +234,31 @@ def _field_loc(loc: tuple) -> tuple:
     return loc
 
 
+def _inside_branch(errors: list[dict]) -> list[dict]:
+    """A value that got inside one branch of a union (``train.class_weights: {a: .nan}``) has
+    that branch's shape: its problems are told at their own key (``train.class_weights.a``),
+    without pydantic's branch tag, and the other branches' complaints are dropped."""
+    fields = [_field_loc(tuple(e["loc"])) for e in errors]
+    deep = {f for f, e in zip(fields, errors) if f and len(e["loc"]) > len(f) + 1}
+    out = []
+    for f, e in zip(fields, errors):
+        if f in deep:
+            if len(e["loc"]) == len(f) + 1:
+                continue
+            e = {**e, "loc": f + tuple(e["loc"][len(f) + 1:]), "keyed": True}
+        out.append(e)
+    return out
+
+
 def _problems(errors: list[dict]) -> list[str]:
     """One line per problem. A value that fits no branch of a union (``train.lr: fast`` for a
     number or ``auto``) is one problem listing every branch, not one line per branch under
     pydantic's branch tags."""
+    errors = _inside_branch(errors)
     branches: dict[tuple, list[dict]] = {}
     for e in errors:
         field = _field_loc(tuple(e["loc"]))
-        if field and len(e["loc"]) == len(field) + 1 and e["type"] != "extra_forbidden":
+        if field and len(e["loc"]) == len(field) + 1 and e["type"] != "extra_forbidden" and "keyed" not in e:
             branches.setdefault(field, []).append(e)
     out, done = [], set()
     for e in errors:

@@ -14,8 +14,8 @@ MAX_FUNCTION_LINES = 70
 TRAIN_RECIPE_LINES = 300
 
 # what each layer may import (besides itself and the ground: config, errors, files, safeload,
-# progress, yamlfile)
-GROUND = {"config", "errors", "files", "safeload", "progress", "yamlfile", "__init__"}
+# progress, ranges, yamlfile)
+GROUND = {"config", "errors", "files", "ranges", "safeload", "progress", "yamlfile", "__init__"}
 MAY_IMPORT = {
     "models": set(),
     "data": {"models"},

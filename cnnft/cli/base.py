@@ -8,12 +8,14 @@ import sys
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 
 from .. import __version__
 from ..config import STRATEGIES
+from ..ranges import Range
 from .helpformat import Group as _Group
 
 out = Console(soft_wrap=True)  # results (stdout)
@@ -84,3 +86,15 @@ def _config_and_overrides(config: str | None, overrides: list[str] | None) -> tu
 
 def _log(message: str) -> None:
     err.print(message, highlight=False, markup=False)
+
+
+def number(r: Range, default, *decls: str, help: str) -> Any:
+    """A numeric option checked by the same Range as its config key (cnnft.ranges): a value
+    out of range is a usage error (exit 2) that says the range."""
+    def parse(text):
+        try:
+            return r.parse(text)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return typer.Option(default, *decls, parser=parse, metavar="INTEGER" if r.kind is int else "NUMBER",
+                        help=f"{help} ({r.text()})")

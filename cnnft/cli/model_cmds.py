@@ -9,8 +9,9 @@ from typing import Optional
 
 import typer
 
+from .. import ranges as R
 from ..results import tables
-from .base import StrategyChoice, _log, _print_json, app, err, out
+from .base import StrategyChoice, _log, _print_json, app, err, number, out
 from .helpformat import Command as _Command
 
 
@@ -26,7 +27,7 @@ def evaluate_cmd(
     split: str = typer.Option("val", "--split", help="The run's own data: val (picked best.pt) or test (data.test)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Results folder; default: RUN/eval/<data name>."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: the run's batch size."),
+    batch_size: Optional[int] = number(R.BATCH_SIZE, None, "--batch-size", help="Default: the run's batch size."),
     tta: bool = typer.Option(False, "--tta", help="Average each image's prediction with its mirror's (runs trained with flips)."),
     json_out: bool = typer.Option(False, "--json", help="Print all results as JSON."),
 ) -> None:
@@ -51,12 +52,12 @@ def predict_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint, a run folder, or an exported model.onnx / model.pt "
                                       "(with the FILE.json export wrote beside it)."),
     images: list[Path] = typer.Argument(..., help="Image files and/or folders (walked recursively)."),
-    top_k: int = typer.Option(5, "--top-k", min=1, help="Classes shown per image."),
+    top_k: int = number(R.TOP_K, 5, "--top-k", help="Classes shown per image."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     csv_out: bool = typer.Option(False, "--csv", help="Print CSV (path, class, prob, class_2, prob_2, ..., error)."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
+    batch_size: int = number(R.BATCH_SIZE, 32, "--batch-size", help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    workers: int = typer.Option(0, "--workers", min=0, help="Processes decoding images."),
+    workers: int = number(R.WORKERS, 0, "--workers", help="Processes decoding images."),
     tta: bool = typer.Option(False, "--tta", help="Average each image's prediction with its mirror's (runs trained with flips)."),
 ) -> None:
     """Predict the classes of image files and folders.
@@ -103,9 +104,9 @@ def report_cmd(
 def inspect_cmd(
     model: str = typer.Argument(..., help="Backbone name (resnet50, efficientnet_lite0, timm/<name>...)."),
     strategy: Optional[StrategyChoice] = typer.Option(None, "--strategy", help="Also show what this freeze strategy trains (see freeze-plan)."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Input size; default: the weights' own."),
-    classes: Optional[int] = typer.Option(None, "--classes", min=2, help="Classes of a new head; default: the original head."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Head learning rate (default: the config default)."),
+    image_size: Optional[int] = number(R.IMAGE_SIZE, None, "--image-size", help="Input size; default: the weights' own."),
+    classes: Optional[int] = number(R.CLASSES, None, "--classes", help="Classes of a new head; default: the original head."),
+    lr: Optional[float] = number(R.LR, None, "--lr", help="Head learning rate (default: the config default)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Show a backbone's structure: its stages, their modules, output shapes and parameters.
@@ -127,9 +128,9 @@ def extract_cmd(
     source: str = typer.Argument(..., help="A checkpoint/run folder, or a backbone name (its pretrained weights)."),
     data: Path = typer.Option(..., "--data", help="Folder of images: one sub-folder per class, or the images directly (unlabelled)."),
     out_file: Path = typer.Option(..., "--out", help="Output .npz file."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
+    batch_size: int = number(R.BATCH_SIZE, 32, "--batch-size", help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    workers: int = typer.Option(0, "--workers", min=0, help="Processes decoding images."),
+    workers: int = number(R.WORKERS, 0, "--workers", help="Processes decoding images."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Extract penultimate-layer features of a folder of images into an .npz file.

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from .. import ranges as R
 from ..errors import ConfigError
 from ..results import tables
 from . import exits
@@ -22,6 +23,7 @@ from .base import (
     _print_json,
     app,
     err,
+    number,
     out,
 )
 from .helpformat import Command as _Command
@@ -61,20 +63,20 @@ def validate(
 def freeze_plan(
     size: Optional[Size] = typer.Option(None, "--size", help="Dataset size class."),
     similar: Optional[YesNo] = typer.Option(None, "--similar", help="Is the data similar to ImageNet?"),
-    images: Optional[int] = typer.Option(None, "--images", min=1, help="Training images (derives --size)."),
-    classes: Optional[int] = typer.Option(None, "--classes", min=1, help="Number of classes (derives --size; sizes the head; default 2)."),
+    images: Optional[int] = number(R.IMAGES, None, "--images", help="Training images (derives --size)."),
+    classes: Optional[int] = number(R.CLASSES, None, "--classes", help="Number of classes (derives --size; sizes the head; default 2)."),
     model: Optional[str] = typer.Option(None, "--model", help="Show the per-stage plan for this backbone."),
     strategy: Optional[StrategyChoice] = typer.Option(None, "--strategy", help="Use this strategy instead of the recommendation."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Head learning rate (default: the config default)."),
-    frozen_stages: Optional[int] = typer.Option(None, "--frozen-stages", min=0, help="freeze_early: stages after the stem to freeze."),
-    trainable_stages: Optional[int] = typer.Option(None, "--trainable-stages", min=0, help="freeze_most: last stages that train."),
+    lr: Optional[float] = number(R.LR, None, "--lr", help="Head learning rate (default: the config default)."),
+    frozen_stages: Optional[int] = number(R.STAGES, None, "--frozen-stages", help="freeze_early: stages after the stem to freeze."),
+    trainable_stages: Optional[int] = number(R.STAGES, None, "--trainable-stages", help="freeze_most: last stages that train."),
     data: Optional[str] = typer.Option(None, "--data", help="Measure size and similarity on these images: class "
                                        "folders, or a dataset root with train/ (needs --model)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Measure on a packaged dataset instead (digits)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="Weights of --model for the measurement."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Input size for the measurement; "
+    image_size: Optional[int] = number(R.IMAGE_SIZE, None, "--image-size", help="Input size for the measurement; "
                                              "default: the weights' own."),
-    layer_decay: Optional[float] = typer.Option(None, "--layer-decay", help="train.layer_decay: each trainable stage below the deepest learns this many times slower."),
+    layer_decay: Optional[float] = number(R.LR_SCALE, None, "--layer-decay", help="train.layer_decay: each trainable stage below the deepest learns this many times slower."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Recommend a freeze strategy from dataset size x similarity.
@@ -137,7 +139,7 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder (may extend train.epochs)."),
     json_out: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar: one plain line per epoch."),
-    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Train in N processes on this machine "
+    nproc: Optional[int] = number(R.PROCESSES, None, "--nproc", help="Train in N processes on this machine "
                                         "(torchrun; one per GPU): data.batch_size is per process."),
 ) -> None:
     """Fine-tune a pretrained backbone on your images and write a run folder.
@@ -176,7 +178,7 @@ def lr_find_cmd(
     config: Optional[str] = typer.Argument(None, help="Experiment YAML file (optional with overrides alone)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. freeze.strategy=freeze_most"),
     out_file: Path = typer.Option(Path("lr_find.png"), "--out", help="The plot to write (PNG; replaced if it exists)."),
-    steps: int = typer.Option(100, "--steps", min=10, max=100_000, help="Batches in the sweep (the loader is cycled when shorter)."),
+    steps: int = number(R.SWEEP_STEPS, 100, "--steps", help="Batches in the sweep (the loader is cycled when shorter)."),
     json_out: bool = typer.Option(False, "--json", help="Print suggested_lr, lrs, losses, plot (and reason, diverged) as JSON."),
 ) -> None:
     """Find a learning rate: a range test (as fastai's lr_find) of the run a config describes.
