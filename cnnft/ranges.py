@@ -95,7 +95,7 @@ class Range:
         try:
             v = int(text.strip().replace("_", "")) if self.kind is int else float(text)
         except ValueError:
-            raise ValueError(f"{text!r} is not {self.text()}") from None
+            raise ValueError(f"got {text!r}: must be {self.text()}") from None
         if self._fails(v) is not None:
             raise ValueError(f"got {text}: must be {self.text()}")
         return v

@@ -7,14 +7,27 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import ConfigDict
 from torch import nn
 
 from ..errors import CnnftError, InputError
+from . import described
 from .backbone import Preprocess
 
 EXPORT_FORMATS = ("torchscript", "onnx")
+
+
+class ExportMeta(described.Classified):
+    """``FILE.json`` beside an export, as read back (figures such as max_abs_diff are kept
+    as written: nothing reads them)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, frozen=True)
+
+    format: Literal["cnnft-export"]
+    export_format: Literal[EXPORT_FORMATS]  # type: ignore[valid-type]
 
 
 def onnx_modules():
@@ -52,7 +65,8 @@ class _OnnxModel(nn.Module):
 
 
 def export_metadata(path: str | Path) -> dict | None:
-    """The ``FILE.json`` beside an exported file, or None when ``path`` is not an export."""
+    """The ``FILE.json`` beside an exported file (checked by :class:`ExportMeta`), or None when
+    ``path`` is not an export."""
     p = Path(path)
     if not p.is_file():
         return None
@@ -63,6 +77,9 @@ def export_metadata(path: str | Path) -> dict | None:
         except (OSError, ValueError):
             meta = None
         if isinstance(meta, dict) and meta.get("format") == "cnnft-export":
+            described.read(ExportMeta, meta, meta_path, "export description",
+                           hint=f"the file was edited or damaged: export again with `cnnft export RUN --format ... "
+                                f"--out {p.name}` (it writes {meta_path.name} beside the model)")
             return meta
     if p.suffix.lower() == ".onnx" or _is_torchscript(p):
         raise InputError(f"{p} looks like an exported model but {meta_path.name} is missing or unreadable beside it",
@@ -100,6 +117,7 @@ def load_export(path: str | Path, meta: dict) -> LoadedExport:
             raise InputError(f"{p}.json: unknown export_format {fmt!r}; expected {' or '.join(EXPORT_FORMATS)}")
         pre = Preprocess.from_dict(meta["preprocess"])
         classes = [str(c) for c in meta["classes"]]
+        _check_outputs(model, pre.crop_size, len(classes), p)
     except CnnftError:
         raise
     except Exception as exc:  # noqa: BLE001 - a corrupt export breaks the loaders in many ways
@@ -107,3 +125,13 @@ def load_export(path: str | Path, meta: dict) -> LoadedExport:
         raise InputError(f"cannot load the exported {fmt} model {p}: {why}",
                          hint="export it again with `cnnft export RUN --format ... --out FILE`") from None
     return LoadedExport(model, str(meta.get("model_name", p.name)), classes, pre, p, fmt)
+
+
+def _check_outputs(model: nn.Module, size: int, n_classes: int, p: Path) -> None:
+    """The model's logits are as wide as the class list its description gives."""
+    with torch.no_grad():
+        width = model(torch.zeros(1, 3, size, size)).shape[-1]
+    if width != n_classes:
+        raise InputError(f"{p}.json: classes lists {n_classes} name(s) but the model in {p.name} gives {width} "
+                         "output(s): every output needs one name, in order",
+                         hint=f"use the {p.name}.json that `cnnft export` wrote with this model, or export again")

@@ -9,13 +9,16 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from pydantic import ConfigDict, model_validator
 from torch import nn
 
 from .. import config as config_mod
+from .. import ranges as R
 from ..errors import CheckpointError, NoSpaceError
+from ..models import described
 from ..files import atomic_write_bytes
 from ..results.rundir import RunDir
 from ..safeload import safe_torch_load
@@ -26,6 +29,33 @@ if TYPE_CHECKING:
 
 FORMAT = "cnnft-checkpoint"
 VERSION = 1
+EPOCH = R.Range(int, ge=0, le=R.EPOCHS.le)  # 0: only the head phase (or nothing) finished
+STEP = R.Range(int, ge=0, le=100_000_000)  # batches of a stopped epoch already trained
+
+
+class Header(described.Classified):
+    """What a checkpoint says about itself, checked before anything uses it (the weights and the
+    optimizer/scheduler/RNG states are checked by the code that loads them)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, frozen=True)
+
+    format: Literal[FORMAT]  # type: ignore[valid-type]
+    epoch: EPOCH.t
+    step: STEP.t
+    running: dict[str, Any] | None = None
+    history: list[dict[str, Any]]
+    config: dict[str, Any]
+    freeze_plan: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _state_agrees(self) -> "Header":
+        if self.history and self.history[-1].get("epoch") != self.epoch:
+            raise ValueError(f"epoch {self.epoch} disagrees with its own history, whose last epoch is "
+                             f"{self.history[-1].get('epoch')!r}")
+        if self.step and (self.running or {}).get("steps") != self.step:
+            raise ValueError(f"step {self.step} disagrees with the stopped epoch's running sums "
+                             f"({(self.running or {}).get('steps')!r} steps)")
+        return self
 
 
 def save(obj: dict, path: str | Path) -> None:
@@ -62,6 +92,9 @@ def load(path: str | Path) -> dict:
         )
     if obj.get("version", 0) > VERSION:
         raise CheckpointError(f"{p} was written by a newer cnnft (format {obj['version']}); upgrade cnnft")
+    described.read(Header, {k: v for k, v in obj.items() if k in Header.model_fields}, p, "checkpoint",
+                   CheckpointError, hint="the file was edited or damaged: use a checkpoint as `cnnft train` wrote "
+                   "it (run_dir/checkpoints/best.pt or last.pt), or train again")
     obj["path"] = str(p)
     return obj
 
