@@ -22,7 +22,7 @@ from ..data import folders as data
 from ..data import mixing, transforms
 from ..results import tensorboard as _tensorboard
 from ..results.rundir import RunDir
-from ..run import build, checkpoint
+from ..run import build, checkpoint, checks
 from ..run import folder as _run
 from ..run import phases as _phases
 from ..run import records as _records
@@ -105,6 +105,7 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
 
     bundle = build.setup_data(cfg.data, cfg.model.num_classes, cfg.seed, log)
     bb = build.setup_backbone(cfg, len(bundle.classes))
+    checks.refuse(checks.before_training(cfg, bundle.classes, [s.name for s in bb.stages]))  # as validate does
     measured = build.measure_similarity(cfg, bb, bundle, rt.device, resume, log, progress_bar)
     similar = build.is_similar(cfg.freeze.similar, bb.pretrained, measured)
     # the augmentation follows what the data is like (auto: flips and wider crops for photos)

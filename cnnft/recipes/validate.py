@@ -25,6 +25,7 @@ from ..data import packaged, samples
 from ..errors import CnnftError, ConfigError
 from ..files import check_writable
 from ..models import catalog
+from ..run import checks
 
 # device values answered without torch: which device `auto` picks is decided when a run starts
 NO_PROBE_DEVICES = ("auto", "cpu")
@@ -70,6 +71,12 @@ def _check_folders(cfg: Config, problems: list[str], notes: list[str]) -> dict[s
         found["train"] = _counts(classes, labels)
     except CnnftError as exc:
         problems += _say(exc)
+    if d.test is not None:
+        try:
+            t_classes, _, t_labels = samples.scan_folder(d.test, "data.test")
+            found["test"] = _counts(t_classes, t_labels)
+        except CnnftError as exc:
+            problems += _say(exc)
     if d.val is None:
         if found:
             notes.append(f"validation: {d.val_split:.0%} of each class of data.train is held out (data.val_split)")
@@ -161,6 +168,19 @@ def _check_model(cfg: Config, n_classes: int, problems: list[str],
     return dataclasses.asdict(avail) | {"offline": avail.offline}, size, smallest
 
 
+def _stage_names(cfg: Config, problems: list[str]) -> list[str] | None:
+    """The backbone's stage names, when a freeze key counts stages (built on the meta device:
+    no weights, no memory); None when nothing needs them or the backbone failed already."""
+    if cfg.freeze.frozen_stages is None and cfg.freeze.trainable_stages == "auto":
+        return None
+    from .. import models
+
+    try:
+        return [s.name for s in models.build(cfg.model.backbone, "none", cfg.model.num_classes, on_meta=True).stages]
+    except CnnftError:
+        return None  # _check_model has said why
+
+
 def _check_device(spec: str, problems: list[str]) -> str | None:
     """The device a run would use. auto and cpu need no probe (auto is decided when the run
     starts); cuda and mps are looked for, which imports torch."""
@@ -187,6 +207,8 @@ def preflight(path: str | Path | None, overrides: list[str]) -> Preflight:
     classes = _check_data(cfg, problems, notes)
 
     weights, size, smallest = _check_model(cfg, len(classes.get("train", {})), problems, notes)
+    problems += checks.before_training(cfg, list(classes.get("train", {})), _stage_names(cfg, problems),
+                                       list(classes["test"]) if "test" in classes else None)
     device = _check_device(cfg.train.device, problems)
     try:
         check_writable(cfg.output_dir)
