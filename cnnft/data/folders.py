@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import DataError
@@ -53,7 +53,9 @@ def open_image(path: str | Path, draft: int | None = None) -> Image.Image:
             if draft and img.format == "JPEG":
                 img.draft("RGB", (draft, draft))
             img.load()
-            return to_rgb(img)
+            # phone photos are stored sideways with an EXIF note of how to turn them: turned
+            # here, the one place every command decodes an image (train, evaluate, predict, extract)
+            return to_rgb(ImageOps.exif_transpose(img))
 
 
 def check_image(path: str) -> str | None:

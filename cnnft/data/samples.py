@@ -110,9 +110,17 @@ def _check_root(root: Path, key: str) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise DataError(f"{key}: not a folder: {root}", hint="point it at a folder with one sub-folder per class")
 
-def scan_folder(root: str | Path, key: str) -> tuple[list[str], list[str], list[int]]:
+def listed(names: Sequence[str], most: int = 20) -> str:
+    """Names for a message: the first ``most`` of a long list and how many more (10,000 empty
+    class folders make one line, not 80 KB)."""
+    shown = ", ".join(names[:most])
+    return shown + (f", ... and {len(names) - most:,} more ({len(names):,} in all)" if len(names) > most else "")
+
+
+def scan_folder(root: str | Path, key: str, min_classes: int = 2) -> tuple[list[str], list[str], list[int]]:
     """List a class-per-folder dataset: (classes, file paths, labels). Hidden folders and
-    files are not part of it."""
+    files are not part of it. Training needs 2 classes; evaluating or extracting features
+    (``min_classes=1``) works on one."""
     root = Path(root).expanduser()
     _check_root(root, key)
     entries = _entries(root, key)
@@ -123,7 +131,7 @@ def scan_folder(root: str | Path, key: str) -> tuple[list[str], list[str], list[
             f"{key}: {root} has no class sub-folders",
             hint="lay images out as ROOT/<class>/<image>" + (" (images found directly in ROOT)" if loose else ""),
         )
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         raise DataError(f"{key}: {root} has a single class ({classes[0]}); a classifier needs at least 2",
                         hint="add a folder for each other class: ROOT/<class>/<image>")
     paths, labels, empty = [], [], []
@@ -135,7 +143,7 @@ def scan_folder(root: str | Path, key: str) -> tuple[list[str], list[str], list[
         labels += [label] * len(files)
     if empty:
         raise DataError(
-            f"{key}: class folder(s) with no images in {root}: {', '.join(empty)}",
+            f"{key}: {len(empty):,} class folder(s) with no images in {root}: {listed(empty)}",
             hint=f"add images or remove the folder(s); image types read: {', '.join(sorted(IMAGE_EXTENSIONS))}",
         )
     return classes, paths, labels
@@ -148,7 +156,7 @@ def scan_images(root: str | Path, key: str) -> tuple[list[str], list[str], list[
     _check_root(root, key)
     entries = _entries(root, key)
     if not any(Path(e.name).suffix.lower() in IMAGE_EXTENSIONS and not _is_dir(e) for e in entries):
-        return (*scan_folder(root, key), None)
+        return (*scan_folder(root, key, min_classes=1), None)
     paths = image_files(root, key)
     beside = " (and in its sub-folders)" if any(_is_dir(e) for e in entries) else ""
     note = (f"{key}: images lie directly in {root}{beside}, so they have no class: labels are -1 and "

@@ -30,8 +30,16 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str | Path, title: str | None = None) -> Path:
+    import matplotlib
+    from matplotlib.text import Text
+
+    # class names and paths are text, never markup: a folder named `$x$` or `a_$b` must not
+    # go through mathtext (which fails on it, or draws it as a formula)
+    for t in fig.findobj(Text):
+        t.set_parse_math(False)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Title": title} if title else None)
+    with matplotlib.rc_context({"text.parse_math": False}):  # tick labels made while drawing
+        fig.savefig(buf, format="png", dpi=DPI, metadata={"Title": title} if title else None)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
 

@@ -137,9 +137,10 @@ def _run_data(cfg: Config, classes: list[str], split: str) -> tuple[data.Source,
 
 
 def _folder_data(root: str | Path, classes: list[str]) -> tuple[data.Source, str, str, list]:
-    """A folder of class folders whose names match the checkpoint's classes."""
-    f_classes, paths, labels = data.scan_folder(root, "--data")
-    if set(f_classes) != set(classes):
+    """A folder of class folders named as classes of the checkpoint (some, even one, of them:
+    a model is evaluated on what there is)."""
+    f_classes, paths, labels = data.scan_folder(root, "--data", min_classes=1)
+    if not set(f_classes) <= set(classes):
         only_d = sorted(set(f_classes) - set(classes))
         only_c = sorted(set(classes) - set(f_classes))
         raise DataError(

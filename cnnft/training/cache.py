@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..files import atomic_write_bytes, atomic_write_json
 from . import fold
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: images are decoded upright (EXIF orientation applied): older entries are stale
 HALF_ABOVE_VALUES = 4096  # activations wider than this per image are stored in fp16 on disk
 
 
