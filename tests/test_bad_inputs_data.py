@@ -120,15 +120,17 @@ EVAL = ("evaluate", "runs/t", "--data", "data", "--device", "cpu", "--json")
 
 CASES = [
     # --- class names are text, never markup
-    Case("class-named-dollar-x-trains", 0, (), ov=LENET, prep=(markup_class("$x$"),), run="ok"),
-    Case("class-named-bad-tex-trains", 0, (), ov=LENET, prep=(markup_class(r"$\notacommand$"),), run="ok"),
-    Case("class-named-caret-trains", 0, (), ov=LENET, prep=(markup_class("a$^$b"),), run="ok"),
-    Case("class-named-dollar-x-evaluates", 0, (), argv=EVAL, prep=(markup_class("$x$"), prior_run()),
-         check=_eval_complete),
     Case("class-named-bad-tex-evaluates", 0, (), argv=EVAL, prep=(markup_class(r"$\frac{$"), prior_run()),
          check=_eval_complete),
-    Case("class-named-dollar-x-report", 0, (), argv=("report", "runs/t", "--device", "cpu"),
-         prep=(markup_class("$x$"), prior_run())),
+    Case("class-named-unknown-command-evaluates", 0, (), argv=EVAL, prep=(markup_class(r"$\notacommand$"), prior_run()),
+         check=_eval_complete),
+    Case("class-named-caret-evaluates", 0, (), argv=EVAL, prep=(markup_class("a$^$b"), prior_run()), check=_eval_complete),
+    Case("class-named-underscore-evaluates", 0, (), argv=EVAL, prep=(markup_class("$_$"), prior_run()),
+         check=_eval_complete),
+    Case("class-named-sqrt-report", 0, (), argv=("report", "runs/t", "--device", "cpu"),
+         prep=(markup_class(r"$\sqrt{$"), prior_run())),
+    Case("class-named-brace-report", 0, (), argv=("report", "runs/t", "--device", "cpu"),
+         prep=(markup_class("${$"), prior_run())),
     # --- one class folder where nothing needs two
     Case("evaluate-one-class-folder", 0, (), argv=("evaluate", "runs/t", "--data", "one", "--device", "cpu", "--json"),
          prep=(prior_run(), single_class()), check=_eval_complete),
@@ -153,3 +155,29 @@ def test_unusual_data(case: Case, tmp_path: Path, monkeypatch, capfd) -> None:
     argv, before = _setup(case, tmp_path)
     res = run_inprocess(argv, monkeypatch, capfd, tmp_path)
     _check(case, tmp_path, res, before)
+
+
+# ------------------------------------------------------------------ extreme aspect ratios
+
+@pytest.mark.parametrize("size", [(2, 20_000), (20_000, 2), (1, 50_000), (3, 9_000)])
+def test_eval_resize_allocates_little_for_a_strip(size: tuple[int, int]) -> None:
+    """A strip of a few thousand pixels must not become resize^2 x its aspect ratio pixels in the
+    eval pipeline (what train's validation, evaluate, predict and extract run)."""
+    from cnnft.data import transforms
+    from cnnft.models import Preprocess
+
+    pre = Preprocess(crop_size=32, resize_size=36)
+    x, biggest = Image.new("RGB", size, (90, 120, 200)), 0
+    for t in transforms.eval_transform(pre).transforms:
+        x = t(x)
+        n = x.size[0] * x.size[1] if isinstance(x, Image.Image) else x.shape[-1] * x.shape[-2]
+        biggest = max(biggest, n)
+    assert tuple(x.shape) == (3, 32, 32)
+    assert biggest <= max(size[0] * size[1], 36 * 36 * transforms.MAX_ASPECT), biggest
+
+
+def test_ordinary_aspect_ratios_are_untouched() -> None:
+    from cnnft.data import transforms
+
+    img = Image.new("RGB", (800, 100))
+    assert transforms.BoundedAspect()(img) is img

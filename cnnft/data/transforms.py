@@ -31,10 +31,34 @@ def _tensor(pre: Preprocess) -> list:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(list(pre.mean), list(pre.std))]
 
 
+MAX_ASPECT = 8  # long side / short side an image keeps before the eval resize
+
+
+class BoundedAspect:
+    """Centre-crop the long side to at most MAX_ASPECT x the short side. The eval resize scales
+    the short side to resize_size, so a 1 x 100,000 px strip (small on disk, under the
+    decompression-bomb limit) would allocate resize_size^2 x 100,000 pixels; the centre crop
+    after the resize keeps less than the short side's length of the long side, so what is cut
+    here is never seen, and images up to 8:1 are left as they are."""
+
+    def __call__(self, img):
+        w, h = img.size
+        short, long = min(w, h), max(w, h)
+        if long <= MAX_ASPECT * short:
+            return img
+        keep = MAX_ASPECT * short
+        if w > h:
+            left = (w - keep) // 2
+            return img.crop((left, 0, left + keep, h))
+        top = (h - keep) // 2
+        return img.crop((0, top, w, top + keep))
+
+
 def eval_transform(pre: Preprocess) -> T.Compose:
-    """Resize the short side, centre-crop, normalise: the weights' own eval pipeline."""
+    """Resize the short side, centre-crop, normalise: the weights' own eval pipeline (extreme
+    panoramas first cut to 8:1: the resize never allocates more than resize_size^2 x 8 pixels)."""
     interp = _interp(pre.interpolation)
-    return T.Compose([T.Resize(pre.resize_size, interpolation=interp, antialias=True),
+    return T.Compose([BoundedAspect(), T.Resize(pre.resize_size, interpolation=interp, antialias=True),
                       T.CenterCrop(pre.crop_size), *_tensor(pre)])
 
 
