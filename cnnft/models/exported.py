@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ class LoadedExport:
     preprocess: Preprocess
     path: Path
     export_format: str
+    temperature: float | None = None  # calibration: logits / temperature before softmax (None: exported before it)
 
 
 class _OnnxModel(nn.Module):
@@ -100,10 +102,21 @@ def load_export(path: str | Path, meta: dict) -> LoadedExport:
             raise InputError(f"{p}.json: unknown export_format {fmt!r}; expected {' or '.join(EXPORT_FORMATS)}")
         pre = Preprocess.from_dict(meta["preprocess"])
         classes = [str(c) for c in meta["classes"]]
+        temperature = _temperature(meta.get("temperature"), p)
     except CnnftError:
         raise
     except Exception as exc:  # noqa: BLE001 - a corrupt export breaks the loaders in many ways
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise InputError(f"cannot load the exported {fmt} model {p}: {why}",
                          hint="export it again with `cnnft export RUN --format ... --out FILE`") from None
-    return LoadedExport(model, str(meta.get("model_name", p.name)), classes, pre, p, fmt)
+    return LoadedExport(model, str(meta.get("model_name", p.name)), classes, pre, p, fmt, temperature)
+
+
+def _temperature(value, p: Path) -> float | None:
+    """FILE.json's ``temperature`` (absent in exports written before calibration): a finite number > 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InputError(f"{p}.json: temperature must be a finite number > 0, got {value!r}",
+                         hint="export the model again with `cnnft export`")
+    return float(value)

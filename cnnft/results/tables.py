@@ -47,6 +47,8 @@ def evaluation(res) -> list:
                          + (f"   top-5 {pct(res.top5_accuracy)}" if res.top5_accuracy is not None else "")
                          + f"   loss {res.loss:.4f}"),
     ]
+    if res.calibration:
+        shown.append(Text(calibration_line(res.calibration)))
     t = Table(title="per class")
     for col in res.PER_CLASS_COLUMNS:
         t.add_column(col, justify="left" if col == "class" else "right")
@@ -77,6 +79,16 @@ def evaluation(res) -> list:
         shown.append(e)
     shown.append(Text(f"results: {shown_path(res.out_dir)}"))
     return shown
+
+
+def calibration_line(c: dict) -> str:
+    """One line on calibration: the temperature, ECE and NLL before and after it, which one is shown."""
+    def f(v) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    shown = "calibrated" if c.get("applied", True) else "uncalibrated (--uncalibrated)"
+    return (f"calibration: temperature {c['temperature']:.3f}   ECE {f(c['ece_before'])} -> {f(c['ece_after'])}   "
+            f"NLL {f(c['nll_before'])} -> {f(c['nll_after'])}   probabilities shown: {shown}")
 
 
 def predictions_csv(res, stream: IO[str]) -> None:
