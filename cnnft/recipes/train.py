@@ -19,7 +19,7 @@ from torch import nn
 from .. import files, models, progress
 from ..config import Config
 from ..data import folders as data
-from ..data import mixing, transforms
+from ..data import duplicates, mixing, transforms
 from ..results import tensorboard as _tensorboard
 from ..results.rundir import RunDir
 from ..run import build, calibrate, checkpoint
@@ -105,6 +105,7 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     writer = _tensorboard.writer(cfg.train.tensorboard and dd.is_main)
 
     bundle = build.setup_data(cfg.data, cfg.model.num_classes, cfg.seed, log)
+    duplicates.check_before_training(cfg.data.check, bundle, log)  # exact copies across splits: one line
     bb = build.setup_backbone(cfg, len(bundle.classes))
     measured = build.measure_similarity(cfg, bb, bundle, rt.device, resume, log, progress_bar)
     similar = build.is_similar(cfg.freeze.similar, bb.pretrained, measured)

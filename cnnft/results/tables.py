@@ -248,3 +248,26 @@ def backbones(rows: list[dict]) -> Table:
                   "-" if acc is None else f"{acc:.1f}", "-" if gf is None else f"{gf:.2f}",
                   "-" if off is None else ("yes" if off else "no"))
     return t
+
+
+def check_summary(res: dict) -> list[str]:
+    """``cnnft check``'s terminal summary: one line per kind of finding, the worst examples, where the files are."""
+    s, classes = res["summary"], res["classes"]
+    lines = [f"{res['data']}: {s['images']} images ({', '.join(f'{k} {v}' for k, v in res['splits'].items())}), "
+             f"{len(classes)} classes; features {res['model']} at {res['image_size']} px; {res['seconds']:.1f}s"]
+    lines.append(f"leaks across splits: {s['leaks']}" + "".join(
+        f"\n  {lk['kind']}: " + " = ".join(f"{m['path']} [{m['split']}]" for m in lk["images"][:3])
+        for lk in res["leaks"][:5]))
+    lines.append(f"exact duplicate groups: {s['exact_duplicate_groups']}   near-duplicate pairs "
+                 f"(similarity >= {res['near_threshold']}): {s['near_duplicate_pairs']}")
+    lines.append(f"likely label errors: {s['label_issues']}" + "".join(
+        f"\n  {r['path']}: given {r['given_label']}, suggested {r['suggested_label']} (score {r['score']:.3f})"
+        for r in res["label_issues"][:10]))
+    b = res["balance"]
+    lines.append(f"classes: largest/smallest {b['ratio']}" + (f"; few images: {', '.join(b['small_classes'][:10])}"
+                                                               if b["small_classes"] else ""))
+    lines.append(f"unreadable: {s['unreadable']}   smaller than {res['image_size']} px: {s['small_images']}   "
+                 f"colour modes: {', '.join(f'{m} {n}' for m, n in res['colour_modes'].items())}")
+    if res.get("files"):
+        lines.append(f"details: {res['files']['check.html']} (open in a browser), {res['files']['check.json']}")
+    return lines
