@@ -97,11 +97,11 @@ def check(target: str | Path, *, model: str | None = None, image_size: int | Non
     thr = datacheck.NEAR_DUPLICATE_THRESHOLD if near_threshold is None else near_threshold
     if not 0 < thr <= 1:
         raise InputError(f"--near-threshold must be in (0, 1] (got {thr})")
-    cfg, name, classes, splits = _resolve(Path(target).expanduser(), model, image_size)
+    cfg, name, classes, splits, skipped = _resolve(Path(target).expanduser(), model, image_size)
     out = Path(out_dir).expanduser() if out_dir is not None else Path("check") / name
     infos = duplicates.scan(splits)
-    unreadable = [{"split": s, "path": splits[s].ids[i], "reason": info.error}
-                  for s in splits for i, info in enumerate(infos[s]) if info.error]
+    unreadable = skipped + [{"split": s, "path": splits[s].ids[i], "reason": info.error}
+                            for s in splits for i, info in enumerate(infos[s]) if info.error]
     exact = duplicates.exact_groups(splits, infos)
     readable = {s: src.subset([i for i, info in enumerate(infos[s]) if info.error is None]) for s, src in splits.items()}
     bb = build.setup_backbone(cfg, len(classes))
@@ -116,16 +116,19 @@ def check(target: str | Path, *, model: str | None = None, image_size: int | Non
     return _write(result, out, readable, classes)
 
 
-def _resolve(target: Path, model: str | None, image_size: int | None) -> tuple[Config, str, list[str], dict]:
-    """(config, name, classes, splits) for a config file, a train/val/test layout or a class-folder tree."""
+def _resolve(target: Path, model: str | None, image_size: int | None) -> tuple[Config, str, list[str], dict, list]:
+    """(config, name, classes, splits, files the config's data left out as unreadable) for a config
+    file, a train/val/test layout or a class-folder tree."""
     if target.is_file():
         cfg = config_mod.load(target)
         if model is not None:
             cfg.model.backbone, cfg.model.weights = model, "DEFAULT"
         if image_size is not None:
             cfg.data.image_size = image_size
+        cfg.data.on_bad_image = "skip"  # an unreadable file is a finding here, not a stop
         bundle = data.build_data(cfg.data, cfg.seed)
-        return cfg, target.stem, bundle.classes, duplicates.bundle_splits(bundle)
+        skipped = [{"split": "", "path": p, "reason": r} for p, r in bundle.skipped + bundle.test_skipped]
+        return cfg, target.stem, bundle.classes, duplicates.bundle_splits(bundle), skipped
     if not target.is_dir():
         raise InputError(f"{target}: not a folder or a config file",
                          hint="pass a folder of class folders, a folder with train/ val/ (test/), or a config .yaml")
@@ -149,7 +152,7 @@ def _resolve(target: Path, model: str | None, image_size: int | None) -> tuple[C
         paths_s = [str(p) for p in paths]
         splits[s] = data.Source(paths_s, [index[found[y]] for y in ys],
                                 lambda i, draft=None, ps=paths_s: data.open_image(ps[i], draft))
-    return cfg, target.resolve().name, list(classes or []), splits
+    return cfg, target.resolve().name, list(classes or []), splits, []
 
 
 def _near(x: torch.Tensor, index: list[tuple[str, int]], readable: dict, exact: list[dict], thr: float) -> list[dict]:
