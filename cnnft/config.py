@@ -69,6 +69,9 @@ class DataConfig(_Section):
         "auto", description="processes decoding images; auto: none on 2 cores or fewer, else cores - 1 (at most 8)")
     balanced_sampler: Bool = Field(False, description="draw every class equally often in each epoch")
     on_bad_image: Literal["skip", "error"] = "skip"
+    check: Literal["warn", "error", "off"] = Field(
+        "warn", description="before training, look for exact copies of images across train/val/test: warn, "
+        "error (stop), or off")
     limit_per_class: R.IMAGES_PER_CLASS.t | None = Field(
         None, description="use at most N images per class (quick trials)"
     )

@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from . import exits, model_cmds, setup_cmds, train_cmds  # noqa: F401 - registers the commands
+from . import check_cmds, exits, model_cmds, setup_cmds, train_cmds  # noqa: F401 - registers the commands
 from .base import Settings, app
 
 __all__ = ["app", "main"]

@@ -29,6 +29,7 @@ def evaluate_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     batch_size: Optional[int] = number(R.BATCH_SIZE, None, "--batch-size", help="Default: the run's batch size."),
     tta: bool = typer.Option(False, "--tta", help="Average each image's prediction with its mirror's (runs trained with flips)."),
+    uncalibrated: bool = typer.Option(False, "--uncalibrated", help="Show raw softmax probabilities instead of the calibrated ones."),
     json_out: bool = typer.Option(False, "--json", help="Print all results as JSON."),
 ) -> None:
     """Evaluate a trained model: accuracy, loss, per-class F1, confusion matrix, worst errors.
@@ -39,7 +40,7 @@ def evaluate_cmd(
     if data is not None and split != "val":
         raise typer.BadParameter("choose one of --data and --split test")
     res = evaluate_recipe.evaluate(checkpoint, data_dir=data, split=split, out_dir=out_dir, device=device, batch_size=batch_size, tta=tta,
-                                   log=_log, show_progress=err.is_terminal and not json_out)
+                                   uncalibrated=uncalibrated, log=_log, show_progress=err.is_terminal and not json_out)
     if json_out:
         _print_json(res.to_dict())
         return
@@ -59,6 +60,7 @@ def predict_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     workers: int = number(R.WORKERS, 0, "--workers", help="Processes decoding images."),
     tta: bool = typer.Option(False, "--tta", help="Average each image's prediction with its mirror's (runs trained with flips)."),
+    uncalibrated: bool = typer.Option(False, "--uncalibrated", help="Show raw softmax probabilities instead of the calibrated ones."),
 ) -> None:
     """Predict the classes of image files and folders.
 
@@ -69,7 +71,7 @@ def predict_cmd(
     if json_out and csv_out:
         raise typer.BadParameter("choose one of --json and --csv")
     res = predict_recipe.predict(checkpoint, [str(p) for p in images], top_k=top_k, batch_size=batch_size, tta=tta,
-                                 device=device, num_workers=workers, log=_log,
+                                 uncalibrated=uncalibrated, device=device, num_workers=workers, log=_log,
                                  show_progress=err.is_terminal and not (json_out or csv_out))
     if json_out:
         _print_json(res.to_dict())
@@ -131,16 +133,17 @@ def extract_cmd(
     batch_size: int = number(R.BATCH_SIZE, 32, "--batch-size", help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     workers: int = number(R.WORKERS, 0, "--workers", help="Processes decoding images."),
+    uncalibrated: bool = typer.Option(False, "--uncalibrated", help="Store raw softmax probabilities instead of the calibrated ones."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Extract penultimate-layer features of a folder of images into an .npz file.
 
     The npz holds features (the classifier's input), labels, classes and paths, ready for
-    scikit-learn. Images directly in the folder have no class: their label is -1.
+    scikit-learn; from a checkpoint also the calibrated class probabilities (probs). Images directly in the folder have no class: their label is -1.
     """
     from ..recipes import extract as extract_recipe
     res = extract_recipe.extract(source, data, out_file, batch_size=batch_size, device=device, num_workers=workers,
-                                 log=_log, show_progress=err.is_terminal and not json_out)
+                                 uncalibrated=uncalibrated, log=_log, show_progress=err.is_terminal and not json_out)
     if json_out:
         _print_json(res.to_dict())
         return
@@ -162,7 +165,7 @@ def export_cmd(
     preprocessing are written to FILE.json beside the export.
     """
     from ..recipes import export as export_recipe
-    res = export_recipe.export(checkpoint, fmt.value, out_file, force=force)
+    res = export_recipe.export(checkpoint, fmt.value, out_file, force=force, log=_log)
     if json_out:
         _print_json(res.to_dict())
         return

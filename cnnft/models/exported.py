@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ class LoadedExport:
     preprocess: Preprocess
     path: Path
     export_format: str
+    temperature: float | None = None  # calibration: logits / temperature before softmax (None: exported before it)
 
 
 class _OnnxModel(nn.Module):
@@ -118,13 +120,14 @@ def load_export(path: str | Path, meta: dict) -> LoadedExport:
         pre = Preprocess.from_dict(meta["preprocess"])
         classes = [str(c) for c in meta["classes"]]
         _check_outputs(model, pre.crop_size, len(classes), p)
+        temperature = _temperature(meta.get("temperature"), p)
     except CnnftError:
         raise
     except Exception as exc:  # noqa: BLE001 - a corrupt export breaks the loaders in many ways
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise InputError(f"cannot load the exported {fmt} model {p}: {why}",
                          hint="export it again with `cnnft export RUN --format ... --out FILE`") from None
-    return LoadedExport(model, str(meta.get("model_name", p.name)), classes, pre, p, fmt)
+    return LoadedExport(model, str(meta.get("model_name", p.name)), classes, pre, p, fmt, temperature)
 
 
 def _check_outputs(model: nn.Module, size: int, n_classes: int, p: Path) -> None:
@@ -135,3 +138,15 @@ def _check_outputs(model: nn.Module, size: int, n_classes: int, p: Path) -> None
         raise InputError(f"{p}.json: classes lists {n_classes} name(s) but the model in {p.name} gives {width} "
                          "output(s): every output needs one name, in order",
                          hint=f"use the {p.name}.json that `cnnft export` wrote with this model, or export again")
+
+
+
+
+def _temperature(value, p: Path) -> float | None:
+    """FILE.json's ``temperature`` (absent in exports written before calibration): a finite number > 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InputError(f"{p}.json: temperature must be a finite number > 0, got {value!r}",
+                         hint="export the model again with `cnnft export`")
+    return float(value)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -47,6 +49,7 @@ class Export:
     out: str
     metadata_path: str
     tolerance: float
+    temperature: float = 1.0
 
     def metadata(self) -> dict:
         """The description written beside the export (``FILE.json``)."""
@@ -61,7 +64,8 @@ class Export:
             "input_size": self.input_size,
             "input_name": "input",
             "output_name": "logits",
-            "output": "logits [batch, num_classes]; apply softmax for probabilities",
+            "output": "logits [batch, num_classes]; softmax(logits / temperature) gives calibrated probabilities",
+            "temperature": self.temperature,
             "dynamic_batch": True,
             "opset": self.opset,
             "max_abs_diff": self.max_abs_diff,
@@ -76,7 +80,7 @@ class Export:
 
 
 def export(source: str | Path, fmt: str, out: str | Path, *, tolerance: float = EXPORT_TOLERANCE,
-           force: bool = False) -> Export:
+           force: bool = False, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Export:
     """Export a checkpoint's model as TorchScript or ONNX (dynamic batch axis), check that it
     gives the checkpoint's logits (max abs diff <= ``tolerance``) and write ``FILE.json``
     beside it with the classes and preprocessing.
@@ -107,6 +111,7 @@ def export(source: str | Path, fmt: str, out: str | Path, *, tolerance: float = 
         preprocess=lm.preprocess.to_dict(), input_size=[3, size, size], opset=ONNX_OPSET if fmt == "onnx" else None,
         max_abs_diff=diff, checkpoint=str(lm.path), epoch=lm.checkpoint["epoch"], out=str(out),
         metadata_path=str(metadata_path), tolerance=tolerance,
+        temperature=checkpoint.temperature_of(lm.checkpoint, log),
     )
     # a temporary file made by mkstemp, renamed over the target: a symlink planted in the
     # folder is replaced, never followed

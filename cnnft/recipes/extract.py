@@ -60,17 +60,19 @@ def _is_checkpoint_arg(source: str | Path) -> bool:
     return False
 
 
-def _model_for(source: str | Path, device: str) -> tuple[nn.Module, str, models.Preprocess, runtime.Runtime]:
-    """A checkpoint's model and runtime, or a backbone's pretrained one with the default runtime."""
+def _model_for(source: str | Path, device: str,
+               log: Log) -> tuple[nn.Module, str, models.Preprocess, runtime.Runtime, float | None]:
+    """A checkpoint's model, runtime and calibration temperature, or a backbone's pretrained one
+    with the default runtime (and no temperature: its classes are not the data's)."""
     if _is_checkpoint_arg(source):
         lm = checkpoint.load_model(source)
         model, rt = lm.inference(device)
-        return model, lm.name, lm.preprocess, rt
+        return model, lm.name, lm.preprocess, rt, checkpoint.temperature_of(lm.checkpoint, log)
     bb = models.build(str(source), "DEFAULT", None)
     defaults = TrainConfig()
     rt = runtime.make_runtime(device, defaults.amp, defaults.channels_last, "--device")
     rt.prepare(bb.model.eval())
-    return bb.model, bb.name, bb.preprocess, rt
+    return bb.model, bb.name, bb.preprocess, rt, None
 
 
 def extract(
@@ -83,11 +85,13 @@ def extract(
     num_workers: int = 0,
     log: Log = _stderr,
     show_progress: bool = False,
+    uncalibrated: bool = False,
 ) -> Extraction:
     """Penultimate-layer features (the classifier's input) for every image in a folder, saved
     as ``.npz`` with ``features``, ``labels``, ``classes`` and ``paths``. Class folders give
     the labels; images directly in the folder (the usual case for embedding) have label -1
-    and ``classes`` is empty.
+    and ``classes`` is empty. From a checkpoint the ``.npz`` also holds ``probs``: its class
+    probabilities, calibrated by its temperature (raw with ``uncalibrated``).
 
     ``source`` is a checkpoint/run folder, or a backbone name (its pretrained weights and
     their preprocessing, e.g. ``efficientnet_lite0`` offline).
@@ -97,7 +101,7 @@ def extract(
     classes, paths, labels, note = data.scan_images(data_dir, "--data")
     if note:
         log(note)
-    model, name, pre, rt = _model_for(source, device)
+    model, name, pre, rt, temperature = _model_for(source, device, log)
     out = Path(out).expanduser()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -107,16 +111,17 @@ def extract(
     captured: list[torch.Tensor] = []
     hook = models.head_module(model).register_forward_pre_hook(
         lambda _m, inputs: captured.append(inputs[0].detach().float().flatten(1).cpu()))
-    feats, kept, skipped = [], [], []
+    feats, kept, skipped, probs = [], [], [], []
     t0 = time.perf_counter()
     try:
-        for idx, _logits, errors in forward_files(model, paths, pre, rt, batch_size, num_workers,
+        for idx, logits, errors in forward_files(model, paths, pre, rt, batch_size, num_workers,
                                                   "extract" if show_progress else None):
             for i, why in errors.items():
                 skipped.append((paths[i], why))
                 log(f"skipping unreadable {paths[i]}: {why}")
             if idx:
                 feats.append(captured.pop())
+                probs.append((logits.double() / (1.0 if uncalibrated else temperature or 1.0)).softmax(1))
                 kept += idx
             captured.clear()
     finally:
@@ -127,7 +132,8 @@ def extract(
     buf = io.BytesIO()
     np.savez(buf, features=features, labels=np.asarray([labels[i] for i in kept], dtype=np.int64),
              classes=np.asarray(classes, dtype=str), paths=np.asarray([paths[i] for i in kept], dtype=str),
-             model=np.asarray(name, dtype=str))
+             model=np.asarray(name, dtype=str),
+             **({} if temperature is None else {"probs": torch.cat(probs).numpy().astype(np.float32)}))
     files.atomic_write_bytes(out, buf.getvalue())
     return Extraction(str(out), name, len(kept), int(features.shape[1]), classes,
                       [{"path": p, "reason": r} for p, r in skipped], round(time.perf_counter() - t0, 3), note)

@@ -38,6 +38,7 @@ class Predictions:
     predicted: int
     failed: int
     predictions: list[dict]
+    temperature: float = 1.0  # the calibration temperature the probabilities were computed at
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -63,21 +64,26 @@ def collect_images(inputs: Iterable[str | Path], log: Log = _stderr) -> list[str
     return list(seen)
 
 
-def _load(source: str | Path, device: str):
-    """(model, name, classes, preprocess, path, runtime, trained with flips) of a checkpoint, a run folder, or an
-    exported TorchScript / ONNX file with the FILE.json that ``export`` wrote beside it."""
+def _load(source: str | Path, device: str, log: Log):
+    """(model, name, classes, preprocess, path, runtime, trained with flips, temperature) of a checkpoint, a run
+    folder, or an exported TorchScript / ONNX file with the FILE.json that ``export`` wrote beside it."""
     from ..models import exported as export
 
     meta = export.export_metadata(source)
     if meta is None:
         lm = checkpoint.load_model(source)
         model, rt = lm.inference(device)
-        return model, lm.name, lm.classes, lm.preprocess, lm.path, rt, lm.config.data.hflip is True
+        return (model, lm.name, lm.classes, lm.preprocess, lm.path, rt, lm.config.data.hflip is True,
+                checkpoint.temperature_of(lm.checkpoint, log))
     ex = export.load_export(source, meta)
+    if ex.temperature is None:
+        log(f"note: {ex.path}.json holds no calibration temperature (exported by an older cnnft): probabilities "
+            "are uncalibrated (temperature 1)")
     # onnxruntime runs here on the CPU; a TorchScript module goes to the device asked for, in fp32
     rt = runtime.make_runtime(device if ex.export_format == "torchscript" else "cpu", False, False, "--device")
     rt.prepare(ex.model)
-    return ex.model, ex.name, ex.classes, ex.preprocess, ex.path, rt, meta.get("hflip") is True
+    return (ex.model, ex.name, ex.classes, ex.preprocess, ex.path, rt, meta.get("hflip") is True,
+            1.0 if ex.temperature is None else ex.temperature)
 
 
 def predict(
@@ -91,11 +97,13 @@ def predict(
     log: Log = _stderr,
     show_progress: bool = False,
     tta: bool = False,
+    uncalibrated: bool = False,
 ) -> Predictions:
     """Class probabilities for image files and folders (walked recursively), in batches.
 
     ``source`` is a checkpoint, a run folder, or a file written by ``export`` (TorchScript or
-    ONNX) with its ``FILE.json`` beside it (classes and preprocessing).
+    ONNX) with its ``FILE.json`` beside it (classes and preprocessing). Probabilities are
+    calibrated by the temperature the checkpoint or ``FILE.json`` holds (raw with ``uncalibrated``).
 
     An unreadable file gets a row with an ``error`` and a line on ``log``; it is fatal only
     when no file at all could be read (DataError, exit code 2).
@@ -104,7 +112,8 @@ def predict(
         raise InputError(f"--top-k must be at least 1 (got {top_k})")
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
-    model, name, classes, pre, path, rt, hflip_trained = _load(source, device)
+    model, name, classes, pre, path, rt, hflip_trained, temperature = _load(source, device, log)
+    temperature = 1.0 if uncalibrated else temperature
     model = with_tta(model, tta, hflip_trained)
     paths = collect_images(inputs, log)
     if not paths:
@@ -118,7 +127,7 @@ def predict(
             log(f"cannot read {paths[i]}: {why}")
         if logits is None:
             continue
-        p, c = logits.softmax(1).topk(k, dim=1)
+        p, c = (logits.double() / temperature).softmax(1).topk(k, dim=1)
         for row_i, ps, cs in zip(idx, p.tolist(), c.tolist()):
             top = [{"class": classes[ci], "prob": float(pi)} for pi, ci in zip(ps, cs)]
             rows[row_i].update({"class": top[0]["class"], "prob": top[0]["prob"], "top_k": top})
@@ -126,4 +135,4 @@ def predict(
     if failed == len(rows):
         raise DataError(f"none of the {len(rows)} file(s) could be read as an image",
                         hint="check the paths; readable types: " + ", ".join(sorted(data.IMAGE_EXTENSIONS)))
-    return Predictions(str(path), name, classes, k, len(rows), len(rows) - failed, failed, rows)
+    return Predictions(str(path), name, classes, k, len(rows), len(rows) - failed, failed, rows, temperature)

@@ -83,6 +83,7 @@ def write_report(run_dir: str | Path, *, device: str = "auto", log: Log = _stder
         files.update({n: str(out / n) for n in ("confusion_matrices.png", "confusion_matrix.png",
                                                 "confusion_matrix_normalized.png", "top_errors.png",
                                                 "confused_pairs.png")})
+        files.update({"reliability.png": str(out / "reliability.png")} if "reliability" in titles else {})
     files.update({n: str(out / n) for n in ("report.md", "report.html")})
     rep = Report(
         run=run_dir.name, status=status, error=error, model=plan["model"], weights=plan["weights"],
@@ -171,6 +172,10 @@ def _evaluation_figures(out: Path, run: RunDir, ev: Evaluation, images: "rd.Imag
         titles[name] = f"{head}\nconfusion matrix ({'row-normalised' if norm else 'counts'})"
         plots.confusion(out / f"{name}.png", cm, classes, normalize=norm, title=titles[name])
 
+    if ev.calibration and ev.calibration.get("reliability_after"):
+        titles["reliability"] = f"{head}\nreliability (temperature {ev.calibration['temperature']:.3f})"
+        plots.reliability(out / "reliability.png", ev.calibration["reliability_before"],
+                          ev.calibration["reliability_after"], title=titles["reliability"])
     top = ev.confident_errors[:ERRORS_SHOWN]
     tiles = [plots.Tile(images.thumbnail(e["path"]), f"true: {e['true']}\npred: {e['pred']} ({e['prob']:.2f})",
                         "tab:red") for e in top]

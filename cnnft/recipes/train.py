@@ -19,10 +19,10 @@ from torch import nn
 from .. import files, models, progress
 from ..config import Config
 from ..data import folders as data
-from ..data import mixing, transforms
+from ..data import duplicates, mixing, transforms
 from ..results import tensorboard as _tensorboard
 from ..results.rundir import RunDir
-from ..run import build, checkpoint, checks
+from ..run import build, calibrate, checkpoint, checks
 from ..run import folder as _run
 from ..run import phases as _phases
 from ..run import records as _records
@@ -63,6 +63,7 @@ class TrainSummary:
     device: str
     test_acc: float | None = None  # best.pt on data.test, when set: reported apart from val
     test_images: int | None = None
+    calibration: dict | None = None  # the temperature fitted on val; ECE/NLL before and after (val, and test)
 
     def to_dict(self) -> dict:
         """The summary as plain JSON-ready values, keys in summary.json's order."""
@@ -104,6 +105,7 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     writer = _tensorboard.writer(cfg.train.tensorboard and dd.is_main)
 
     bundle = build.setup_data(cfg.data, cfg.model.num_classes, cfg.seed, log)
+    duplicates.check_before_training(cfg.data.check, bundle, log)  # exact copies across splits: one line
     bb = build.setup_backbone(cfg, len(bundle.classes))
     checks.refuse(checks.before_training(cfg, bundle.classes, [s.name for s in bb.stages]))  # as validate does
     measured = build.measure_similarity(cfg, bb, bundle, rt.device, resume, log, progress_bar)
@@ -237,13 +239,15 @@ def _after_step(show: Callable[[engine.Running], None] | None,
 
 def _finish(summary: "TrainSummary", run: RunDir, bundle: data.DataBundle, device: str, dd: distributed.Dist,
             log: Callable[[str], None]) -> "TrainSummary":
-    """Evaluate best.pt on data.test when there is one; write summary.json (rank 0)."""
+    """Calibrate the checkpoints; evaluate best.pt on data.test when there is one; write summary.json (rank 0)."""
+    fit = calibrate.calibrate_run(run, bundle.val, device, log) if dd.is_main else None
     if dd.is_main and bundle.test is not None:  # best.pt was picked on val; the test set is its unbiased figure
         ev = evaluate(run.best, split="test", device=device, log=log)
         log(f"test accuracy {ev.accuracy:.4f} (best.pt, epoch {ev.epoch}) on {ev.images} images: {ev.out_dir}")
+        fit = fit and {**fit, "test": ev.calibration}
         summary = replace(summary, test_acc=ev.accuracy, test_images=ev.images)
     if dd.is_main:
-        files.atomic_write_json(run.summary, summary.to_dict())
+        files.atomic_write_json(run.summary, (summary := replace(summary, calibration=fit)).to_dict())
     return summary
 
 

@@ -61,6 +61,7 @@ class Evaluation:
     files: dict[str, str] | None = None
     split: str | None = None  # val, test, or None for a --data folder
     note: str | None = None  # what the figures are of, when it is not what one would assume
+    calibration: dict | None = None  # temperature, ECE/NLL before and after, reliability tables
     predictions: list[dict] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:

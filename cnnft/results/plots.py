@@ -212,3 +212,26 @@ def image_grid(path: str | Path, rows: Sequence[Sequence[Tile]], *, title: str,
     fig.suptitle(title, fontsize=11)
     _save(fig, path, title)
     return drawn
+
+
+def reliability(path: str | Path, before: Sequence[dict], after: Sequence[dict], *, title: str,
+                labels: tuple[str, str] = ("uncalibrated", "calibrated")) -> Path:
+    """Reliability diagram: accuracy against mean confidence per confidence bin (tables from
+    :func:`cnnft.results.calibration.reliability`), before and after calibration, with the diagonal
+    a perfectly calibrated model lies on; the bars' widths follow the bins."""
+    fig = _figure(6.4, 4.4)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfect calibration")
+    for table, label, colour in ((before, labels[0], "tab:orange"), (after, labels[1], "tab:blue")):
+        pts = [(r["confidence"], r["accuracy"], r["count"]) for r in table if r["count"]]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, color=colour, label=label)
+    total = sum(r["count"] for r in after) or 1
+    ax.bar([(r["low"] + r["high"]) / 2 for r in after], [r["count"] / total for r in after],
+           width=[r["high"] - r["low"] for r in after], color="tab:blue", alpha=0.15, label="share of images")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top class)", ylabel="accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    out = _save(fig, path, title)
+    return out

@@ -15,6 +15,7 @@ FIGURES = (  # (file stem, section it belongs to, alt text)
     ("accuracy", "curves", "accuracy"),
     ("learning_rate", "curves", "learning rate per parameter group"),
     ("confusion_matrices", "eval", "confusion matrix, row-normalised and counts"),
+    ("reliability", "eval", "reliability diagram: accuracy against confidence, before and after calibration"),
     ("top_errors", "errors", "most confidently wrong validation images"),
     ("confused_pairs", "pairs", "most confused class pairs"),
 )
@@ -43,7 +44,15 @@ def _eval_line(ev: Evaluation) -> str:
     return (f"Accuracy {_pct(ev.accuracy)}"
             + (f", top-5 {_pct(ev.top5_accuracy)}" if ev.top5_accuracy is not None else "")
             + f", loss {ev.loss:.4f}, macro F1 {ev.macro_avg['f1']:.4f} over {ev.images} images "
-            f"({Path(ev.checkpoint).name}, epoch {ev.epoch}, on {ev.data}).")
+            f"({Path(ev.checkpoint).name}, epoch {ev.epoch}, on {ev.data})." + _calibration_line(ev))
+
+
+def _calibration_line(ev: Evaluation) -> str:
+    c = ev.calibration
+    if not c or c.get("ece_before") is None:
+        return ""
+    return (f" Calibration: temperature {c['temperature']:.3f}, expected calibration error {c['ece_before']:.4f} "
+            f"-> {c['ece_after']:.4f}, NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}.")
 
 
 def _num(v: int | None) -> str:

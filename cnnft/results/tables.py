@@ -47,6 +47,8 @@ def evaluation(res) -> list:
                          + (f"   top-5 {pct(res.top5_accuracy)}" if res.top5_accuracy is not None else "")
                          + f"   loss {res.loss:.4f}"),
     ]
+    if res.calibration:
+        shown.append(Text(calibration_line(res.calibration)))
     t = Table(title="per class")
     for col in res.PER_CLASS_COLUMNS:
         t.add_column(col, justify="left" if col == "class" else "right")
@@ -77,6 +79,16 @@ def evaluation(res) -> list:
         shown.append(e)
     shown.append(Text(f"results: {shown_path(res.out_dir)}"))
     return shown
+
+
+def calibration_line(c: dict) -> str:
+    """One line on calibration: the temperature, ECE and NLL before and after it, which one is shown."""
+    def f(v) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    shown = "calibrated" if c.get("applied", True) else "uncalibrated (--uncalibrated)"
+    return (f"calibration: temperature {c['temperature']:.3f}   ECE {f(c['ece_before'])} -> {f(c['ece_after'])}   "
+            f"NLL {f(c['nll_before'])} -> {f(c['nll_after'])}   probabilities shown: {shown}")
 
 
 def predictions_csv(res, stream: IO[str]) -> None:
@@ -236,3 +248,26 @@ def backbones(rows: list[dict]) -> Table:
                   "-" if acc is None else f"{acc:.1f}", "-" if gf is None else f"{gf:.2f}",
                   "-" if off is None else ("yes" if off else "no"))
     return t
+
+
+def check_summary(res: dict) -> list[str]:
+    """``cnnft check``'s terminal summary: one line per kind of finding, the worst examples, where the files are."""
+    s, classes = res["summary"], res["classes"]
+    lines = [f"{res['data']}: {s['images']} images ({', '.join(f'{k} {v}' for k, v in res['splits'].items())}), "
+             f"{len(classes)} classes; features {res['model']} at {res['image_size']} px; {res['seconds']:.1f}s"]
+    lines.append(f"leaks across splits: {s['leaks']}" + "".join(
+        f"\n  {lk['kind']}: " + " = ".join(f"{m['path']} [{m['split']}]" for m in lk["images"][:3])
+        for lk in res["leaks"][:5]))
+    lines.append(f"exact duplicate groups: {s['exact_duplicate_groups']}   near-duplicate pairs "
+                 f"(similarity >= {res['near_threshold']}): {s['near_duplicate_pairs']}")
+    lines.append(f"likely label errors: {s['label_issues']}" + "".join(
+        f"\n  {r['path']}: given {r['given_label']}, suggested {r['suggested_label']} (score {r['score']:.3f})"
+        for r in res["label_issues"][:10]))
+    b = res["balance"]
+    lines.append(f"classes: largest/smallest {b['ratio']}" + (f"; few images: {', '.join(b['small_classes'][:10])}"
+                                                               if b["small_classes"] else ""))
+    lines.append(f"unreadable: {s['unreadable']}   smaller than {res['image_size']} px: {s['small_images']}   "
+                 f"colour modes: {', '.join(f'{m} {n}' for m, n in res['colour_modes'].items())}")
+    if res.get("files"):
+        lines.append(f"details: {res['files']['check.html']} (open in a browser), {res['files']['check.json']}")
+    return lines

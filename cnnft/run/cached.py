@@ -153,3 +153,46 @@ def _store(split: cache.Split, ds: data.ImageDataset, views: int, part: str, key
 
     return cache.compute(split, loaders, len(ds), rt.images, disk=(folder, key) if on_disk else None,
                          in_memory=in_memory, on_batch=tick)
+
+
+def pooled_features(cfg: Config, bb: models.Backbone, source: data.Source, rt: runtime.Runtime, log: Log,
+                    show: bool) -> torch.Tensor:
+    """[N, D] features of ``source`` as the head sees them (the eval pipeline, the backbone's
+    pooled output), through the feature cache: a second look at the same files reads them back."""
+    model = bb.model.eval()
+    head = set(models.head_paths(model))
+    for n, p in model.named_parameters():  # the cut falls before the head: everything else is the prefix
+        p.requires_grad_(any(n.startswith(h + ".") for h in head))
+    pre = bb.preprocess
+    ds = data.ImageDataset(source, transforms.eval_transform(pre), pre.resize_size)
+    if len(ds) == 0:
+        return torch.zeros(0, 0)
+    sample = torch.stack([ds[i][0] for i in range(min(2, len(ds)))])
+    split, why = cache.find_split(model, rt.images(sample), models.logits_of)
+    if split is None:  # no verified cut: one uncached pass with the head's input captured
+        log(f"feature cache: off ({why})")
+        return _head_inputs(model, ds, cfg, rt)
+    store = _store(split, ds, 1, "val", _key_base(bb, split.boundary), cfg, rt, log, show)
+    x = store.batch(0, range(len(ds)))
+    return _pooled(x)
+
+
+def _pooled(x: torch.Tensor) -> torch.Tensor:
+    """One vector per image: a spatial map is averaged over its positions."""
+    if x.ndim == 4 and x.shape[2] * x.shape[3] > 1:
+        x = x.mean(dim=(2, 3))
+    return x.flatten(1).float()
+
+
+@torch.inference_mode()
+def _head_inputs(model: nn.Module, ds: data.ImageDataset, cfg: Config, rt: runtime.Runtime) -> torch.Tensor:
+    captured: list[torch.Tensor] = []
+    hook = models.head_module(model).register_forward_pre_hook(
+        lambda _m, inputs: captured.append(inputs[0].detach().float().cpu()))
+    try:
+        for images, _ in data.make_loader(ds, cfg.data.batch_size, cfg.data.num_workers, pin_memory=rt.pin_memory):
+            with rt.autocast():
+                model(rt.images(images))
+    finally:
+        hook.remove()
+    return _pooled(torch.cat(captured))

@@ -20,6 +20,7 @@ from .. import ranges as R
 from ..errors import CheckpointError, NoSpaceError
 from ..models import described
 from ..files import atomic_write_bytes
+from ..results import calibration
 from ..results.rundir import RunDir
 from ..safeload import safe_torch_load
 from ..training import runtime
@@ -155,6 +156,19 @@ def load_model(path: str | Path) -> LoadedModel:
         ) from None
     pre = models.Preprocess.from_dict(ckpt["preprocess"]).with_size(cfg.data.image_size)
     return LoadedModel(bb.model.eval(), ckpt["model_name"], list(ckpt["classes"]), pre, ckpt, cfg)
+
+
+def temperature_of(ckpt: dict, log) -> float:
+    """The calibration temperature stored in a checkpoint; 1 (and one line on ``log``) for a
+    checkpoint written before calibration existed or by a run that has not finished."""
+    if "temperature" not in ckpt:
+        log(f"note: {ckpt['path']} holds no calibration temperature (written by an older cnnft or an unfinished "
+            "run): probabilities are uncalibrated (temperature 1)")
+        return 1.0
+    try:
+        return calibration.checked_temperature(ckpt["temperature"], ckpt["path"])
+    except ValueError as exc:
+        raise CheckpointError(str(exc), hint="the checkpoint is damaged; train again or pass another one") from None
 
 
 def rng_state() -> dict:

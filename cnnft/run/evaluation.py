@@ -23,7 +23,7 @@ from ..errors import DataError, InputError
 from ..results import metrics
 from ..results.evaluation import Evaluation, row_normalise, write_evaluation
 from ..results.rundir import RunDir
-from ..run import checkpoint
+from ..run import calibrate, checkpoint
 from ..training import engine
 from ..training.tta import with_tta
 
@@ -48,10 +48,12 @@ def evaluate(
     log: Log = _stderr,
     show_progress: bool = False,
     tta: bool = False,
+    uncalibrated: bool = False,
 ) -> Evaluation:
-    """Evaluate a checkpoint on the run's validation data, its ``data.test`` folder
-    (``split="test"``) or a folder of class folders (``data_dir``): accuracy, top-5, loss, per-class precision/recall/F1, confusion matrix (CSV + PNG),
-    the most confidently wrong images, and every prediction, written under the run folder.
+    """Evaluate a checkpoint on the run's validation data, its ``data.test`` folder (``split="test"``) or
+    a folder of class folders (``data_dir``): accuracy, top-5, loss, per-class precision/recall/F1, confusion
+    matrix (CSV + PNG), the most confidently wrong images, every prediction (probabilities at the checkpoint's
+    temperature, raw with ``uncalibrated``) and ECE/NLL before and after it, written under the run folder.
 
     load checkpoint -> rebuild model -> build data -> evaluate -> write results.
     """
@@ -79,22 +81,19 @@ def evaluate(
     model = with_tta(inference_model, tta, lm.config.data.hflip is True)
     out = _eval_dir(lm.path, data_name + ("-tta" if tta else ""), out_dir)
 
-    pre = lm.preprocess
-    ds = data.ImageDataset(src, transforms.eval_transform(pre), pre.resize_size)
+    ds = data.ImageDataset(src, transforms.eval_transform(lm.preprocess), lm.preprocess.resize_size)
     loader = data.make_loader(ds, batch_size or d.batch_size, d.num_workers if num_workers is None else num_workers,
                               pin_memory=rt.pin_memory)
     # plain cross-entropy (no label smoothing), as the run's validation loss
     ev = engine.evaluate(model, progress.bar(loader, "evaluate", show_progress), rt, criterion=nn.CrossEntropyLoss())
 
     classes = lm.classes
-    probs, y = ev.probs.numpy().astype(np.float64), ev.labels.numpy()
-    pred = probs.argmax(1)
-    conf = probs[np.arange(len(y)), pred]
-    cm = metrics.confusion_matrix(y, pred, len(classes))
+    y = ev.labels.numpy()
+    probs, fit = calibrate.calibrated(ev.probs.numpy().astype(np.float64), y,
+                                      checkpoint.temperature_of(lm.checkpoint, log), uncalibrated)
+    cm = metrics.confusion_matrix(y, probs.argmax(1), len(classes))
     pc = metrics.per_class(cm, classes)
-    rows = [{"path": src.ids[i], "true": classes[y[i]], "pred": classes[pred[i]], "prob": round(float(conf[i]), 6),
-             "prob_true": round(float(probs[i, y[i]]), 6), "correct": int(pred[i] == y[i])} for i in range(len(y))]
-    wrong = sorted((r for r in rows if not r["correct"]), key=lambda r: -r["prob"])[:CONFIDENT_ERRORS]
+    rows, wrong = _prediction_rows(src.ids, classes, probs, y)
     result = Evaluation(
         checkpoint=str(lm.path), model=lm.name, epoch=lm.checkpoint["epoch"], data=described, data_name=data_name,
         images=int(len(y)), skipped=[{"path": p, "reason": r} for p, r in skipped], accuracy=ev.acc,
@@ -103,9 +102,19 @@ def evaluate(
         confusion_matrix=cm.tolist(),
         confusion_matrix_normalized=[[round(float(v), 6) for v in r] for r in row_normalise(cm)],
         confident_errors=wrong, seconds=round(ev.seconds, 3), device=str(rt.device), predictions=rows,
-        split=None if data_dir is not None else split, note=note,
+        split=None if data_dir is not None else split, note=note, calibration=fit,
     )
     return write_evaluation(result, out)
+
+
+def _prediction_rows(ids: list[str], classes: list[str], probs: np.ndarray, y: np.ndarray) -> tuple[list[dict], list[dict]]:
+    """predictions.csv's rows, and the most confidently wrong of them."""
+    pred = probs.argmax(1)
+    conf = probs[np.arange(len(y)), pred]
+    rows = [{"path": ids[i], "true": classes[y[i]], "pred": classes[pred[i]], "prob": round(float(conf[i]), 6),
+             "prob_true": round(float(probs[i, y[i]]), 6), "correct": int(pred[i] == y[i])} for i in range(len(y))]
+    wrong = sorted((r for r in rows if not r["correct"]), key=lambda r: -r["prob"])[:CONFIDENT_ERRORS]
+    return rows, wrong
 
 
 def _run_data(cfg: Config, classes: list[str], split: str) -> tuple[data.Source, str, str, list]:

@@ -140,3 +140,33 @@ def _train_sums(head: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: nn
         r.seen += len(logits)
         r.steps += 1
     return r
+
+
+def fit_linear(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float) -> nn.Linear:
+    """Softmax regression of ``y`` on fixed features ``x`` by the head phase's exact solver
+    (full-batch L-BFGS, mean loss + l2/2 * |weights|^2), from zero weights."""
+    head = nn.Linear(x.shape[1], classes).to(x.device, x.dtype)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+    _solve(head, list(head.parameters()), [head.weight], x, y, None, nn.CrossEntropyLoss(), l2)
+    return head
+
+
+def out_of_fold_probs(x: torch.Tensor, y: torch.Tensor, classes: int, folds, l2: float) -> torch.Tensor:
+    """Each image's class probabilities from a linear head fitted (:func:`fit_linear`) on the
+    other folds only, features standardised by those folds' statistics: held-out predictions for
+    every image, as confident learning needs them."""
+    folds = torch.as_tensor(folds)
+    probs = torch.zeros(len(y), classes, dtype=torch.float64)
+    for f in folds.unique().tolist():
+        held = folds == f
+        fit = ~held
+        if not fit.any():
+            probs[held] = 1.0 / classes
+            continue
+        mu, sd = x[fit].mean(0), x[fit].std(0, unbiased=False) + 1e-6
+        head = fit_linear((x[fit] - mu) / sd, y[fit], classes, l2)
+        with torch.no_grad():
+            probs[held] = head((x[held] - mu) / sd).softmax(1).double()
+    return probs
