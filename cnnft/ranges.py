@@ -65,7 +65,8 @@ class Range:
                                         ("less_than", self.lt, lambda b: v >= b, "less than"),
                                         ("less_than_equal", self.le, lambda b: v > b, "less than or equal to")):
             if bound is not None and bad(bound):
-                return kind, f"Input should be {words} {_fmt(bound)}"
+                plain = int(bound) if float(bound).is_integer() else bound  # as pydantic says it
+                return kind, f"Input should be {words} {plain}"
         return None
 
     def problem(self, v: Any) -> str | None:

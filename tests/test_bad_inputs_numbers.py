@@ -44,7 +44,7 @@ RUN = (prior_run(),)
 
 CASES = [
     # --- config keys: the examples
-    cfg_row("weight-decay-1e308", "train.weight_decay=1e308", "train.weight_decay", "less than or equal to 10",
+    cfg_row("weight-decay-1e308", "train.weight_decay=1e308", "train.weight_decay", "less than or equal to 10;",
             "allowed: a finite number from 0 to 10"),
     cfg_row("class-weight-negative", "train.class_weights={a: -1, b: 1}", "train.class_weights.a",
             "greater than 0", f"allowed: {WEIGHT_RANGE}"),

@@ -21,7 +21,7 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-def test_folder(classes=("a", "b")):
+def split_folder(classes=("a", "b")):
     def prep(tmp: Path) -> None:
         make_dataset(tmp / "test", classes=classes, n=2, seed=8)
     return prep
@@ -43,7 +43,7 @@ PROBLEMS = [
     ("frozen-stages-beyond-model", (*LENET, "freeze.strategy=freeze_early", "freeze.frozen_stages=7"), (),
      ("freeze.frozen_stages: 7 is out of range for lenet5", "use 0..1")),
     ("data-test-missing", ("data.test=nowhere",), (), ("data.test:", "nowhere")),
-    ("data-test-other-classes", ("data.test=test",), (test_folder(("a", "c")),),
+    ("data-test-other-classes", ("data.test=test",), (split_folder(("a", "c")),),
      ("data.test: class folders differ from the training classes", "c")),
     ("class-weights-two-unknown", ("train.class_weights={x: 2, y: 1}",), (), ("unknown class(es) x, y",)),
     ("class-weights-wrong-case", ("train.class_weights={A: 2}",), (), ("unknown class(es) A",)),
@@ -53,12 +53,12 @@ PROBLEMS = [
      ("freeze.frozen_stages: 9 is out of range for resnet18",)),
     ("trainable-stages-beyond-model", (*LENET, "freeze.strategy=freeze_most", "freeze.trainable_stages=5"), (),
      ("freeze.trainable_stages: 5 is out of range for lenet5", "use 0..2")),
-    ("data-test-extra-class", ("data.test=test",), (test_folder(("a", "b", "z")),), ("only in test: z",)),
-    ("data-test-one-class", ("data.test=test",), (test_folder(("a",)),), ("data.test:", "single class")),
+    ("data-test-extra-class", ("data.test=test",), (split_folder(("a", "b", "z")),), ("only in test: z",)),
+    ("data-test-one-class", ("data.test=test",), (split_folder(("a",)),), ("data.test:", "single class")),
     ("data-test-empty-folder", ("data.test=test",), (empty_test,), ("data.test:",)),
     ("data-test-is-a-file", ("data.test=test",), (file_test,), ("data.test:",)),
     ("all-three-at-once", (*LENET, "freeze.strategy=freeze_early", "freeze.frozen_stages=7",
-                           "train.class_weights={q: 1}", "data.test=test"), (test_folder(("a", "c")),),
+                           "train.class_weights={q: 1}", "data.test=test"), (split_folder(("a", "c")),),
      ("freeze.frozen_stages: 7", "train.class_weights: unknown class(es) q", "data.test: class folders differ")),
 ]
 
@@ -90,7 +90,7 @@ def test_validate_refuses_what_train_refuses(case: Case, tmp_path: Path, monkeyp
 def test_a_good_test_folder_passes_both(tmp_path: Path, monkeypatch, capfd) -> None:
     case = Case("good", 0, (), argv=("validate", "cfg.yaml", *LENET, "data.test=test",
                                      "train.class_weights={a: 2}", "freeze.strategy=freeze_early",
-                                     "freeze.frozen_stages=1"), prep=(test_folder(),))
+                                     "freeze.frozen_stages=1"), prep=(split_folder(),))
     argv, _ = _setup(case, tmp_path)
     res = run_inprocess(argv, monkeypatch, capfd, tmp_path)
     assert res.code == 0 and "config OK" in res.err, res.err
