@@ -9,8 +9,9 @@ import numpy as np
 # Cosine similarity of L2-normalised pooled features at or above which two images are called
 # near-duplicates. Measured by benchmarks/check.py on copies made from real images (resized,
 # re-encoded as JPEG, cropped by a few percent, brightness-shifted) against distinct images of the
-# same class (ants/bees photos and digits at 64 px, efficientnet_lite0): see the README.
-NEAR_DUPLICATE_THRESHOLD = 0.93
+# other images (ants/bees photos at 64 px, efficientnet_lite0: every planted copy at 0.90 and no
+# other pair; see the README, which also says where it fails: 8x8 digits all look alike to it).
+NEAR_DUPLICATE_THRESHOLD = 0.90
 PAIRS_LISTED = 1000  # near-duplicate pairs kept in check.json (all are counted)
 
 
