@@ -122,12 +122,12 @@ def check_hub_model(name: str, want_weights: bool, timeout: float = 3.0) -> None
         folder = Path(where).expanduser()
         if not (folder / "config.json").is_file():
             raise ConfigError(
-                f"model.backbone: {name}: {folder} is not a timm model folder (no config.json in it)",
-                hint="give a folder written by `cnnft export RUN --format hf --out DIR`, or a timm model "
-                     "downloaded from the Hugging Face Hub")
+                f"model.backbone: {name}: {folder} is not a timm model folder (no config.json in it); give a "
+                "folder written by `cnnft export RUN --format hf --out DIR`, or a timm model downloaded from the "
+                "Hugging Face Hub")
         if want_weights and not any((folder / f).is_file() for f in HUB_WEIGHT_FILES):
-            raise ConfigError(f"model.weights: {folder} holds no weights file ({', '.join(HUB_WEIGHT_FILES)})",
-                              hint="model.weights=none trains its architecture from random weights")
+            raise ConfigError(f"model.weights: {folder} holds no weights file ({', '.join(HUB_WEIGHT_FILES)}); "
+                              "model.weights=none trains its architecture from random weights")
         return
     from huggingface_hub import try_to_load_from_cache
 

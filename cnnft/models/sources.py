@@ -181,7 +181,12 @@ def timm_preprocess(model: nn.Module) -> Preprocess:
 def timm_heads(model: nn.Module) -> tuple[str, ...]:
     """Classifier paths of a timm model (main first), from its pretrained_cfg: the one place
     a timm head is looked up, so stages, head replacement and feature extraction agree."""
-    head_name = model.pretrained_cfg.get("classifier", "head")
+    head_name = model.pretrained_cfg.get("classifier")
+    if head_name is None:  # a hand-written folder's config: the architecture's own says
+        from timm.models import get_pretrained_cfg
+
+        own = get_pretrained_cfg(str(model.pretrained_cfg.get("architecture")))
+        head_name = getattr(own, "classifier", None) or "head"
     return tuple(head_name) if isinstance(head_name, (list, tuple)) else (head_name,)
 
 
