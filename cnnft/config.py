@@ -141,7 +141,14 @@ class TrainConfig(_Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     amp: Bool = Field(True, description="mixed precision on CUDA (never on CPU)")
     channels_last: Bool = True
-    tensorboard: Bool = False
+    tensorboard: Bool = Field(False, description="write TensorBoard events (the same as tensorboard in log_to)")
+    log_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="experiment trackers the run is logged to: tensorboard (RUN/tensorboard), "
+        "mlflow (pip install 'cnnft[mlflow]')")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else "
+                                   "MLflow's own default")
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment; default: the run's name")
+    log_checkpoint: Bool = Field(False, description="mlflow: upload checkpoints/best.pt as an artifact too")
     class_weights: Literal["auto", "none"] | dict[str, R.CLASS_WEIGHT.t] = Field(
         "auto", description="loss weight per class; auto: inverse frequency when the classes are imbalanced")
     compile: Bool = Field(False, description="torch.compile the part of the model that trains")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import InputError, NoSpaceError
 
@@ -85,6 +86,29 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_folder(path: str | Path, fill: Callable[[Path], None]) -> None:
+    """Make folder ``path`` whole or not at all: ``fill`` writes into a temporary folder beside
+    it, which then takes its place (an existing folder is replaced: the caller asked --force)."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = None
+    try:
+        fill(tmp)
+        os.chmod(tmp, _FILE_MODE | 0o111)  # mkdtemp makes 0700 folders
+        if path.is_dir() and not path.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / path.name).is_dir() and not path.exists():
+            os.replace(old / path.name, path)  # the previous folder comes back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_link(src: str | Path, dst: str | Path) -> None:

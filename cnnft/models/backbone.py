@@ -89,9 +89,11 @@ def empty_init(enabled: bool = True):
         nn.Module.register_parameter, nn.Module.register_buffer = reg_p, reg_b
 
 
-def replace_heads(model: nn.Module, heads: tuple[str, ...], num_classes: int) -> int:
+def replace_heads(model: nn.Module, heads: tuple[str, ...], num_classes: int, pooled: int | None = None) -> int:
     """Put a fresh, small-initialised classifier with ``num_classes`` outputs at each head
-    path (optional aux heads may be absent); return the main head's input width."""
+    path (optional aux heads may be absent); return the main head's input width. A model
+    published without a classifier (an ``nn.Identity`` there) gets a linear head of its
+    pooled width ``pooled``."""
     in_features = 0
     for i, path in enumerate(heads):
         parent_path, _, attr = path.rpartition(".")
@@ -101,12 +103,17 @@ def replace_heads(model: nn.Module, heads: tuple[str, ...], num_classes: int) ->
             if i == 0:
                 raise RuntimeError(f"head {path} not found")
             continue
-        factory = {"device": old.weight.device, "dtype": old.weight.dtype}
-        if isinstance(old, nn.Conv2d):
+        if isinstance(old, nn.Identity):
+            if pooled is None:
+                raise RuntimeError(f"head {path} of {type(model).__name__} is empty and its pooled width is unknown")
+            like = next(iter(model.parameters()))
+            new, width = nn.Linear(pooled, num_classes, device=like.device, dtype=like.dtype), pooled
+        elif isinstance(old, nn.Conv2d):
+            factory = {"device": old.weight.device, "dtype": old.weight.dtype}
             new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, **factory)
             width = old.in_channels
         else:
-            new = nn.Linear(old.in_features, num_classes, **factory)
+            new = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
             width = old.in_features
         if new.weight.device.type != "meta":
             nn.init.trunc_normal_(new.weight, std=HEAD_INIT_STD)
@@ -118,14 +125,19 @@ def replace_heads(model: nn.Module, heads: tuple[str, ...], num_classes: int) ->
 
 
 def head_out(model: nn.Module, path: str) -> int:
-    """Number of outputs of the classifier layer at ``path``."""
+    """Number of outputs of the classifier layer at ``path`` (0: the model has none)."""
     m = model.get_submodule(path)
+    if isinstance(m, nn.Identity):
+        return 0
     return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
 
 
-def head_in(model: nn.Module, path: str) -> int:
-    """Input width of the classifier layer at ``path`` (the feature width)."""
+def head_in(model: nn.Module, path: str, pooled: int | None = None) -> int:
+    """Input width of the classifier layer at ``path`` (the feature width; ``pooled`` where
+    the model has no classifier)."""
     m = model.get_submodule(path)
+    if isinstance(m, nn.Identity):
+        return pooled or 0
     return m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
 
 

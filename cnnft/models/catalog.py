@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..errors import CnnftError, ConfigError
-from .weights import Availability, Kind, WeightsSpec, file_or_none
+from .weights import HUB_PREFIXES, Availability, Kind, WeightsSpec, file_or_none
 
 CATALOG_FILE = Path(__file__).with_name("catalog.json")
 FORMAT = 1  # bump when the layout of an entry changes
@@ -103,9 +103,9 @@ def lookup(name: str, catalog: dict[str, Entry]) -> Entry:
 
 def resolve(name: str) -> Entry | None:
     """The entry of backbone ``name`` (an unknown name raises the registry's error); None
-    for timm/ names and when the catalog does not fit the installed packages: the caller
+    for timm/, local-dir: and hf-hub: names and when the catalog does not fit the installed packages: the caller
     builds the model to find out."""
-    if name.startswith(TIMM_PREFIX):
+    if name.startswith((TIMM_PREFIX, *HUB_PREFIXES)):
         return None
     known = load()
     return None if known is None else lookup(name, known)

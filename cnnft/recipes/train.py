@@ -20,6 +20,7 @@ from .. import files, models, progress
 from ..config import Config
 from ..data import folders as data
 from ..data import duplicates, mixing, transforms
+from ..results import mlflow as _mlflow
 from ..results import tensorboard as _tensorboard
 from ..results.rundir import RunDir
 from ..run import build, calibrate, checkpoint, checks
@@ -102,7 +103,8 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     dd, log, progress_bar = _setup_process(cfg.train.device, resumed, log, progress_bar)
     build.seed_everything(cfg.seed)
     rt = runtime.make_runtime(dd.device(cfg.train.device), cfg.train.amp, cfg.train.channels_last)
-    writer = _tensorboard.writer(cfg.train.tensorboard and dd.is_main)
+    writer = _tensorboard.writer((cfg.train.tensorboard or "tensorboard" in cfg.train.log_to) and dd.is_main)
+    track = _mlflow.RunTracking(cfg, dd.is_main, log)
 
     bundle = build.setup_data(cfg.data, cfg.model.num_classes, cfg.seed, log)
     duplicates.check_before_training(cfg.data.check, bundle, log)  # exact copies across splits: one line
@@ -137,8 +139,8 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     saved = _records.Saved({**_records.header(bb, bundle, plan, cfg), "schedule_start": start, **dd.header()},
                            model, optimizer, scheduler, scaler, disk, averaged)
 
-    hook = _Hook(on_epoch_end, state, dd)
-    with dd.stop_flag(engine.StopFlag()) as stop, _run.failed_summary(run, state.history, log, write=dd.is_main):
+    hook = _Hook(track.start(run).hook(on_epoch_end), state, dd)  # a tracker that is down never stops the run
+    with track, dd.stop_flag(engine.StopFlag()) as stop, _run.failed_summary(run, state.history, log, write=dd.is_main):
         _run_head_phase(cfg, bb, bundle, rt, state, saved, run, writer, log, progress_bar, criterion,
                         loaders.sampler.weights, dd)
         while (not hook.stopped() and state.epoch < cfg.train.epochs
@@ -147,7 +149,8 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
                    mix, averaged, unfreeze).run(state, stop, cfg, progress_bar)
 
     status = "stopped" if hook.stop else "completed"
-    return _finish(_summary(run, state, plan, bb, bundle, rt.device, status), run, bundle, cfg.train.device, dd, log)
+    return track.finished(_finish(_summary(run, state, plan, bb, bundle, rt.device, status), run, bundle,
+                                  cfg.train.device, dd, log))
 
 
 class _Hook:
