@@ -130,6 +130,7 @@ def extract_cmd(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     workers: int = typer.Option(0, "--workers", min=0, help="Processes decoding images."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file (never a file it reads)."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Extract penultimate-layer features of a folder of images into an .npz file.
@@ -139,7 +140,7 @@ def extract_cmd(
     """
     from ..recipes import extract as extract_recipe
     res = extract_recipe.extract(source, data, out_file, batch_size=batch_size, device=device, num_workers=workers,
-                                 log=_log, show_progress=err.is_terminal and not json_out)
+                                 log=_log, show_progress=err.is_terminal and not json_out, force=force)
     if json_out:
         _print_json(res.to_dict())
         return
