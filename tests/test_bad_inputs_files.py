@@ -21,21 +21,13 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import torch
 import yaml
 from _robust import make_dataset, run_folders, run_inprocess, subprocess_env, summary_of
+from test_bad_inputs import _one_thread  # noqa: F401 - the module's fixture: one thread
 from test_bad_inputs import BASE, LENET, Case, _check, _setup, checkpoint_intact, merged, write
 
 REPO = Path(__file__).resolve().parent.parent
 _holders: list[subprocess.Popen] = []
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(autouse=True)
