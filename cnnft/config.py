@@ -32,6 +32,16 @@ Augment = Literal[("auto", *AUGMENT_PRESETS)]  # type: ignore[valid-type]
 Bool = Annotated[bool, Strict()]
 
 
+MAX_NAME = 250
+
+
+def _not_blank_path(v: str | None) -> str | None:
+    # `data.train=$DATA` with DATA unset: an empty path would mean the current folder
+    if v is not None and not v.strip():
+        raise ValueError("must not be empty (an unset shell variable?); give a folder path, or leave the key out")
+    return v
+
+
 class _Section(BaseModel):
     # inf/nan pass range checks such as ge=0 and then break training (warmup_epochs=.inf)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -75,6 +85,11 @@ class DataConfig(_Section):
     limit_per_class: R.IMAGES_PER_CLASS.t | None = Field(
         None, description="use at most N images per class (quick trials)"
     )
+
+    @field_validator("train", "val", "test", "root")
+    @classmethod
+    def _paths(cls, v: str | None) -> str | None:
+        return _not_blank_path(v)
 
 
 class ModelConfig(_Section):
@@ -167,17 +182,28 @@ class TrainConfig(_Section):
     cache_budget_mb: R.CACHE_BUDGET_MB.t = Field(2048, description="memory the cached activations may take")
     cache_dir: str | None = Field(None, description="default: $XDG_CACHE_HOME/cnnft or ~/.cache/cnnft")
 
+    @field_validator("cache_dir")
+    @classmethod
+    def _paths(cls, v: str | None) -> str | None:
+        return _not_blank_path(v)
+
 
 class Config(_Section):
     """A whole experiment."""
 
-    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # a folder name: at most 255 bytes on every common file system, less room for `-NNNN`
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=MAX_NAME)
     output_dir: str = "runs"
     seed: R.SEED.t = 0
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _paths(cls, v: str) -> str:
+        return _not_blank_path(v)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -295,9 +321,27 @@ def validate(raw: Any, *, source: str | None = None) -> Config:
             source=source,
         )
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_problems(exc.errors()), source=source) from None
+    problem = _output_in_data(cfg)
+    if problem:
+        raise ConfigError(problem, source=source)
+    return cfg
+
+
+def _output_in_data(cfg: Config) -> str | None:
+    """Runs written inside the images they train on would become a class of the next run."""
+    out = Path(cfg.output_dir).expanduser().resolve()
+    for key in ("train", "val", "test"):
+        folder = getattr(cfg.data, key)
+        if folder is None:
+            continue
+        d = Path(folder).expanduser().resolve()
+        if out == d or d in out.parents:
+            return (f"output_dir: {cfg.output_dir} is inside data.{key} ({folder}); run folders written there "
+                    f"would be read back as images of a class; set output_dir to a folder outside {folder}")
+    return None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -34,8 +34,10 @@ def clean_partial_writes(folder: str | Path) -> list[Path]:
     return found
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+def atomic_write_bytes(path: str | Path, data: bytes, *, replace: bool = True) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
+    A symbolic link at ``path`` is replaced, never followed. ``replace=False``: refuse (InputError)
+    a file that appeared at ``path`` meanwhile instead of replacing it."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -48,12 +50,29 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _put(tmp, path, replace)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             _raise_if_full(exc, path, len(data))
         raise
+
+
+def _put(tmp: str, path: Path, replace: bool) -> None:
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails if path exists: no check-then-write race
+    except FileExistsError:
+        raise InputError(f"{path} appeared while it was being written; nothing was replaced",
+                         hint="choose another file name, or pass --force to replace it") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        os.replace(tmp, path)  # no hard links on this file system
+        return
+    os.unlink(tmp)
 
 
 _FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
@@ -147,3 +166,81 @@ def check_writable(output_dir: str) -> None:
     except OSError as exc:
         raise InputError(f"output_dir: cannot create folders in {probe}: {exc.strerror or exc}",
                          hint="set output_dir to a writable folder") from None
+
+
+def check_output(path: str | Path, option: str, *, force: bool = False, inputs: tuple = (),
+                 forbidden: tuple = ()) -> Path:
+    """The one guard of every file a command writes where the user says (``--out FILE``),
+    checked before any work: not a folder, not a symbolic link (cnnft replaces only files it
+    could have made), not one of the ``inputs`` the command reads, not inside one of the
+    ``forbidden`` folders, not an existing file unless ``force``, and in a place that can be
+    written (its nearest existing folder is tried for real). Returns the path to write with
+    :func:`write_output`."""
+    out = Path(path).expanduser()
+    hint = f"choose another {option} file"
+    if os.path.islink(out):
+        raise InputError(f"{option}: {out} is a symbolic link; cnnft does not write through or over links it did "
+                         "not make", hint=f"{hint}, or remove the link")
+    if out.is_dir():
+        raise InputError(f"{option}: {out} is a folder", hint=f"give a file name, e.g. {option} {out / 'out'}")
+    read = _same_as(out, inputs)
+    if read is not None:
+        same = "" if os.path.normpath(read) == os.path.normpath(out) else f" ({read})"
+        raise InputError(f"{option}: {out} is a file this command reads{same}; cnnft never writes over "
+                         "its own input", hint=hint)
+    target = _real(out)
+    for folder in forbidden:
+        if folder is not None and _real(Path(folder)) in (target, *target.parents):
+            raise InputError(f"{option}: {out} is inside {folder}, which this command must not write in", hint=hint)
+    if os.path.lexists(out) and not force:
+        raise InputError(f"{option}: {out} already exists; nothing was written",
+                         hint=f"{hint}, or pass --force to replace it")
+    check_folder_writable(out.parent, option)
+    return out
+
+
+def write_output(path: Path, data: bytes, *, force: bool) -> None:
+    """Write a file :func:`check_output` passed: atomically, its folder made if needed, and
+    never over a file that appeared since unless ``force``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create {path.parent}: {exc.strerror or exc}") from None
+    atomic_write_bytes(path, data, replace=force)
+
+
+def check_folder_writable(folder: str | Path, what: str, hint: str | None = None) -> None:
+    """Fail before any work when files cannot be made in ``folder`` (or, if it does not exist
+    yet, in its nearest existing parent, where it would be made)."""
+    probe = Path(folder).expanduser()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{what}: {probe} is a file, not a folder", hint=hint or f"give {what} a place inside a folder")
+    try:  # os.access says yes to root everywhere: only a real try tells a read-only mount
+        fd, tmp = tempfile.mkstemp(prefix=".cnnft-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise InputError(f"{what}: cannot write in {probe}: {exc.strerror or exc}; nothing was done",
+                         hint=hint or f"make {probe} writable, or write somewhere else") from None
+
+
+def _same_as(out: Path, inputs: tuple) -> str | None:
+    """The input that ``out`` is (the same file, by any name), if any: only an existing ``out`` can be."""
+    try:
+        st = os.stat(out)
+    except OSError:
+        return None
+    for inp in inputs:
+        try:
+            other = os.stat(inp)
+        except (OSError, TypeError):
+            continue
+        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            return str(inp)
+    return None
+
+
+def _real(p: Path) -> Path:
+    return Path(os.path.realpath(p))

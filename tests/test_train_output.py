@@ -104,7 +104,7 @@ def test_predict_evaluate_extract_show_a_bar_at_a_terminal_only(tmp_path):
     assert trained.returncode == 0, trained.stderr
     for argv, desc in ((["predict", "runs/out", "data", "--batch-size", "4"], "predict"),
                        (["evaluate", "runs/out", "--batch-size", "4"], "evaluate"),
-                       (["extract", "runs/out", "--data", "data", "--out", "f.npz", "--batch-size", "4"], "extract")):
+                       (["extract", "runs/out", "--data", "data", "--out", "f.npz", "--batch-size", "4", "--force"], "extract")):
         code, screen = _run_in_terminal(argv, exp, 120)
         assert code == 0, screen
         assert any(part.startswith(f"{desc}: ") and "it/s" in part for part in screen.split("\r")), screen

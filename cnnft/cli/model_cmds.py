@@ -135,6 +135,7 @@ def extract_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     workers: int = number(R.WORKERS, 0, "--workers", help="Processes decoding images."),
     uncalibrated: bool = typer.Option(False, "--uncalibrated", help="Store raw softmax probabilities instead of the calibrated ones."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file (never a file it reads)."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Extract penultimate-layer features of a folder of images into an .npz file.
@@ -144,7 +145,7 @@ def extract_cmd(
     """
     from ..recipes import extract as extract_recipe
     res = extract_recipe.extract(source, data, out_file, batch_size=batch_size, device=device, num_workers=workers,
-                                 uncalibrated=uncalibrated, log=_log, show_progress=err.is_terminal and not json_out)
+                                 uncalibrated=uncalibrated, log=_log, show_progress=err.is_terminal and not json_out, force=force)
     if json_out:
         _print_json(res.to_dict())
         return

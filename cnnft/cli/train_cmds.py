@@ -177,7 +177,8 @@ def train(
 def lr_find_cmd(
     config: Optional[str] = typer.Argument(None, help="Experiment YAML file (optional with overrides alone)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. freeze.strategy=freeze_most"),
-    out_file: Path = typer.Option(Path("lr_find.png"), "--out", help="The plot to write (PNG; replaced if it exists)."),
+    out_file: Path = typer.Option(Path("lr_find.png"), "--out", help="The plot to write (PNG)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     steps: int = number(R.SWEEP_STEPS, 100, "--steps", help="Batches in the sweep (the loader is cycled when shorter)."),
     json_out: bool = typer.Option(False, "--json", help="Print suggested_lr, lrs, losses, plot (and reason, diverged) as JSON."),
 ) -> None:
@@ -193,7 +194,7 @@ def lr_find_cmd(
         raise typer.BadParameter("give a CONFIG file (or key.sub=value overrides to start from the defaults)",
                                  param_hint="CONFIG")
     from ..recipes import lr_find as lr_find_recipe
-    res = lr_find_recipe.lr_find(config, overrides, out=out_file, steps=steps, log=_log)
+    res = lr_find_recipe.lr_find(config, overrides, out=out_file, steps=steps, log=_log, force=force)
     if json_out:
         _print_json(res.to_dict())
         return
@@ -209,8 +210,11 @@ def _launch_train(nproc: int, config: str | None, overrides: list[str], resume: 
     if "LOCAL_RANK" in os.environ:
         raise typer.BadParameter("--nproc inside a torchrun process; leave it out (torchrun already "
                                  "started the processes)", param_hint="--nproc")
+    from ..run import lock
     from ..training import distributed
 
+    if resume is not None and (resume / "config.yaml").is_file():
+        lock.check_free(resume, "train")  # refused here, before torchrun starts N processes
     args = ["train", *([config] if config is not None else []), *overrides,
             *(["--resume", str(resume)] if resume is not None else []),
             *(["--json"] if json_out else []), *(["--quiet"] if quiet else [])]

@@ -239,6 +239,11 @@ class ImageDataset(Dataset):
     def __init__(self, source: Source, transform, draft: int | None = None, seed: int | None = None) -> None:
         self.source, self.transform, self.draft = source, transform, draft
         self.seed, self.epoch = seed, 0
+        # images that could not be read any more (deleted, moved or spoilt while cnnft runs), marked
+        # by whichever process met them: shared memory, which loader workers write into
+        self.lost = torch.zeros(len(source), dtype=torch.bool)
+        if len(source):
+            self.lost.share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
         """Draw the augmentation of ``epoch`` (read by the loader's workers when it starts a pass)."""
@@ -251,15 +256,35 @@ class ImageDataset(Dataset):
         # (epoch, i) from an EpochTagged sampler: persistent workers keep their own copy of the
         # dataset, so the epoch must travel with the index
         epoch, i = i if isinstance(i, tuple) else (self.epoch, i)
-        img = self.source.load(i, self.draft)
+        j, img = self._load(i)
         if self.seed is None:
-            return self.transform(img), self.source.labels[i]
+            return self.transform(img), self.source.labels[j]
         with torch.random.fork_rng(devices=[]):
             # the CPU generator only, which the transforms draw from: torch.manual_seed would also
             # seed every GPU (not restored by fork_rng(devices=[])), or, before CUDA starts,
             # record a stack trace per call to do it later (~1 ms per image)
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i))
-            return self.transform(img), self.source.labels[i]
+            return self.transform(img), self.source.labels[j]
+
+    def _load(self, i: int) -> tuple[int, Image.Image]:
+        """Image ``i``; if it cannot be read any more, the next one that can (with its own label):
+        the lost one is marked in :attr:`lost` and skipped from then on, like a bad image."""
+        n = len(self.source)
+        for k in range(n):
+            j = (i + k) % n
+            if self.lost[j]:
+                continue
+            try:
+                return j, self.source.load(j, self.draft)
+            except Exception:  # noqa: BLE001 - checked readable at the start: it changed since
+                self.lost[j] = True
+        raise DataError("data: none of the images can be read any more (deleted or moved while cnnft ran)",
+                        hint="put the images back, then resume the run")
+
+    def lost_files(self) -> list[tuple[str, str]]:
+        """(path, reason) of each image found unreadable after the start."""
+        return [(self.source.ids[j], check_image(self.source.ids[j]) or "could not be read during training")
+                for j in torch.nonzero(self.lost).flatten().tolist()]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

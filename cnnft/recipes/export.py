@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import sys
 import warnings
@@ -24,7 +25,7 @@ from ..errors import CnnftError, InputError
 from ..models import exported, hf
 from ..models.exported import EXPORT_FORMATS
 from ..results.rundir import RunDir
-from ..run import checkpoint
+from ..run import checkpoint, lock
 
 EXPORT_TOLERANCE = 1e-4  # max abs logit difference accepted between export and checkpoint
 ONNX_OPSET = 17
@@ -97,6 +98,16 @@ def export(source: str | Path, fmt: str, out: str | Path, *, tolerance: float = 
     out = Path(out).expanduser()
     metadata_path = out.with_name(out.name + ".json")
     _check_out(out, metadata_path, lm.path, force)
+    for p in (out, metadata_path):
+        files.check_output(p, "--out", force=force, inputs=(lm.path,))
+    run = RunDir.of_checkpoint(lm.path)
+    # a run still training is refused, as any second user of its folder
+    with lock.hold(run.root, "export", reading=True) if run is not None else contextlib.nullcontext():
+        return _export(lm, fmt, out, metadata_path, tolerance, force, onnx_mods)
+
+
+def _export(lm: checkpoint.LoadedModel, fmt: str, out: Path, metadata_path: Path, tolerance: float, force: bool,
+            onnx_mods) -> Export:
     model = lm.model.float().eval()
     size = lm.preprocess.crop_size
     gen = torch.Generator().manual_seed(0)
@@ -104,10 +115,6 @@ def export(source: str | Path, fmt: str, out: str | Path, *, tolerance: float = 
     check = torch.randn(3, 3, size, size, generator=gen)  # another batch size: checks the dynamic axis
 
     data, diff = _export_checked(model, lm.name, fmt, example, check, tolerance, onnx_mods)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"--out: cannot create {out.parent}: {exc.strerror or exc}") from None
     res = Export(
         export_format=fmt, file=out.name, model_name=lm.name, num_classes=len(lm.classes), classes=lm.classes,
         preprocess=lm.preprocess.to_dict(), input_size=[3, size, size], opset=ONNX_OPSET if fmt == "onnx" else None,
@@ -116,9 +123,9 @@ def export(source: str | Path, fmt: str, out: str | Path, *, tolerance: float = 
         temperature=checkpoint.temperature_of(lm.checkpoint, log),
     )
     # a temporary file made by mkstemp, renamed over the target: a symlink planted in the
-    # folder is replaced, never followed
-    files.atomic_write_bytes(out, data)
-    files.atomic_write_json(metadata_path, res.metadata())
+    # folder meanwhile is replaced, never followed
+    files.write_output(out, data, force=force)
+    files.write_output(metadata_path, (json.dumps(res.metadata(), indent=2) + "\n").encode(), force=force)
     return res
 
 

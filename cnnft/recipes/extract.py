@@ -23,6 +23,7 @@ from .. import files, models
 from ..config import TrainConfig
 from ..data import folders as data
 from ..errors import CheckpointError, DataError, InputError
+from ..results.rundir import RunDir
 from ..run import checkpoint
 from ..training import runtime
 from ..training.inference import forward_files
@@ -60,6 +61,15 @@ def _is_checkpoint_arg(source: str | Path) -> bool:
     return False
 
 
+def _read_files(source: str | Path) -> tuple[tuple[Path, ...], RunDir | None]:
+    """The checkpoint files ``source`` names (none for a backbone name) and its run folder."""
+    p = Path(source).expanduser()
+    if p.is_dir():
+        run = RunDir(p)
+        return (run.best, run.last), run
+    return ((p,), RunDir.of_checkpoint(p)) if p.exists() else ((), None)
+
+
 def _model_for(source: str | Path, device: str,
                log: Log) -> tuple[nn.Module, str, models.Preprocess, runtime.Runtime, float | None]:
     """A checkpoint's model, runtime and calibration temperature, or a backbone's pretrained one
@@ -86,6 +96,7 @@ def extract(
     log: Log = _stderr,
     show_progress: bool = False,
     uncalibrated: bool = False,
+    force: bool = False,
 ) -> Extraction:
     """Penultimate-layer features (the classifier's input) for every image in a folder, saved
     as ``.npz`` with ``features``, ``labels``, ``classes`` and ``paths``. Class folders give
@@ -94,19 +105,18 @@ def extract(
     probabilities, calibrated by its temperature (raw with ``uncalibrated``).
 
     ``source`` is a checkpoint/run folder, or a backbone name (its pretrained weights and
-    their preprocessing, e.g. ``efficientnet_lite0`` offline).
+    their preprocessing, e.g. ``efficientnet_lite0`` offline). ``out`` is never one of the
+    files read, nor an existing file unless ``force``.
     """
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
     classes, paths, labels, note = data.scan_images(data_dir, "--data")
     if note:
         log(note)
+    read, run = _read_files(source)
+    out = files.check_output(out, "--out", force=force, inputs=(*read, *paths),
+                             forbidden=(run.checkpoints,) if run is not None else ())
     model, name, pre, rt, temperature = _model_for(source, device, log)
-    out = Path(out).expanduser()
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"--out: cannot create {out.parent}: {exc.strerror or exc}") from None
 
     captured: list[torch.Tensor] = []
     hook = models.head_module(model).register_forward_pre_hook(
@@ -134,6 +144,6 @@ def extract(
              classes=np.asarray(classes, dtype=str), paths=np.asarray([paths[i] for i in kept], dtype=str),
              model=np.asarray(name, dtype=str),
              **({} if temperature is None else {"probs": torch.cat(probs).numpy().astype(np.float32)}))
-    files.atomic_write_bytes(out, buf.getvalue())
+    files.write_output(out, buf.getvalue(), force=force)
     return Extraction(str(out), name, len(kept), int(features.shape[1]), classes,
                       [{"path": p, "reason": r} for p, r in skipped], round(time.perf_counter() - t0, 3), note)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import config as config_mod
+from .. import files
 from ..data import transforms
 from ..errors import InputError
 from ..results import plots
@@ -44,14 +45,18 @@ class LRFind:
 
 def lr_find(config_path: str | Path | None, overrides: list[str] | None = None, *,
             out: str | Path = DEFAULT_OUT, steps: int = lrfind.STEPS,
-            log: Log = lambda m: print(m, file=sys.stderr)) -> LRFind:
+            log: Log = lambda m: print(m, file=sys.stderr), force: bool = False) -> LRFind:
     """Run the range test (``steps`` batches) of the run ``config_path`` (with ``overrides``)
-    describes, plot it to ``out`` and return the suggested rate with the curve."""
+    describes, plot it to ``out`` and return the suggested rate with the curve. ``out`` is
+    checked before the sweep: never an existing file unless ``force``, never inside the data."""
     out = Path(out).expanduser()
     if out.suffix.lower() != ".png" or not out.parent.is_dir():
         raise InputError(f"--out: {out} is not a .png file in an existing folder",
                          hint="pass a path such as lr_find.png or runs/lr_find.png")
     cfg = config_mod.load(config_path, list(overrides or []))
+    # a PNG among the class folders would be trained on as an image by the next run
+    files.check_output(out, "--out", force=force, inputs=(config_path,),
+                       forbidden=(cfg.data.train, cfg.data.val, cfg.data.test))
     similar = build.is_similar(cfg.freeze.similar, cfg.model.weights != "none", None)
     cfg.data.augment, cfg.data.hflip = transforms.resolve_augment(cfg.data.augment, cfg.data.hflip, similar)
     build.seed_everything(cfg.seed)

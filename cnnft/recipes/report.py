@@ -15,19 +15,21 @@ best checkpoint is evaluated. A failed or interrupted run gets a report of what 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 from .. import config as config_mod
 from ..errors import CnnftError, InputError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, check_folder_writable
 from ..results import plots
 from ..results import report_data as rd
 from ..results import report_page as page
 from ..results.evaluation import Evaluation
 from ..results.report_data import Report
 from ..results.rundir import RunDir
+from ..run import lock
 from ..run.evaluation import evaluate
 
 Log = Callable[[str], None]
@@ -51,6 +53,15 @@ def write_report(run_dir: str | Path, *, device: str = "auto", log: Log = _stder
     if not run.metrics.is_file():
         raise InputError(f"{run_dir} has no metrics.csv; is it a cnnft run folder with at least one finished epoch?",
                          hint="pass the folder `cnnft train` printed (runs/<name>)")
+    with lock.hold(run_dir, "report"):  # refused while a run trains in it; read-only folders fail here
+        if os.path.islink(run.report):
+            raise InputError(f"{run.report} is a symbolic link; cnnft writes its report only in a folder it made",
+                             hint=f"remove the link: rm {run.report}")
+        check_folder_writable(run.report, "report folder")
+        return _write_report(run_dir, run, device, log)
+
+
+def _write_report(run_dir: Path, run: RunDir, device: str, log: Log) -> Report:
     history = rd.read_history(run.metrics)
     if not history:
         raise InputError(f"{run_dir}/metrics.csv has no epochs yet")

@@ -117,7 +117,7 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     cfg.train.lr = build.resolve_lr(cfg, bundle, rt, dd, log, measured)  # before anything reads it
     plan, why = build.setup_plan(bb, cfg, len(bundle.train), measured, log)
     if resumed is not None:
-        _run.check_resumable(resumed, bb, bundle.classes, plan)
+        _run.check_resumable(resumed, bb, bundle, plan)
     model = build.setup_model(bb, plan, rt, build.trained_weights(resumed, cfg.train.ema is not None))
     averaged = build.setup_ema(model, cfg.train.ema, resumed)
 
@@ -148,6 +148,7 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
             _Epoch(fit, loaders, optimizer, scheduler, scaler, criterion, rt, dd, saved, run, writer, log,
                    mix, averaged, unfreeze).run(state, stop, cfg, progress_bar)
 
+    bundle.skipped += loaders.lost(log)  # images deleted while it trained count as the unreadable ones
     status = "stopped" if hook.stop else "completed"
     return track.finished(_finish(_summary(run, state, plan, bb, bundle, rt.device, status), run, bundle,
                                   cfg.train.device, dd, log))

@@ -187,6 +187,16 @@ class Loaders:
         if self.views is not None:
             self.views.set_epoch(epoch)
 
+    def lost(self, log: Callable[[str], None]) -> list[tuple[str, str]]:
+        """Images that vanished or broke while the run trained: skipped, and logged once here."""
+        sets = [self.dataset, getattr(self.val, "dataset", None)]
+        found = [f for ds in sets if isinstance(ds, data.ImageDataset) for f in ds.lost_files()]
+        if found:
+            log(f"skipped {len(found)} image(s) that could not be read any more during training:")
+            for p, why in found:
+                log(f"  {p}: {why}")
+        return found
+
     def use_cache(self, cached: "_cached.Cached | None", model: nn.Module) -> nn.Module:
         """Train and validate from stored activations when ``cached``; return the module to fit."""
         if cached is None:

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .. import __version__, models, progress
+from .. import __version__, files, models, progress
 from ..config import Config
 from ..data import folders as data
 from ..data import transforms
@@ -137,7 +137,10 @@ def _store(split: cache.Split, ds: data.ImageDataset, views: int, part: str, key
     # under torchrun the cache folder is how rank 0's activations reach the other processes
     on_disk = t.feature_cache in ("disk", "auto") or not in_memory or distributed.world_size() > 1
     folder = cache_folder(t.cache_dir)
-    if on_disk:
+    if on_disk:  # a cache folder that is a file (or read-only) is the user's to fix, said before any work
+        files.check_folder_writable(folder, "train.cache_dir" if t.cache_dir else "$XDG_CACHE_HOME (train.cache_dir "
+                                    "unset)" if os.environ.get("XDG_CACHE_HOME") else "~/.cache (train.cache_dir unset)",
+                                    hint="set train.cache_dir to a writable folder, or train.feature_cache=memory")
         found = cache.load_disk(folder, key, in_memory)
         if found is not None:
             log(f"feature cache: {part} activations read from {folder}")

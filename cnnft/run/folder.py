@@ -8,7 +8,9 @@ keeps what it had saved.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -16,11 +18,13 @@ from typing import Callable, Iterator
 from .. import config as config_mod
 from .. import files, models
 from ..config import Config
-from ..errors import CheckpointError, ConfigError, InputError, Interrupted
+from ..data.fingerprint import changes, fingerprint
+from ..data.folders import DataBundle
+from ..errors import CheckpointError, ConfigError, DataError, InputError, Interrupted
 from ..files import check_writable
 from ..results.rundir import RunDir
 from ..training.freeze import FreezePlan
-from . import checkpoint
+from . import checkpoint, lock
 
 # keys that may change when a run is resumed; everything else defines the run
 RESUMABLE_KEYS = ("train.epochs", "train.device", "data.num_workers", "train.tensorboard", "train.log_to",
@@ -46,6 +50,7 @@ def resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, dict | N
     run = RunDir(run_dir)
     if not run.config.is_file():
         raise InputError(f"--resume: {run_dir} has no config.yaml; is it a cnnft run folder?")
+    lock.acquire(run_dir, "train")  # before anything is read: a second writer is refused here
     for o in overrides:
         key = o.partition("=")[0].strip()
         if key not in RESUMABLE_KEYS:
@@ -137,20 +142,33 @@ def open_run_dir(cfg: Config, resume: str | Path | None, freeze_plan: dict,
     """The run folder, new or resumed, holding the resolved config and the freeze plan."""
     if resume is None:
         run = RunDir(make_run_dir(cfg.output_dir, cfg.name))
+        lock.acquire(run.root, "train")
+        try:  # a disk full from the start leaves no folder that --resume would call "not a run folder"
+            _write_start(run, cfg, freeze_plan)
+        except BaseException:
+            lock.release(run.root)
+            shutil.rmtree(run.root, ignore_errors=True)
+            raise
     else:
         run = RunDir(resume)
         run.checkpoints.mkdir(exist_ok=True)
         # a killed run may have left a half-written file beside the whole ones
         for leftover in files.clean_partial_writes(run.root) + files.clean_partial_writes(run.checkpoints):
             log(f"removed a partial write left by the interrupted run: {leftover.name}")
-    files.atomic_write_text(run.config, _yaml(cfg.to_dict()))
-    files.atomic_write_json(run.freeze_plan, freeze_plan)
+        _write_start(run, cfg, freeze_plan)
     log(f"run folder: {run}")
     return run
 
 
-def check_resumable(state: dict, bb: models.Backbone, classes: list[str], plan: FreezePlan) -> None:
-    """Refuse to continue a checkpoint with another model, other classes or another strategy."""
+def _write_start(run: RunDir, cfg: Config, freeze_plan: dict) -> None:
+    files.atomic_write_text(run.config, _yaml(cfg.to_dict()))
+    files.atomic_write_json(run.freeze_plan, freeze_plan)
+
+
+def check_resumable(state: dict, bb: models.Backbone, bundle: DataBundle, plan: FreezePlan) -> None:
+    """Refuse to continue a checkpoint with another model, other classes, other images or
+    another strategy."""
+    classes = bundle.classes
     if state["model_name"] != bb.name or state["classes"] != list(classes):
         raise CheckpointError(
             f"the run's checkpoint is for {state['model_name']} with classes {state['classes'][:5]}..., "
@@ -158,6 +176,14 @@ def check_resumable(state: dict, bb: models.Backbone, classes: list[str], plan: 
             hint="resume with the same data and model, or start a new run")
     if state["freeze_plan"]["strategy"] != plan.strategy:
         raise CheckpointError(f"the run used strategy {state['freeze_plan']['strategy']}, the config now gives {plan.strategy}")
+    if isinstance(state.get("data"), dict):  # absent in checkpoints written before it was recorded
+        changed = changes(state["data"], fingerprint(classes, bundle.train, bundle.val), classes)
+        if changed:
+            raise DataError(
+                f"--resume: the images are not the ones this run was trained on: {changed}; going on would "
+                "re-split train and val and continue as if nothing had changed",
+                hint="put the run's images back as they were, or start a new run on the data as it is now "
+                     "(it gets a new folder): cnnft train RUN/config.yaml")
 
 
 @contextlib.contextmanager
@@ -219,25 +245,49 @@ def on_ctrl_c(rerun: str) -> Iterator[OnDisk]:
     to go on. ``rerun``: the command that starts the run again while nothing is saved."""
     disk = OnDisk()
     try:
-        yield disk
+        with lock.scope(), _sigterm_as_interrupt():  # the run folder's lock lives as long as the run
+            yield disk
+    except _Terminated:
+        raise ctrl_c(disk, rerun, signal.SIGTERM) from None
     except KeyboardInterrupt:
         raise ctrl_c(disk, rerun) from None
 
 
-def ctrl_c(disk: OnDisk, rerun: str) -> Interrupted:
-    """The error of a run cut short by Ctrl-C, given what it has on disk."""
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (whose stop flag saves first): stops like a Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(_signum, _frame) -> None:
+        raise _Terminated
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def ctrl_c(disk: OnDisk, rerun: str, signum: int = signal.SIGINT) -> Interrupted:
+    """The error of a run cut short by Ctrl-C (or SIGTERM), given what it has on disk."""
+    how = "interrupted by Ctrl-C" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
     if disk.run is None:
-        return Interrupted("interrupted by Ctrl-C before training started: nothing was saved",
-                           signum=signal.SIGINT, hint=f"start it again: {rerun}")
+        return Interrupted(f"{how} before training started: nothing was saved",
+                           signum=signum, hint=f"start it again: {rerun}")
     if disk.last is None:
-        return Interrupted(f"interrupted by Ctrl-C before the run's first checkpoint: {disk.run} holds nothing "
-                           "to resume from", signum=signal.SIGINT,
+        return Interrupted(f"{how} before the run's first checkpoint: {disk.run} holds nothing "
+                           "to resume from", signum=signum,
                            hint=f"start it over in the same folder: cnnft train --resume {disk.run}")
     epoch, step = disk.last
     at = (f"epoch {epoch + 1}, step {step}" if step else
           "the end of the head phase" if epoch == 0 else f"the end of epoch {epoch}")
-    return Interrupted(f"interrupted by Ctrl-C; the last checkpoint saved is {disk.run.last}, from {at}",
-                       signum=signal.SIGINT, hint=f"resume with: cnnft train --resume {disk.run}")
+    return Interrupted(f"{how}; the last checkpoint saved is {disk.run.last}, from {at}",
+                       signum=signum, hint=f"resume with: cnnft train --resume {disk.run}")
 
 
 def _yaml(d: dict) -> str:

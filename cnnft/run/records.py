@@ -13,6 +13,7 @@ from torch import nn
 from .. import __version__, files, models
 from ..config import Config
 from ..data import folders as data
+from ..data.fingerprint import fingerprint
 from ..results import metrics
 from ..results.rundir import RunDir
 from ..training import engine
@@ -45,6 +46,7 @@ def header(bb: models.Backbone, bundle: data.DataBundle, plan: FreezePlan, cfg: 
         "preprocess": bb.preprocess.to_dict(),
         "freeze_plan": plan.to_dict(),
         "skipped_images": [list(s) for s in bundle.skipped],
+        "data": fingerprint(bundle.classes, bundle.train, bundle.val),  # what --resume checks the data against
         "config": cfg.to_dict(),
     }
 

@@ -64,7 +64,7 @@ def world_size() -> int:
 
 def torchrun_command(nproc: int, cnnft_args: Sequence[str]) -> list[str]:
     """The command that runs ``cnnft <cnnft_args>`` in ``nproc`` processes on this machine."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    return [sys.executable, "-m", "cnnft.training.launcher", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "cnnft", *cnnft_args]
 
 
