@@ -103,11 +103,11 @@ def export(source: str | Path, fmt: str, out: str | Path, *, tolerance: float = 
     run = RunDir.of_checkpoint(lm.path)
     # a run still training is refused, as any second user of its folder
     with lock.hold(run.root, "export", reading=True) if run is not None else contextlib.nullcontext():
-        return _export(lm, fmt, out, metadata_path, tolerance, force, onnx_mods)
+        return _export(lm, fmt, out, metadata_path, tolerance, force, onnx_mods, log)
 
 
 def _export(lm: checkpoint.LoadedModel, fmt: str, out: Path, metadata_path: Path, tolerance: float, force: bool,
-            onnx_mods) -> Export:
+            onnx_mods, log: Callable[[str], None]) -> Export:
     model = lm.model.float().eval()
     size = lm.preprocess.crop_size
     gen = torch.Generator().manual_seed(0)
