@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,6 +27,36 @@ BATCHNORM = ("auto", "train", "eval")  # frozen BatchNorm policies (training/fre
 Strategy = Literal[("auto", *STRATEGIES)]  # type: ignore[valid-type]
 AUGMENT_PRESETS = ("none", "mild", "light", "standard", "strong")  # implemented in transforms.py
 Augment = Literal[("auto", *AUGMENT_PRESETS)]  # type: ignore[valid-type]
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds in a duration written ``90s``, ``20m``, ``2h``, ``1h30m`` or a plain number of seconds."""
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*(?:(\d+(?:\.\d+)?)\s*s?)?\s*",
+                         str(text))
+    if not str(text).strip() or parts is None or not any(parts.groups()):
+        raise ValueError(f"{text!r} is not a duration; write it as 90s, 20m, 2h or 1h30m")
+    h, m, s = (float(g) if g else 0.0 for g in parts.groups())
+    total = h * 3600 + m * 60 + s
+    if not 0 < total < 10**7:
+        raise ValueError(f"{text!r}: a duration must be more than 0 seconds and less than 100 days")
+    return total
+
+
+def _duration(v: Any) -> Any:
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise PydanticCustomError("duration", "Input should be a duration such as 90s, 20m or 2h")
+    try:
+        duration_seconds(str(v))
+    except ValueError as exc:
+        raise PydanticCustomError("duration", str(exc)) from None
+    return str(v).strip()
+
+
+# a wall-clock duration: "90s", "20m", "2h", "1h30m" (a number is seconds)
+Duration = Annotated[str, BeforeValidator(_duration)]
 
 
 def _number(v: Any) -> Any:
@@ -166,6 +197,42 @@ class TrainConfig(_Section):
         "backbone is frozen, where they are all the head learns from, else 2)")
     cache_budget_mb: Int = Field(2048, ge=0, description="memory the cached activations may take")
     cache_dir: str | None = Field(None, description="default: $XDG_CACHE_HOME/cnnft or ~/.cache/cnnft")
+    time_budget: Duration | None = Field(
+        None, description="wall-clock limit for the run (90s, 20m, 2h): train.epochs is cut to what fits the "
+        "measured epoch time, the schedule refitted, and the run ends at the deadline with a resumable checkpoint")
+
+
+# what a key of the tune section may hold: a fixed value, a range {low, high} or a list of choices
+_Range = dict[Literal["low", "high", "log"], Float | Bool]
+
+
+class TuneConfig(_Section):
+    """What `cnnft tune` searches (each key: auto, a fixed value, a range {low: A, high: B} or a list of choices)."""
+
+    trainable_stages: Literal["auto"] | Int | _Range | list[Int] = Field(
+        "auto", description="stages that train, counted from the top (0: head only ... all: the whole network "
+        "with its stem); auto: every depth from 0 to all")
+    lr: Literal["auto"] | Float | _Range | list[Float] = Field(
+        "auto", description="learning rate of the head; auto: log-uniform over 30x around train.lr each way")
+    backbone_lr_scale: Literal["auto"] | Float | _Range | list[Float] = Field(
+        "auto", description="pretrained layers' lr x this; auto: log-uniform 0.01..1")
+    layer_decay: Literal["auto"] | Float | None | list[Float | None] | _Range = Field(
+        "auto", description="layer-wise lr decay; auto: one of off, 0.85, 0.7")
+    augment: Literal["auto"] | Literal[AUGMENT_PRESETS] | list[Literal[AUGMENT_PRESETS]] = Field(  # type: ignore[valid-type]
+        "auto", description="augmentation preset; auto: one of mild, light, standard")
+    mixup: Literal["auto"] | Float | _Range | list[Float] = Field(
+        "auto", description="train.mixup; auto: one of 0 (off, keeps the feature cache) and 0.2")
+    label_smoothing: Literal["auto"] | Float | _Range | list[Float] = Field(
+        "auto", description="train.label_smoothing; auto: one of 0 and 0.1")
+    image_size: Literal["auto"] | Int | list[Int] = Field(
+        "auto", description="input size; auto: the weights' native size and smaller ones down to the data's own")
+    grace_epochs: Int = Field(2, ge=1, le=1000, description="epochs every trial trains before the pruner may stop "
+                              "it (a full fine-tune can trail the head alone after epoch 1 and lead from epoch 2)")
+    reduction_factor: Int = Field(3, ge=2, le=100, description="successive halving: 1 in this many trials goes on at each rung")
+    pruner: Literal["hyperband", "halving", "none"] = Field(
+        "hyperband", description="how trials are stopped early over epochs (Optuna's pruners)")
+    heartbeat: Int = Field(10, ge=1, le=3600, description="seconds between a worker's heartbeats (database "
+                           "storages); a trial silent for 3x this is failed and retried")
 
 
 class Config(_Section):
@@ -178,6 +245,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -189,6 +257,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "model": ModelConfig,
     "freeze": FreezeConfig,
     "train": TrainConfig,
+    "tune": TuneConfig,
 }
 
 

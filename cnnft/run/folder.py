@@ -23,7 +23,7 @@ from ..training.freeze import FreezePlan
 from . import checkpoint
 
 # keys that may change when a run is resumed; everything else defines the run
-RESUMABLE_KEYS = ("train.epochs", "train.device", "data.num_workers", "train.tensorboard")
+RESUMABLE_KEYS = ("train.epochs", "train.device", "data.num_workers", "train.tensorboard", "train.time_budget")
 
 
 def resolve(config_path: str | Path | None, overrides: list[str],
