@@ -213,7 +213,7 @@ class TuneConfig(_Section):
         "auto", description="stages that train, counted from the top (0: head only ... all: the whole network "
         "with its stem); auto: every depth from 0 to all")
     lr: Literal["auto"] | Float | _Range | list[Float] = Field(
-        "auto", description="learning rate of the head; auto: log-uniform over 30x around train.lr each way")
+        "auto", description="learning rate of the head; auto: log-uniform train.lr / 10 .. train.lr x 10")
     backbone_lr_scale: Literal["auto"] | Float | _Range | list[Float] = Field(
         "auto", description="pretrained layers' lr x this; auto: log-uniform 0.01..1")
     layer_decay: Literal["auto"] | Float | None | list[Float | None] | _Range = Field(
