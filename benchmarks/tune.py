@@ -3,7 +3,8 @@
   train: `cnnft train` given only the data, the backbone, the image size and the epochs;
   tune:  `cnnft tune` on the same config with `--budget`.
 
-    python benchmarks/tune.py [--budget 10m] [--datasets digits hymenoptera] [--epochs 10]
+    python benchmarks/tune.py [--budget 10m] [--datasets digits hymenoptera] [--epochs 10] [--digits-size 64]
+        [--photo-size N]
 
 Each data set gets a test split neither command selects on: digits (scikit-learn's, 8x8 written
 as PNGs) is cut 60/20/20; ants/bees keeps its train folder and splits its val folder in half
@@ -92,32 +93,39 @@ def _plan(p: dict) -> str:
     return f"depth {p.get('trainable_stages')}, lr {p.get('lr', 0):.2g}, {p.get('image_size', '')}px".strip()
 
 
+HEADER = (f"{'data':<12} {'run':<20} {'val acc':>8} {'test acc':>9} {'wall s':>8} {'budget s':>9} "
+          f"{'wall/budget':>12} {'trials':>14}  winner")
+
+
+def _row(r: dict) -> str:
+    ratio = f"{r['wall'] / r['budget']:.3f}" if r["budget"] else "-"
+    val = f"{r['val']:.4f}" if r["val"] is not None else "-"
+    test = f"{r['test']:.4f}" if r["test"] is not None else "-"
+    return (f"{r['data']:<12} {r['how']:<20} {val:>8} {test:>9} {r['wall']:>8.0f} "
+            f"{(r['budget'] or 0):>9.0f} {ratio:>12} {r['trials']:>14}  {r['plan']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", default="10m")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--datasets", nargs="+", default=["digits", "hymenoptera"])
+    ap.add_argument("--digits-size", type=int, default=64, help="digits' input size (8x8 images upscaled)")
+    ap.add_argument("--photo-size", type=int, default=None, help="ants/bees' input size (default: the weights')")
     ap.add_argument("--root", type=Path, default=Path(os.environ.get("CNNFT_DATASETS", REPO.parent / "shared" / "datasets")))
     args = ap.parse_args()
-    rows = []
+    print(HEADER, flush=True)  # each pair of rows as soon as it is measured
     with tempfile.TemporaryDirectory(prefix="cnnft-tune-bench-") as tmp:
         work = Path(tmp)
         for name in args.datasets:
             if name == "digits":
-                folders, size = digits_folders(work / "digits"), 64
+                folders, size = digits_folders(work / "digits"), args.digits_size
             else:
-                folders, size = hymenoptera_folders(args.root / "hymenoptera_data", work / "hym"), None
-            rows += compare(name, folders, size, args.epochs, args.budget, work)
-    print(f"{'data':<12} {'run':<20} {'val acc':>8} {'test acc':>9} {'wall s':>8} {'budget s':>9} {'wall/budget':>12} "
-          f"{'trials':>14}  winner")
-    for r in rows:
-        ratio = f"{r['wall'] / r['budget']:.3f}" if r["budget"] else "-"
-        val = f"{r['val']:.4f}" if r["val"] is not None else "-"
-        test = f"{r['test']:.4f}" if r["test"] is not None else "-"
-        print(f"{r['data']:<12} {r['how']:<20} {val:>8} {test:>9} {r['wall']:>8.0f} "
-              f"{(r['budget'] or 0):>9.0f} {ratio:>12} {r['trials']:>14}  {r['plan']}")
-    print(f"backbone {BACKBONE}; {os.cpu_count()} CPU cores; tune's val is its selection score (optimistic), "
-          "test is the winner's best.pt on a split neither command chose on")
+                folders, size = hymenoptera_folders(args.root / "hymenoptera_data", work / "hym"), args.photo_size
+            for r in compare(name, folders, size, args.epochs, args.budget, work):
+                print(_row(r), flush=True)
+    print(f"backbone {BACKBONE}; {args.epochs} epochs; {os.cpu_count()} CPU cores; tune's val is its selection "
+          "score (optimistic), test is the winner's best.pt on a split neither command chose on")
 
 
 if __name__ == "__main__":

@@ -87,10 +87,12 @@ def test_a_killed_worker_loses_no_trial(tmp_path, postgres_url):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"name: pg\noutput_dir: {tmp_path / 'runs'}\ndata: {{train: {data}, num_workers: 0, batch_size: 4}}\n"
                    "model: {backbone: lenet5, weights: none}\ntrain: {epochs: 12}\n"
-                   "tune: {heartbeat: 1, pruner: none}\n")
+                   "tune: {heartbeat: 3, pruner: none}\n")
     a = _worker(cfg, postgres_url, tmp_path)
     b = _worker(cfg, postgres_url, tmp_path)
-    storage = optuna.storages.RDBStorage(postgres_url)
+    from cnnft.tuning.study import _with_driver
+
+    storage = optuna.storages.RDBStorage(_with_driver(postgres_url))
     killed = None
     deadline = time.monotonic() + 600
     while killed is None and time.monotonic() < deadline and a.poll() is None:

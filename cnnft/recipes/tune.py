@@ -18,10 +18,11 @@ from .. import config as config_mod
 from .. import files, models
 from ..config import Config
 from ..data import transforms
-from ..errors import ConfigError, InputError, Interrupted
+from ..errors import InputError, Interrupted
 from ..run import build
 from ..training import runtime
-from ..tuning import outcome, search, space, study as _study
+from ..tuning import outcome, search, space
+from ..tuning import study as _study
 from ..tuning.clock import Clock, used_before
 
 BASE, SETTINGS = "base.yaml", "tune.json"
@@ -48,7 +49,7 @@ def tune(config_path: str | Path | None, overrides: list[str] | None, *, budget:
         base = config_mod.load(config_path, overrides)
         files.check_writable(base.output_dir)
         if seconds is None:
-            raise ConfigError("--budget: the search needs a time budget, e.g. --budget 30m (90s, 20m, 2h)")
+            raise InputError("--budget: the search needs a time budget, e.g. --budget 30m (90s, 20m, 2h)")
         folder = _tune_folder(base, storage is not None)
         settings, used = _new_settings(folder, base, seconds, trials, storage, study_name, workers, log), 0.0
     clock = Clock(settings["budget_seconds"], used, started)
@@ -93,7 +94,9 @@ def _run(s: search.Search, st, base: Config, settings: dict, folder: Path, helpe
         exc.hint = f"resume the search with the budget left: cnnft tune --resume {folder}"
         raise
     for p in helpers:
-        p.wait()
+        if p.wait() != 0:
+            s.log(f"tune: a worker process ended with exit code {p.returncode}; a trial it left running "
+                  "runs again on --resume")
     from ..run.evaluation import evaluate
 
     summary = outcome.finish(s, st, base, "completed", keep_all, summary_settings, evaluate)
@@ -110,7 +113,7 @@ def _stop(helpers: list) -> None:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
     for p in helpers:
-        p.wait()
+        p.wait()  # each stops its trial at the next step, resumable, and leaves the study consistent
 
 
 def _seconds(budget: str | None) -> float | None:
@@ -119,7 +122,7 @@ def _seconds(budget: str | None) -> float | None:
     try:
         return config_mod.duration_seconds(budget)
     except ValueError as exc:
-        raise ConfigError(f"--budget: {exc}") from None
+        raise InputError(f"--budget: {exc}") from None
 
 
 def _tune_folder(base: Config, shared: bool) -> Path:
@@ -211,7 +214,7 @@ def _reopen(folder: Path, seconds: float | None, trials: int | None, storage: st
         raise InputError(f"--resume: tune folder not found: {folder}")
     base, settings = _load(folder)
     if settings["storage"] != "journal" and storage is None:
-        raise ConfigError(f"--resume: the search in {folder} uses the database {settings['storage']}",
+        raise InputError(f"--resume: the search in {folder} uses the database {settings['storage']}",
                           hint="pass its --storage URL again")
     total, used = used_before(folder)
     settings["budget_seconds"] = seconds if seconds is not None else (total or settings["budget_seconds"])

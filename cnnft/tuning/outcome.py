@@ -13,7 +13,6 @@ from .. import config as config_mod
 from .. import files
 from ..config import Config
 from ..results.rundir import RunDir
-from . import study as _study
 from .search import Search
 
 SUMMARY, BEST = "tune_summary.json", "best.yaml"

@@ -12,10 +12,11 @@ import json
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 
 INSTALL = "pip install 'cnnft[tune]'  (or: pip install 'optuna>=4')"
 JOURNAL = "study.journal"
@@ -39,12 +40,12 @@ def check_storage(url: str | None, workers: int) -> None:
         return
     scheme = url.split(":", 1)[0].split("+", 1)[0].lower()
     if scheme == "sqlite" and workers > 1:
-        raise ConfigError(f"--storage {masked(url)}: SQLite cannot serve parallel workers (its writers lock the "
+        raise InputError(f"--storage {masked(url)}: SQLite cannot serve parallel workers (its writers lock the "
                           "whole file: 'database is locked')",
                           hint="leave --storage out for the journal file in the tune folder (one machine), or use "
                                "--storage postgresql://USER:PASSWORD@HOST/DB for many machines")
     if scheme not in ("sqlite", "postgresql", "mysql"):
-        raise ConfigError(f"--storage {masked(url)}: unknown storage; use postgresql://USER:PASSWORD@HOST:PORT/DB "
+        raise InputError(f"--storage {masked(url)}: unknown storage; use postgresql://USER:PASSWORD@HOST:PORT/DB "
                           "(or mysql://...), or leave it out for the journal file in the tune folder")
 
 
@@ -67,15 +68,34 @@ def storage(folder: Path, url: str | None, heartbeat: int):
 
         return JournalStorage(JournalFileBackend(str(folder / JOURNAL)))
     retry_cls = getattr(opt.storages, "RetryHeartbeatStaleTrialCallback", None)
-    retry = (retry_cls or opt.storages.RetryFailedTrialCallback)(max_retry=RETRIES)
-    callback = {"heartbeat_stale_trial_callback": retry} if retry_cls else {"failed_trial_callback": retry}
     try:
-        return opt.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-                                       engine_kwargs={"pool_pre_ping": True}, **callback)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks heartbeats and retries experimental
+            retry = (retry_cls or opt.storages.RetryFailedTrialCallback)(max_retry=RETRIES)
+            callback = {"heartbeat_stale_trial_callback": retry} if retry_cls else {"failed_trial_callback": retry}
+            return opt.storages.RDBStorage(_with_driver(url), heartbeat_interval=heartbeat,
+                                           grace_period=3 * heartbeat, engine_kwargs={"pool_pre_ping": True},
+                                           **callback)
+    except ImportError:
+        raise InputError(f"--storage {masked(url)}: no database driver for it is installed",
+                         hint="pip install 'cnnft[postgres]' (psycopg2) for postgresql://, or pymysql for "
+                              "mysql+pymysql://") from None
     except Exception as exc:  # sqlalchemy's errors: a wrong host, user, password or database
         raise InputError(f"--storage {masked(url)}: cannot open the database: {str(exc).splitlines()[0]}",
                          hint="check that the server runs and the URL's user, password, host, port and database "
                               "are right (the database must exist)") from None
+
+
+def _with_driver(url: str) -> str:
+    """``postgresql://`` with the driver that is installed: SQLAlchemy 2.1 takes psycopg 3 for a
+    bare ``postgresql://``; psycopg2 (the ``postgres`` extra) serves as well."""
+    if not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
 
 
 def pruner(kind: str, grace: int, epochs: int, factor: int):
