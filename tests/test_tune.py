@@ -137,14 +137,15 @@ def test_a_stopped_search_resumes_where_it_stood(tmp_path):
 
 
 def test_two_workers_share_one_journal_file(tmp_path):
-    # trials long enough (8 epochs) that the second process, started after the first, gets some
-    p = subprocess.run([sys.executable, "-m", "cnnft", "tune", *_base(tmp_path, "train.epochs=8", "tune.pruner=none"),
-                        "--budget", "10m", "--trials", "5", "--workers", "2", "--json"], capture_output=True, text=True, env=subprocess_env(), timeout=900)
+    # trials long enough (40 epochs) that the second process, which starts a while after the first
+    # (its imports), gets some of them
+    p = subprocess.run([sys.executable, "-m", "cnnft", "tune", *_base(tmp_path, "train.epochs=40", "tune.pruner=none"),
+                        "--budget", "15m", "--trials", "4", "--workers", "2", "--json"], capture_output=True, text=True, env=subprocess_env(), timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads(p.stdout)
     recs = _records(s)
     numbers = [r["number"] for r in recs]
-    assert len(numbers) == len(set(numbers)) and len(numbers) >= 5  # none run twice, none lost
+    assert len(numbers) == len(set(numbers)) and len(numbers) >= 4  # none run twice, none lost
     assert len({r["worker"] for r in recs}) == 2  # both processes ran trials
     assert len({r["run_dir"] for r in recs}) == len(recs)
     assert s["trials_failed"] == 0 and s["trials_run"] == len(recs)
@@ -210,3 +211,20 @@ def test_without_optuna_the_message_names_the_install_command(monkeypatch):
     with pytest.raises(InputError) as exc:
         study.optuna()
     assert "cnnft[tune]" in exc.value.hint and exc.value.exit_code == 2
+
+
+@pytest.mark.real
+def test_a_search_on_real_weights_starts_from_the_measured_plan(tmp_path, hymenoptera):
+    """EfficientNet-Lite0 with its ImageNet weights on ants/bees: trial 0 is the plan train's
+    similarity measurement picks (and its depth is recorded as that point of the axis)."""
+    s = tune_recipe.tune(None, [f"data.train={hymenoptera / 'train'}", f"data.val={hymenoptera / 'val'}",
+                                "data.limit_per_class=8", "data.image_size=64", "data.num_workers=0",
+                                "model.backbone=efficientnet_lite0", "train.epochs=2", "tune.image_size=64",
+                                f"output_dir={tmp_path / 'runs'}"], budget="6m", train=train_recipe.train,
+                         trials=2, log=lambda m: None)
+    first = _records(s)[0]
+    plan = json.loads((Path(first["run_dir"]) / "freeze_plan.json").read_text())
+    trains = sum(1 for st in plan["stages"] if st["name"] != "head" and not st["frozen"])
+    assert first["default_plan"] and plan["similarity"] is not None  # measured, as `cnnft train` does
+    assert first["params"]["trainable_stages"] == trains
+    assert s["best"] is not None
