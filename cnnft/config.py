@@ -9,16 +9,17 @@ silent default), every problem in a file is reported at once with its key path, 
 from __future__ import annotations
 
 import copy
-import difflib
-import reprlib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from . import ranges as R
 from .errors import ConfigError
+from .schemaerrors import problems
 from .yamlfile import DuplicateKeys, parse_yaml, read_yaml
 
 STRATEGIES = ("full", "freeze_early", "freeze_most", "head_only")  # chosen as training/strategies.py says
@@ -26,6 +27,36 @@ BATCHNORM = ("auto", "train", "eval")  # frozen BatchNorm policies (training/fre
 Strategy = Literal[("auto", *STRATEGIES)]  # type: ignore[valid-type]
 AUGMENT_PRESETS = ("none", "mild", "light", "standard", "strong")  # implemented in transforms.py
 Augment = Literal[("auto", *AUGMENT_PRESETS)]  # type: ignore[valid-type]
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds in a duration written ``90s``, ``20m``, ``2h``, ``1h30m`` or a plain number of seconds."""
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*(?:(\d+(?:\.\d+)?)\s*s?)?\s*",
+                         str(text))
+    if not str(text).strip() or parts is None or not any(parts.groups()):
+        raise ValueError(f"{text!r} is not a duration; write it as 90s, 20m, 2h or 1h30m")
+    h, m, s = (float(g) if g else 0.0 for g in parts.groups())
+    total = h * 3600 + m * 60 + s
+    if not 0 < total < 10**7:
+        raise ValueError(f"{text!r}: a duration must be more than 0 seconds and less than 100 days")
+    return total
+
+
+def _duration(v: Any) -> Any:
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise PydanticCustomError("duration", "Input should be a duration such as 90s, 20m or 2h")
+    try:
+        duration_seconds(str(v))
+    except ValueError as exc:
+        raise PydanticCustomError("duration", str(exc)) from None
+    return str(v).strip()
+
+
+# a wall-clock duration: "90s", "20m", "2h", "1h30m" (a number is seconds)
+Duration = Annotated[str, BeforeValidator(_duration)]
 
 
 # Strict: true/false are not booleans' stand-ins; every number's type and range is in ranges.py
@@ -181,11 +212,47 @@ class TrainConfig(_Section):
         "backbone is frozen, where they are all the head learns from, else 2)")
     cache_budget_mb: R.CACHE_BUDGET_MB.t = Field(2048, description="memory the cached activations may take")
     cache_dir: str | None = Field(None, description="default: $XDG_CACHE_HOME/cnnft or ~/.cache/cnnft")
+    time_budget: Duration | None = Field(
+        None, description="wall-clock limit for the run (90s, 20m, 2h): train.epochs is cut to what fits the "
+        "measured epoch time, the schedule refitted, and the run ends at the deadline with a resumable checkpoint")
 
     @field_validator("cache_dir")
     @classmethod
     def _paths(cls, v: str | None) -> str | None:
         return _not_blank_path(v)
+
+
+# what a key of the tune section may hold: a fixed value, a range {low, high} or a list of choices
+_Range = dict[Literal["low", "high", "log"], R.SEARCH_BOUND.t | Bool]
+
+
+class TuneConfig(_Section):
+    """What `cnnft tune` searches (each key: auto, a fixed value, a range {low: A, high: B} or a list of choices)."""
+
+    trainable_stages: Literal["auto"] | R.STAGES.t | _Range | list[R.STAGES.t] = Field(
+        "auto", description="stages that train, counted from the top (0: head only ... all: the whole network "
+        "with its stem); auto: every depth from 0 to all")
+    lr: Literal["auto"] | R.LR.t | _Range | list[R.LR.t] = Field(
+        "auto", description="learning rate of the head; auto: log-uniform train.lr / 10 .. train.lr x 10")
+    backbone_lr_scale: Literal["auto"] | R.LR_SCALE.t | _Range | list[R.LR_SCALE.t] = Field(
+        "auto", description="pretrained layers' lr x this; auto: log-uniform 0.01..1")
+    layer_decay: Literal["auto"] | R.LR_SCALE.t | None | list[R.LR_SCALE.t | None] | _Range = Field(
+        "auto", description="layer-wise lr decay; auto: one of off, 0.85, 0.7")
+    augment: Literal["auto"] | Literal[AUGMENT_PRESETS] | list[Literal[AUGMENT_PRESETS]] = Field(  # type: ignore[valid-type]
+        "auto", description="augmentation preset; auto: one of mild, light, standard")
+    mixup: Literal["auto"] | R.MIX_ALPHA.t | _Range | list[R.MIX_ALPHA.t] = Field(
+        "auto", description="train.mixup; auto: one of 0 (off, keeps the feature cache) and 0.2")
+    label_smoothing: Literal["auto"] | R.FRACTION.t | _Range | list[R.FRACTION.t] = Field(
+        "auto", description="train.label_smoothing; auto: one of 0 and 0.1")
+    image_size: Literal["auto"] | R.IMAGE_SIZE.t | list[R.IMAGE_SIZE.t] = Field(
+        "auto", description="input size; auto: the weights' native size and smaller ones down to the data's own")
+    grace_epochs: R.GRACE_EPOCHS.t = Field(2, description="epochs every trial trains before the pruner may stop "
+                              "it (a full fine-tune can trail the head alone after epoch 1 and lead from epoch 2)")
+    reduction_factor: R.REDUCTION_FACTOR.t = Field(3, description="successive halving: 1 in this many trials goes on at each rung")
+    pruner: Literal["hyperband", "halving", "none"] = Field(
+        "hyperband", description="how trials are stopped early over epochs (Optuna's pruners)")
+    heartbeat: R.HEARTBEAT_SECONDS.t = Field(10, description="seconds between a worker's heartbeats (database "
+                           "storages); a trial silent for 3x this is failed and retried")
 
 
 class Config(_Section):
@@ -199,6 +266,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @field_validator("output_dir")
     @classmethod
@@ -215,99 +283,8 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "model": ModelConfig,
     "freeze": FreezeConfig,
     "train": TrainConfig,
+    "tune": TuneConfig,
 }
-
-
-def _allowed(path: tuple) -> list[str]:
-    parent = ".".join(str(p) for p in path[:-1])
-    schema = _SECTIONS.get(parent)
-    return list(schema.model_fields) if schema else []
-
-
-# shows a bad value briefly: a YAML alias bomb must not be expanded into the message
-_short = reprlib.Repr()
-_short.maxstring, _short.maxother, _short.maxlevel, _short.maxlist, _short.maxdict = 80, 80, 2, 4, 4
-
-
-def _describe(err: dict) -> str:
-    loc = tuple(err["loc"])
-    key = ".".join(str(p) for p in loc) or "<top level>"
-    if err["type"] == "extra_forbidden":
-        allowed = _allowed(loc)
-        parent = ".".join(str(p) for p in loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
-        return f"{key}: unknown key{hint} (allowed: {', '.join(allowed)})"
-    return f"{key}: {_message(err)}{_shown(err)}"
-
-
-def _shown(err: dict) -> str:
-    got = err.get("input")
-    return "" if isinstance(got, dict) else f" (got {_short.repr(got)})"
-
-
-def _message(err: dict) -> str:
-    got, msg = err.get("input"), err["msg"]
-    if err["type"] == "model_type":
-        msg = "must be a mapping of keys to values"
-    elif err["type"] == "bool_type":
-        msg += "; write true or false (yes/no/on/off and quoted words are not booleans)"
-    elif err["type"] in ("int_type", "float_type") and isinstance(got, bool):
-        msg += "; true/false is not a number"
-    elif err["type"] == "int_type" and isinstance(got, (float, str)):
-        msg += ", written without a decimal point or quotes"
-    return msg
-
-
-def _field_loc(loc: tuple) -> tuple:
-    """The key path of the schema field an error's ``loc`` points into (the rest of ``loc``
-    names union branches or items inside the value)."""
-    schema: type[BaseModel] | None = Config
-    for i, part in enumerate(loc):
-        if schema is None or part not in schema.model_fields:
-            return loc[:i]
-        schema = _SECTIONS.get(".".join(str(p) for p in loc[:i + 1]))
-    return loc
-
-
-def _inside_branch(errors: list[dict]) -> list[dict]:
-    """A value that got inside one branch of a union (``train.class_weights: {a: .nan}``) has
-    that branch's shape: its problems are told at their own key (``train.class_weights.a``),
-    without pydantic's branch tag, and the other branches' complaints are dropped."""
-    fields = [_field_loc(tuple(e["loc"])) for e in errors]
-    deep = {f for f, e in zip(fields, errors) if f and len(e["loc"]) > len(f) + 1}
-    out = []
-    for f, e in zip(fields, errors):
-        if f in deep:
-            if len(e["loc"]) == len(f) + 1:
-                continue
-            e = {**e, "loc": f + tuple(e["loc"][len(f) + 1:]), "keyed": True}
-        out.append(e)
-    return out
-
-
-def _problems(errors: list[dict]) -> list[str]:
-    """One line per problem. A value that fits no branch of a union (``train.lr: fast`` for a
-    number or ``auto``) is one problem listing every branch, not one line per branch under
-    pydantic's branch tags."""
-    errors = _inside_branch(errors)
-    branches: dict[tuple, list[dict]] = {}
-    for e in errors:
-        field = _field_loc(tuple(e["loc"]))
-        if field and len(e["loc"]) == len(field) + 1 and e["type"] != "extra_forbidden" and "keyed" not in e:
-            branches.setdefault(field, []).append(e)
-    out, done = [], set()
-    for e in errors:
-        field = _field_loc(tuple(e["loc"]))
-        group = branches.get(field, [])
-        if e not in group:
-            out.append(_describe(e))
-        elif field not in done:
-            done.add(field)
-            msgs = [_message(g) for g in group]
-            said = msgs[0] + "".join(", or " + m.removeprefix("Input should be ") for m in msgs[1:])
-            out.append(f"{'.'.join(str(p) for p in field)}: {said}{_shown(group[0])}")
-    return out
 
 
 def validate(raw: Any, *, source: str | None = None) -> Config:
@@ -323,7 +300,7 @@ def validate(raw: Any, *, source: str | None = None) -> Config:
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_problems(exc.errors()), source=source) from None
+        raise ConfigError(problems(exc.errors(), _SECTIONS), source=source) from None
     problem = _output_in_data(cfg)
     if problem:
         raise ConfigError(problem, source=source)

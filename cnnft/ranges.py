@@ -127,3 +127,11 @@ SEED = Range(int, ge=0, le=2**32 - 1)  # numpy's seed range; torch overflows abo
 TOP_K = Range(int, ge=1, le=1_000_000)
 SWEEP_STEPS = Range(int, ge=10, le=100_000)
 PROCESSES = Range(int, ge=1, le=1024)
+# the search (config's tune: section, cnnft tune)
+SEARCH_BOUND = Range(float, ge=-1e9, le=1e9)  # an end of a searched range {low, high}
+GRACE_EPOCHS = Range(int, ge=1, le=1000)
+REDUCTION_FACTOR = Range(int, ge=2, le=100)
+HEARTBEAT_SECONDS = Range(int, ge=1, le=3600)
+TRIALS = Range(int, ge=1, le=1_000_000)
+TUNE_WORKERS = Range(int, ge=1, le=256)
+NEAR_THRESHOLD = Range(float, gt=0, le=1)  # cosine similarity (cnnft check)

@@ -15,7 +15,7 @@ TRAIN_RECIPE_LINES = 300
 
 # what each layer may import (besides itself and the ground: config, errors, files, safeload,
 # progress, ranges, yamlfile)
-GROUND = {"config", "errors", "files", "ranges", "safeload", "progress", "yamlfile", "__init__"}
+GROUND = {"config", "errors", "files", "ranges", "safeload", "schemaerrors", "progress", "yamlfile", "__init__"}
 MAY_IMPORT = {
     "models": set(),
     "data": {"models"},

@@ -1,6 +1,6 @@
 """The `cnnft` command line: parse arguments, call one recipe, print its result.
 
-Commands live by job in :mod:`.train_cmds`, :mod:`.model_cmds` and :mod:`.setup_cmds` (imported
+Commands live by job in :mod:`.train_cmds`, :mod:`.tune_cmds`, :mod:`.model_cmds` and :mod:`.setup_cmds` (imported
 here, in the order ``--help`` lists them). Errors are mapped to a message and an exit code in
 one place (:func:`main`): 0 success, 2 bad input, 1 anything else, 130/143 after SIGINT/SIGTERM
 with a resumable checkpoint.
@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from . import check_cmds, exits, model_cmds, setup_cmds, train_cmds  # noqa: F401 - registers the commands
+from . import check_cmds, exits, model_cmds, setup_cmds, train_cmds, tune_cmds  # noqa: F401 - registers the commands
 from .base import Settings, app
 
 __all__ = ["app", "main"]

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from ..results import tables
-from .base import _log, _print_json, app, err, out
+from .. import ranges as R
+from .base import _log, _print_json, app, err, number, out
 from .helpformat import Command as _Command
 
 FINDINGS_EXIT = 3  # --fail-on: a named kind of finding was found
@@ -18,10 +19,10 @@ FINDINGS_EXIT = 3  # --fail-on: a named kind of finding was found
 def check_cmd(
     target: Path = typer.Argument(..., help="A folder of class folders, a folder with train/ val/ (test/), or a config .yaml (its data section)."),
     model: Optional[str] = typer.Option(None, "--model", help="Backbone whose features compare images; default: the config's, else efficientnet_lite0."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", min=16, max=1024, help="Input size for the features; default: the weights' own."),
+    image_size: Optional[int] = number(R.IMAGE_SIZE, None, "--image-size", help="Input size for the features; default: the weights' own."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for check.json and check.html; default: check/<name>."),
     fail_on: Optional[str] = typer.Option(None, "--fail-on", help="Comma-separated: leak, duplicates, labels. Exit 3 when one is found (for CI)."),
-    near_threshold: Optional[float] = typer.Option(None, "--near-threshold", help="Cosine similarity for near-duplicates; default: the measured one (README)."),
+    near_threshold: Optional[float] = number(R.NEAR_THRESHOLD, None, "--near-threshold", help="Cosine similarity for near-duplicates; default: the measured one (README)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     json_out: bool = typer.Option(False, "--json", help="Print all findings as JSON."),
 ) -> None:

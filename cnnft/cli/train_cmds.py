@@ -164,8 +164,13 @@ def train(
     if json_out:
         _print_json(summary.to_dict())
     else:
+        final = "none" if summary.final_val_acc is None else f"{summary.final_val_acc:.4f}"
         out.print(f"[bold]best val acc {summary.best_val_acc:.4f}[/bold] (epoch {summary.best_epoch}), "
-                  f"final {summary.final_val_acc:.4f}, {summary.wall_seconds:.0f}s -> {tables.shown_path(summary.run_dir)}")
+                  f"final {final}, {summary.wall_seconds:.0f}s -> {tables.shown_path(summary.run_dir)}")
+        if summary.stopped_by:
+            err.print(f"ended by {summary.stopped_by} after {summary.epochs_completed} epoch(s); "
+                      f"to go on: cnnft train --resume {tables.shown_path(summary.run_dir)} train.time_budget=...",
+                      highlight=False, markup=False)
         if summary.test_acc is not None:
             out.print(f"test acc {summary.test_acc:.4f} on {summary.test_images} images (best.pt; data.test)")
         run = tables.shown_path(summary.run_dir)

@@ -28,7 +28,7 @@ from ..run import folder as _run
 from ..run import phases as _phases
 from ..run import records as _records
 from ..run.evaluation import evaluate
-from ..training import distributed, engine, freeze, runtime
+from ..training import budget, distributed, engine, freeze, runtime
 from ..training.ema import WeightEma
 from ..training.freeze import FreezePlan
 
@@ -65,6 +65,7 @@ class TrainSummary:
     test_acc: float | None = None  # best.pt on data.test, when set: reported apart from val
     test_images: int | None = None
     calibration: dict | None = None  # the temperature fitted on val; ECE/NLL before and after (val, and test)
+    stopped_by: str | None = None  # "train.time_budget" when the budget ended the run
 
     def to_dict(self) -> dict:
         """The summary as plain JSON-ready values, keys in summary.json's order."""
@@ -101,6 +102,7 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     if resume is not None:  # what a Ctrl-C from here on leaves: the run's own last checkpoint
         disk.run, disk.last = RunDir(resume), None if resumed is None else (resumed["epoch"], resumed["step"])
     dd, log, progress_bar = _setup_process(cfg.train.device, resumed, log, progress_bar)
+    clock = build.setup_budget(cfg.train.time_budget, resumed, dd, log)
     build.seed_everything(cfg.seed)
     rt = runtime.make_runtime(dd.device(cfg.train.device), cfg.train.amp, cfg.train.channels_last)
     writer = _tensorboard.writer((cfg.train.tensorboard or "tensorboard" in cfg.train.log_to) and dd.is_main)
@@ -135,23 +137,28 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     state = dd.own_share(build.setup_state(resumed, resume, log, cfg.train.monitor))  # last: restores the RNGs of the stop
 
     run = disk.run = dd.run_dir(_run.open_run_dir, cfg, resume, _records.plan_record(plan, bb, why, measured), log)
-    log(_describe(bb, bundle, plan, rt.device))
+    log(_records.describe(bb, bundle, plan, rt.device))
     saved = _records.Saved({**_records.header(bb, bundle, plan, cfg), "schedule_start": start, **dd.header()},
                            model, optimizer, scheduler, scaler, disk, averaged)
 
-    hook = _Hook(track.start(run).hook(on_epoch_end), state, dd)  # a tracker that is down never stops the run
-    with track, dd.stop_flag(engine.StopFlag()) as stop, _run.failed_summary(run, state.history, log, write=dd.is_main):
+    if clock is not None:
+        clock.drive(scheduler, steps, cfg.train.epochs)
+    # a tracker that is down never stops the run
+    hook = _Hook(budget.chained(track.start(run).hook(on_epoch_end), clock, state.history), state, dd)
+    with track, dd.stop_flag(engine.StopFlag(clock and clock.deadline)) as stop, \
+            _run.failed_summary(run, state.history, log, write=dd.is_main):
         _run_head_phase(cfg, bb, bundle, rt, state, saved, run, writer, log, progress_bar, criterion,
                         loaders.sampler.weights, dd)
-        while (not hook.stopped() and state.epoch < cfg.train.epochs
+        while (not stop.expired and not hook.stopped() and state.epoch < cfg.train.epochs
                and not _records.patience_spent(state, cfg.train.patience, log)):
             _Epoch(fit, loaders, optimizer, scheduler, scaler, criterion, rt, dd, saved, run, writer, log,
                    mix, averaged, unfreeze).run(state, stop, cfg, progress_bar)
 
     bundle.skipped += loaders.lost(log)  # images deleted while it trained count as the unreadable ones
-    status = "stopped" if hook.stop else "completed"
-    return track.finished(_finish(_summary(run, state, plan, bb, bundle, rt.device, status), run, bundle,
-                                  cfg.train.device, dd, log))
+    status = "stopped" if hook.stop or stop.expired else "completed"
+    by = "train.time_budget" if clock is not None and (clock.ended or stop.expired) else None
+    return track.finished(_finish(replace(_summary(run, state, plan, bb, bundle, rt.device, status), stopped_by=by),
+                                  run, bundle, cfg.train.device, dd, log))
 
 
 class _Hook:
@@ -216,6 +223,9 @@ class _Epoch:
             if self.dd.is_main:
                 checkpoint.save(self.saved.checkpoint(state), self.run_dir.last)
                 self.saved.disk.last = (state.epoch, state.step)
+            if stop.signum is None:  # train.time_budget's deadline: the run ends here, resumable
+                return self.log(f"train.time_budget: deadline reached at epoch {epoch + 1}, step {state.step}/{steps}; "
+                                f"resumable checkpoint saved in {self.run_dir.last}")
             raise _run.interrupted(stop.signum, self.run_dir, epoch + 1, state.step, steps)
         # validation loss is plain cross-entropy: comparable across label_smoothing values and
         # equal to what `cnnft evaluate` reports
@@ -223,7 +233,7 @@ class _Epoch:
             ev = self.dd.evaluate(self.fit, self.loaders.val, self.rt, criterion=nn.CrossEntropyLoss())
         _records.end_epoch(state, _records.row(state, "train", lrs, state.running, ev, trainable), self.saved, self.run_dir, self.writer,
                    self.log, cfg.train.epochs, write=self.dd.is_main)
-        if stop.stopped:
+        if stop.signum is not None:
             raise _run.interrupted(stop.signum, self.run_dir, epoch + 1, 0, steps)
 
 
@@ -253,12 +263,6 @@ def _finish(summary: "TrainSummary", run: RunDir, bundle: data.DataBundle, devic
     if dd.is_main:
         files.atomic_write_json(run.summary, (summary := replace(summary, calibration=fit)).to_dict())
     return summary
-
-
-def _describe(bb: models.Backbone, bundle: data.DataBundle, plan: FreezePlan, device: torch.device) -> str:
-    return (f"{bb.name} ({bb.weights}) -> {len(bundle.classes)} classes, strategy {plan.strategy}: "
-            f"{plan.trainable_params:,} of {plan.total_params:,} parameters train; "
-            f"{len(bundle.train)} train / {len(bundle.val)} val images; device {device}")
 
 
 def _run_head_phase(cfg: Config, bb: models.Backbone, bundle: data.DataBundle, rt: runtime.Runtime,

@@ -23,7 +23,7 @@ from ..data import balance, mixing, transforms
 from ..data import folders as data
 from ..errors import ConfigError, InputError
 from ..results.rundir import RunDir
-from ..training import cache, distributed, engine, freeze, lrfind, runtime, strategies
+from ..training import budget, cache, distributed, engine, freeze, lrfind, runtime, strategies
 from ..training.ema import WeightEma
 from ..training.freeze import FreezePlan
 from . import cached as _cached
@@ -69,6 +69,16 @@ def check_input_size(bb: models.Backbone, size: int | None) -> None:
     if size is not None and size < smallest:
         raise ConfigError(f"data.image_size: {bb.name} needs inputs of at least {smallest} px (got {size}); "
                           f"set data.image_size={max(smallest, bb.preprocess.crop_size)}")
+
+
+def setup_budget(setting: str | None, resumed: dict | None, dd: distributed.Dist,
+                 log: Callable[[str], None]) -> budget.Budget | None:
+    """``train.time_budget``'s clock, started now (None: unset); one process only, since every
+    process would have to stop at the same step."""
+    if setting is not None and dd.active:
+        raise ConfigError("train.time_budget: not supported under torchrun (each process would stop at its own "
+                          "step); leave it out or train in one process")
+    return budget.Budget.of(setting, resumed, log)
 
 
 def measure_similarity(cfg: Config, bb: models.Backbone, bundle: data.DataBundle, device: torch.device,

@@ -28,7 +28,7 @@ from . import checkpoint, lock
 
 # keys that may change when a run is resumed; everything else defines the run
 RESUMABLE_KEYS = ("train.epochs", "train.device", "data.num_workers", "train.tensorboard", "train.log_to",
-                  "train.mlflow_uri", "train.log_checkpoint")
+                  "train.mlflow_uri", "train.log_checkpoint", "train.time_budget")
 
 
 def resolve(config_path: str | Path | None, overrides: list[str],

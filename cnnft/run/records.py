@@ -32,6 +32,14 @@ def plan_record(plan: FreezePlan, bb: models.Backbone, why: str | None, measured
 
 
 
+def describe(bb: models.Backbone, bundle: data.DataBundle, plan: FreezePlan, device: torch.device) -> str:
+    """The line that opens a run's log: model, classes, strategy, trainable parameters, images, device."""
+    return (f"{bb.name} ({bb.weights}) -> {len(bundle.classes)} classes, strategy {plan.strategy}: "
+            f"{plan.trainable_params:,} of {plan.total_params:,} parameters train; "
+            f"{len(bundle.train)} train / {len(bundle.val)} val images; device {device}")
+
+
+
 def header(bb: models.Backbone, bundle: data.DataBundle, plan: FreezePlan, cfg: Config) -> dict:
     """What every checkpoint of a run says about itself: enough to use it with nothing else."""
     return {

@@ -322,6 +322,10 @@ class _AgreedStop:
         return self.flag.signum
 
     @property
+    def expired(self) -> bool:
+        return False  # train.time_budget is refused under torchrun: no deadline here
+
+    @property
     def stopped(self) -> bool:
         t = torch.tensor([self.flag.signum or 0], dtype=torch.int64, device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)

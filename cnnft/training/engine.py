@@ -23,10 +23,13 @@ from .runtime import Runtime
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop stops at the next step. A second Ctrl-C aborts at once."""
+    """Set by SIGINT/SIGTERM; the loop stops at the next step. A second Ctrl-C aborts at once.
+    With a ``deadline`` (``time.monotonic()`` seconds) the first step that ends after it stops
+    the loop too, with ``signum`` None (a time budget, not a signal)."""
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float | None = None) -> None:
         self.signum: int | None = None
+        self.deadline = deadline
         self._old: dict = {}
 
     def _handle(self, signum, _frame) -> None:
@@ -45,7 +48,12 @@ class StopFlag:
 
     @property
     def stopped(self) -> bool:
-        return self.signum is not None
+        return self.signum is not None or self.expired
+
+    @property
+    def expired(self) -> bool:
+        """The deadline has passed (False without one)."""
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
 
 @dataclass
