@@ -84,7 +84,8 @@ def evaluate(
     loader = data.make_loader(ds, batch_size or d.batch_size, d.num_workers if num_workers is None else num_workers,
                               pin_memory=rt.pin_memory)
     # plain cross-entropy (no label smoothing), as the run's validation loss
-    ev = engine.evaluate(model, progress.bar(loader, "evaluate", show_progress), rt, criterion=nn.CrossEntropyLoss())
+    batches = progress.track(loader, "evaluate", len(ds), show_progress, log, size=lambda b: len(b[1]))
+    ev = engine.evaluate(model, batches, rt, criterion=nn.CrossEntropyLoss())
 
     classes = lm.classes
     probs, y = ev.probs.numpy().astype(np.float64), ev.labels.numpy()
