@@ -86,7 +86,21 @@ def _count_decodes(counter) -> None:
     folders.open_image = counted
 
 
+class _Images:
+    """The plain loop's dataset: a file list, PIL decoding, torchvision transforms."""
+
+    def __init__(self, files, labels, tf, open_image) -> None:
+        self.files, self.labels, self.tf, self.open_image = files, labels, tf, open_image
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return self.tf(self.open_image(str(self.files[i]))), self.labels[i]
+
+
 def plain_case(folder: str, epochs: int, q) -> None:
+    mp.set_start_method("fork", force=True)  # loader workers share the decode counter
     import torch
     from torch import nn
     from torchvision import transforms as T
@@ -105,14 +119,8 @@ def plain_case(folder: str, epochs: int, q) -> None:
     files = sorted(Path(folder).rglob("*.png"))
     labels = [int(f.parent.name) for f in files]
 
-    class Images(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(files)
-
-        def __getitem__(self, i):
-            return tf(open_image(str(files[i]))), labels[i]
-
-    loader = torch.utils.data.DataLoader(Images(), batch_size=32, shuffle=True, num_workers=2)
+    loader = torch.utils.data.DataLoader(_Images(files, labels, tf, open_image), batch_size=32, shuffle=True,
+                                         num_workers=2)
     opt = torch.optim.AdamW([p for p in bb.model.parameters() if p.requires_grad], lr=0.01)
     loss_fn = nn.CrossEntropyLoss()
     firsts = []
@@ -129,6 +137,7 @@ def plain_case(folder: str, epochs: int, q) -> None:
 
 
 def cnnft_case(folder: str, epochs: int, strategy: str, cache_dir: str, q) -> None:
+    mp.set_start_method("fork", force=True)  # loader workers share the decode counter
     counter = mp.Value("q", 0)
     _count_decodes(counter)
     from cnnft.recipes import train as train_recipe

@@ -68,18 +68,18 @@ def test_progress_lines_every_tenth_or_half_minute_with_rate_and_eta():
     now = [0.0]
     lines: list[str] = []
     p = progress.Lines("caching", 1000, lines.append, clock=lambda: now[0])
-    for _ in range(10):  # 10 per second: the first 5 s are quiet
+    for _ in range(4):  # 25 per second: a tenth done within the first 5 s, which stay quiet
         now[0] += 1
-        p.update(10)
+        p.update(25)
     assert lines == []
     now[0] += 1
-    p.update(10)  # 110 done: a new tenth
-    assert lines == ["caching: 110/1,000 images (11%), 10 images/s, ETA 1m29s"]
+    p.update(25)  # 125 done: a new tenth after the quiet start
+    assert lines == ["caching: 125/1,000 images (12%), 25 images/s, ETA 35s"]
     now[0] += 31
     p.update(1)  # no new tenth, but half a minute since the last line
-    assert len(lines) == 2 and "111/1,000" in lines[-1]
+    assert len(lines) == 2 and "126/1,000" in lines[-1]
     p.close()
-    assert lines[-1].startswith("caching: 111 images in 43s")
+    assert lines[-1].startswith("caching: 126 images in 36s")
 
 
 def test_the_pre_scan_reports_progress_in_plain_lines(tmp_path, monkeypatch):

@@ -84,8 +84,8 @@ def setup(cfg: Config, bb: models.Backbone, frozen: list[str], bundle: data.Data
                    cfg, rt, log, show, eager=part == "head")
     aug = f"{views} augmented view(s) per image, one per epoch in turn" if views > 1 else "one view per image"
     if plain_first and cfg.data.augment != "none":
-        aug = (f"{views} views per image, one per epoch in turn: the un-augmented one (the head phase's)"
-               + (f", then {views - 1} augmented" if views > 1 else ""))
+        aug = (f"{views} views per image, one per epoch in turn: the un-augmented one (the head phase's), then "
+               f"{views - 1} augmented" if views > 1 else "one view per image: the un-augmented one (the head phase's)")
     plain_ds = data.ImageDataset(bundle.train, transforms.eval_transform(pre), pre.resize_size)
     when = "" if train.complete() else "; each view is computed in the epoch that first trains on it"
     log(f"feature cache{' (' + part + ' phase)' if part else ''}: the frozen layers up to {split.boundary} run once; training reads stored "
@@ -93,10 +93,10 @@ def setup(cfg: Config, bb: models.Backbone, frozen: list[str], bundle: data.Data
     live = None if train.complete() else cache.Live(
         split, lambda view, batches: _images(plain_ds if plain_first and view == 0 else train_ds, view, batches, cfg, rt),
         rt.images, lambda desc, total: progress.counter(f"training: {desc}", total, False, None if show else log))
-    train_ds = cache.CachedFeatures(train, bundle.train.labels, views, live)
+    features = cache.CachedFeatures(train, bundle.train.labels, views, live)
     val_ds = cache.CachedFeatures(val, bundle.val.labels, 1)
     val_loader = cache.cached_loader(val_ds, _val_sampler(sampler, len(val_ds)), cfg.data.batch_size)
-    return Cached(split.rest, cache.cached_loader(train_ds, sampler, cfg.data.batch_size), val_loader, train_ds,
+    return Cached(split.rest, cache.cached_loader(features, sampler, cfg.data.batch_size), val_loader, features,
                   split.boundary, plain_first)
 
 

@@ -83,9 +83,8 @@ def evaluate(
     ds = data.ImageDataset(src, transforms.eval_transform(pre), pre.resize_size)
     loader = data.make_loader(ds, batch_size or d.batch_size, d.num_workers if num_workers is None else num_workers,
                               pin_memory=rt.pin_memory)
-    # plain cross-entropy (no label smoothing), as the run's validation loss
     batches = progress.track(loader, "evaluate", len(ds), show_progress, log, size=lambda b: len(b[1]))
-    ev = engine.evaluate(model, batches, rt, criterion=nn.CrossEntropyLoss())
+    ev = engine.evaluate(model, batches, rt, criterion=nn.CrossEntropyLoss())  # plain CE: the run's val loss
 
     classes = lm.classes
     probs, y = ev.probs.numpy().astype(np.float64), ev.labels.numpy()
