@@ -81,7 +81,8 @@ def setup(cfg: Config, bb: models.Backbone, frozen: list[str], bundle: data.Data
     train = _store(split, train_ds, views, f"{part} train".strip(),
                    {**key_base, "augment": cfg.data.augment, "hflip": cfg.data.hflip, "seed": cfg.seed,
                     "draws": "per-image", "plain_first": plain_first},  # views drawn per (seed, view, image)
-                   cfg, rt, log, show, eager=part == "head")
+                   # under torchrun rank 0 fills the cache folder before the others read it
+                   cfg, rt, log, show, eager=part == "head" or distributed.world_size() > 1)
     aug = f"{views} augmented view(s) per image, one per epoch in turn" if views > 1 else "one view per image"
     if plain_first and cfg.data.augment != "none":
         aug = (f"{views} views per image, one per epoch in turn: the un-augmented one (the head phase's), then "
