@@ -74,7 +74,7 @@ class Lines:
         rate = self.done / elapsed
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
         share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        return (f"{self.desc}: {self.done:,}/{self.total:,} {self.unit}{share}, {rate:,.0f} {self.unit}/s, "
+        return (f"{self.desc}: {self.done:,}/{self.total:,} {self.unit}{share}, {_rate(rate)} {self.unit}/s, "
                 f"ETA {_duration(left)}")
 
     def close(self) -> None:
@@ -83,7 +83,11 @@ class Lines:
         if now - self.start >= self.quiet_seconds:
             rate = self.done / max(now - self.start, 1e-9)
             self.log(f"{self.desc}: {self.done:,} {self.unit} in {_duration(now - self.start)} "
-                     f"({rate:,.0f} {self.unit}/s)")
+                     f"({_rate(rate)} {self.unit}/s)")
+
+
+def _rate(rate: float) -> str:
+    return f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"
 
 
 def _duration(seconds: float) -> str:
