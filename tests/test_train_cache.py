@@ -59,9 +59,9 @@ def test_augmented_views_and_the_disk_path_under_a_tiny_memory_budget(tmp_path, 
     kinds: list[type] = []
     original = cache.CachedFeatures.__init__
 
-    def spy(self, store, labels, views):
+    def spy(self, store, *rest):
         kinds.append(type(store.data))
-        original(self, store, labels, views)
+        original(self, store, *rest)
 
     monkeypatch.setattr(cache.CachedFeatures, "__init__", spy)
     summary, logged = _train(tmp_path, tiny_data, "data.augment=light", "train.cache_views=3",
