@@ -59,22 +59,25 @@ def test_augmented_views_and_the_disk_path_under_a_tiny_memory_budget(tmp_path, 
     kinds: list[type] = []
     original = cache.CachedFeatures.__init__
 
-    def spy(self, store, labels, views):
+    def spy(self, store, *rest):
         kinds.append(type(store.data))
-        original(self, store, labels, views)
+        original(self, store, *rest)
 
     monkeypatch.setattr(cache.CachedFeatures, "__init__", spy)
     summary, logged = _train(tmp_path, tiny_data, "data.augment=light", "train.cache_views=3",
-                             "train.cache_budget_mb=0")
+                             "train.cache_budget_mb=0", "train.epochs=3")
     assert any("3 augmented view(s)" in m for m in logged)
     assert kinds and all(issubclass(k, np.memmap) for k in kinds)  # read from the cache folder, not memory
-    assert summary["epochs_completed"] == 2
+    assert summary["epochs_completed"] == 3
     assert list((tmp_path / "cache").glob("*.npy"))
+    # never more views than epochs: a 2-epoch run computes 2 of the 3 asked for
+    _, two = _train(tmp_path, tiny_data, "data.augment=light", "train.cache_views=3", "train.epochs=2")
+    assert any("2 augmented view(s)" in m for m in two)
 
 
 @pytest.mark.parametrize("strategy,views", [("head_only", 4), ("freeze_most", 2)])
 def test_cache_views_auto_gives_a_frozen_backbone_more_views(tmp_path, tiny_data, strategy, views):
     # a fully frozen backbone leaves the head only the augmented views to learn from
     _, logged = _train(tmp_path, tiny_data, "data.augment=light", f"freeze.strategy={strategy}",
-                       "train.epochs=1")
+                       f"train.epochs={views}")
     assert any(f"{views} augmented view(s)" in m for m in logged), logged

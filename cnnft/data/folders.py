@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .. import progress
 from ..errors import DataError
 from .samples import (  # noqa: F401 - the torch-free part of the data layer, re-exported
     IMAGE_EXTENSIONS,
@@ -94,10 +95,12 @@ def _folder_source(paths: list[str], labels: list[int]) -> Source:
 CHECK_NOTICE_AT = 2000  # images: from here the upfront check takes long enough to announce
 
 
-def verify_images(paths: list[str], on_bad_image: str, key: str) -> list[tuple[str, str]]:
-    """Decode every file once; return the unreadable ones, or raise if ``on_bad_image`` is error."""
+def verify_images(paths: list[str], on_bad_image: str, key: str,
+                  log: Callable[[str], None] | None = None) -> list[tuple[str, str]]:
+    """Decode every file once; return the unreadable ones, or raise if ``on_bad_image`` is error.
+    With ``log``, a long check reports its progress in plain lines."""
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        reasons = list(pool.map(check_image, paths))
+        reasons = list(progress.track(pool.map(check_image, paths), "checking images", len(paths), False, log))
     bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
     if bad and on_bad_image == "error":
         listing = "\n".join(f"    {p}: {r}" for p, r in bad[:10])
@@ -153,7 +156,7 @@ def build_data(cfg: "DataConfig", seed: int, log: Callable[[str], None] | None =
     if notice:
         log(f"checking {len(to_check):,} images (each is decoded once before training) ...")
     t0 = time.perf_counter()
-    bad = verify_images(to_check, cfg.on_bad_image, "data")
+    bad = verify_images(to_check, cfg.on_bad_image, "data", log)
     if notice:
         log(f"checked {len(to_check):,} images in {time.perf_counter() - t0:.0f}s")
     skipped = bad

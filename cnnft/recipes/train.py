@@ -124,7 +124,8 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     averaged = build.setup_ema(model, cfg.train.ema, resumed)
 
     loaders = build.setup_loaders(cfg.data, bundle, bb.preprocess, cfg.seed, rt.pin_memory, dd)
-    fit = loaders.use_cache(build.train_cache(cfg, bb, plan, bundle, loaders.sampler, rt, log, progress_bar, dd), model)
+    cached = build.train_cache(cfg, bb, plan, bundle, loaders.sampler, rt, log, progress_bar, dd)
+    fit = loaders.use_cache(cached, model)
     fit = build.maybe_compiled(dd.wrap(fit, rt.device, cfg.train.sync_bn, log), cfg.train.compile)
     groups = freeze.param_groups(model, bb.stages, plan, cfg.train.weight_decay)
     optimizer = engine.build_optimizer(groups, cfg.train, build.checkpoint_part(resumed, "optimizer"))
@@ -148,7 +149,7 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     with track, dd.stop_flag(engine.StopFlag(clock and clock.deadline)) as stop, \
             _run.failed_summary(run, state.history, log, write=dd.is_main):
         _run_head_phase(cfg, bb, bundle, rt, state, saved, run, writer, log, progress_bar, criterion,
-                        loaders.sampler.weights, dd)
+                        loaders.sampler.weights, dd, cached)
         while (not stop.expired and not hook.stopped() and state.epoch < cfg.train.epochs
                and not _records.patience_spent(state, cfg.train.patience, log)):
             _Epoch(fit, loaders, optimizer, scheduler, scaler, criterion, rt, dd, saved, run, writer, log,
@@ -267,7 +268,8 @@ def _finish(summary: "TrainSummary", run: RunDir, bundle: data.DataBundle, devic
 
 def _run_head_phase(cfg: Config, bb: models.Backbone, bundle: data.DataBundle, rt: runtime.Runtime,
                     state: engine.TrainState, saved: _records.Saved, run: RunDir, writer, log, show: bool,
-                    criterion: nn.Module, sample_weights: torch.Tensor | None, dd: distributed.Dist) -> None:
+                    criterion: nn.Module, sample_weights: torch.Tensor | None, dd: distributed.Dist,
+                    cached=None) -> None:
     """Train the new head alone first and record it as epoch 0 (a candidate for best.pt); only
     on pretrained layers (a random backbone has no features worth a probe) and only once."""
     if not (cfg.train.head_phase and bb.pretrained and not state.history and state.step == 0):
@@ -275,7 +277,7 @@ def _run_head_phase(cfg: Config, bb: models.Backbone, bundle: data.DataBundle, r
     if dd.active:  # its cached features are not sharded across processes
         log("head phase: skipped under torchrun (train.head_phase runs in a single process)")
         return
-    done = _phases.head_phase(cfg, bb, bundle, rt, log, show, criterion, sample_weights)
+    done = _phases.head_phase(cfg, bb, bundle, rt, log, show, criterion, sample_weights, cached)
     if done is not None:
         running, ev, _ = done
         lrs = {"lr_head": cfg.train.lr, "lr_backbone": None}

@@ -13,7 +13,7 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -32,9 +32,11 @@ class Cached:
     """The trainable rest of the model and its loaders over stored activations."""
 
     rest: nn.Module
-    train: torch.utils.data.DataLoader
-    val: torch.utils.data.DataLoader
+    train: "Iterable | None"
+    val: Iterable
     views: cache.CachedFeatures
+    boundary: str = ""
+    plain_first: bool = False  # view 0 is the un-augmented one: the head phase's features
 
 
 def cache_folder(setting: str | None) -> Path:
@@ -46,10 +48,12 @@ def cache_folder(setting: str | None) -> Path:
 
 
 def setup(cfg: Config, bb: models.Backbone, frozen: list[str], bundle: data.DataBundle, sampler: data.EpochSampler,
-          rt: runtime.Runtime, log: Log, show: bool, part: str = "") -> Cached | None:
+          rt: runtime.Runtime, log: Log, show: bool, part: str = "", reuse: Cached | None = None) -> Cached | None:
     """Cached training for this run, or None (the log says why) when it does not apply.
     ``part`` names what the activations are for in the log and the cache key ("head": the
-    head phase's features)."""
+    head phase's features, all computed here; otherwise each training view is computed in the
+    epoch that first trains on it). The head phase takes ``reuse``'s (the strategy's cache)
+    validation activations and un-augmented view 0 when both cut at the same place."""
     t = cfg.train
     if t.feature_cache == "off":
         log("feature cache: off (train.feature_cache)")
@@ -63,24 +67,57 @@ def setup(cfg: Config, bb: models.Backbone, frozen: list[str], bundle: data.Data
     if split is None:
         log(f"feature cache: off ({why})")
         return None
-    views = 1 if cfg.data.augment == "none" else _views(t.cache_views, split.rest, bb.model)
+    if reuse is not None and reuse.boundary == split.boundary and reuse.plain_first:
+        return _shared_head(reuse, bundle, cfg, rt, log, show)
+    views = 1 if cfg.data.augment == "none" else min(_views(t.cache_views, split.rest, bb.model), t.epochs)
+    # with a head phase ahead, view 0 is un-augmented: the head phase's features and epoch 1's view
+    plain_first = not part and t.head_phase and bb.pretrained and distributed.world_size() == 1
     key_base = _key_base(bb, split.boundary)
     # the validation activations depend on the cut and the eval pipeline only: the head phase
     # and the strategy's epochs share them
-    val = _store(split, eval_ds, 1, "val", key_base, cfg, rt, log, show)
+    val = _store(split, eval_ds, 1, "val", key_base, cfg, rt, log, show, eager=True)
     train_tf = transforms.train_transform(pre, cfg.data.augment, cfg.data.hflip)
     train_ds = data.ImageDataset(bundle.train, train_tf, pre.resize_size, seed=cfg.seed)
     train = _store(split, train_ds, views, f"{part} train".strip(),
                    {**key_base, "augment": cfg.data.augment, "hflip": cfg.data.hflip, "seed": cfg.seed,
-                    "draws": "per-image"},  # views drawn per (seed, view, image); earlier caches drew otherwise
-                   cfg, rt, log, show)
+                    "draws": "per-image", "plain_first": plain_first},  # views drawn per (seed, view, image)
+                   # under torchrun rank 0 fills the cache folder before the others read it
+                   cfg, rt, log, show, eager=part == "head" or distributed.world_size() > 1)
     aug = f"{views} augmented view(s) per image, one per epoch in turn" if views > 1 else "one view per image"
+    if plain_first and cfg.data.augment != "none":
+        aug = (f"{views} views per image, one per epoch in turn: the un-augmented one (the head phase's), then "
+               f"{views - 1} augmented" if views > 1 else "one view per image: the un-augmented one (the head phase's)")
+    plain_ds = data.ImageDataset(bundle.train, transforms.eval_transform(pre), pre.resize_size)
+    when = "" if train.complete() else "; each view is computed in the epoch that first trains on it"
     log(f"feature cache{' (' + part + ' phase)' if part else ''}: the frozen layers up to {split.boundary} run once; training reads stored "
-        f"activations ({aug}; {(val.nbytes + train.nbytes) / 2**20:.0f} MiB)")
-    train_ds = cache.CachedFeatures(train, bundle.train.labels, views)
+        f"activations ({aug}; {(val.nbytes + train.nbytes) / 2**20:.0f} MiB{when})")
+    live = None if train.complete() else cache.Live(
+        split, lambda view, batches: _images(plain_ds if plain_first and view == 0 else train_ds, view, batches, cfg, rt),
+        rt.images, lambda desc, total: progress.counter(f"training: {desc}", total, False, None if show else log))
+    features = cache.CachedFeatures(train, bundle.train.labels, views, live)
     val_ds = cache.CachedFeatures(val, bundle.val.labels, 1)
     val_loader = cache.cached_loader(val_ds, _val_sampler(sampler, len(val_ds)), cfg.data.batch_size)
-    return Cached(split.rest, cache.cached_loader(train_ds, sampler, cfg.data.batch_size), val_loader, train_ds)
+    return Cached(split.rest, cache.cached_loader(features, sampler, cfg.data.batch_size), val_loader, features,
+                  split.boundary, plain_first)
+
+
+def _shared_head(reuse: Cached, bundle: data.DataBundle, cfg: Config, rt: runtime.Runtime, log: Log,
+                 show: bool) -> Cached:
+    """The head phase's features from the strategy's cache: its validation activations and its
+    un-augmented view 0, computed here (one pass that epoch 1 then reads) unless stored already."""
+    views = reuse.views
+    if not views.store.complete(0):
+        shown = progress.counter("caching train activations (un-augmented view)", len(views), show, log)
+        b = cfg.data.batch_size
+        in_order = [list(range(i, min(i + b, len(views)))) for i in range(0, len(views), b)]
+        try:
+            cache.fill(views.live.split, 0, views.live.images(0, in_order), views.store, len(views), views.store.views,
+                       rt.images, on_batch=shown.update)
+        finally:
+            shown.close()
+    log("feature cache (head phase): the strategy's stored activations (validation, un-augmented view 0)")
+    return Cached(reuse.rest, None, reuse.val, cache.CachedFeatures(views.store, bundle.train.labels, 1),
+                  reuse.boundary, True)
 
 
 # With the whole backbone frozen an epoch costs next to nothing and the augmented views are the
@@ -119,20 +156,39 @@ def _key_base(bb: models.Backbone, boundary: str) -> dict:
 VIEW_EPOCH = 1_000_000  # view v is augmented as "epoch" VIEW_EPOCH + v: no training epoch draws the same
 
 
-def _seeded(ds: data.ImageDataset, view: int, cfg: Config, rt: runtime.Runtime):
-    """One pass over ``ds`` in order, augmented as view ``view`` (the same for any data.num_workers)."""
+class _Batches(torch.utils.data.Dataset):
+    """Item k: the images and labels of ``batches[k]`` (a list of sample indices), stacked."""
+
+    def __init__(self, ds: data.ImageDataset, batches: list[list[int]]) -> None:
+        self.ds, self.batches = ds, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int):
+        items = [self.ds[i] for i in self.batches[k]]
+        return torch.stack([x for x, _ in items]), torch.as_tensor([y for _, y in items])
+
+
+def _images(ds: data.ImageDataset, view: int, batches: list[list[int]], cfg: Config, rt: runtime.Runtime):
+    """The images of ``batches`` augmented as view ``view`` (the same for any data.num_workers
+    and any batch order: each image draws from its own (seed, view, image) state)."""
     ds = copy.copy(ds)
     ds.set_epoch(VIEW_EPOCH + view)
     gen = torch.Generator().manual_seed(cfg.seed)  # the workers' base seed, so the global RNG is not used
-    yield from data.make_loader(ds, cfg.data.batch_size, cfg.data.num_workers, generator=gen, pin_memory=rt.pin_memory)
+    return data.make_loader(_Batches(ds, batches), None, cfg.data.num_workers, generator=gen, pin_memory=rt.pin_memory)
 
 
 def _store(split: cache.Split, ds: data.ImageDataset, views: int, part: str, key_base: dict, cfg: Config,
-           rt: runtime.Runtime, log: Log, show: bool) -> cache.Store:
+           rt: runtime.Runtime, log: Log, show: bool, eager: bool) -> cache.Store:
+    """The activations of ``part``: read back from the cache folder when complete there, else an
+    empty store of the full size (in memory when it fits train.cache_budget_mb, else a file),
+    filled here when ``eager``."""
     t = cfg.train
     key = cache.cache_key({**key_base, "part": part, "views": views, "files": cache.file_identity(ds.source.ids)})
-    sample = split.prefix(rt.images(ds[0][0][None])) if len(ds) else None
-    need = 0 if sample is None else views * len(ds) * sample[0].numel() * 4
+    with cache.frozen_modes(split.model):
+        shape = split.prefix(rt.images(ds[0][0][None])).shape[1:] if len(ds) else (0,)
+    need = cache.size_of(views, len(ds), shape)
     in_memory = t.feature_cache != "disk" and need <= t.cache_budget_mb * 2**20
     # under torchrun the cache folder is how rank 0's activations reach the other processes
     on_disk = t.feature_cache in ("disk", "auto") or not in_memory or distributed.world_size() > 1
@@ -145,17 +201,23 @@ def _store(split: cache.Split, ds: data.ImageDataset, views: int, part: str, key
         if found is not None:
             log(f"feature cache: {part} activations read from {folder}")
             return found
-    loaders = [_seeded(ds, v, cfg, rt) for v in range(views)]
-    bar = progress.bar(range(views * len(ds)), f"caching {part} activations", show) if show else None
-    counter = iter(bar) if bar is not None else None
+    store = cache.Store.allocate(views, len(ds), shape, in_memory=in_memory, disk=(folder, key) if on_disk else None)
+    if eager:
+        for v in range(views):
+            shown = progress.counter(f"caching {part} activations", len(ds), show, log)
+            try:
+                cache.fill(split, v, _seeded(ds, v, cfg, rt), store, len(ds), views, rt.images, on_batch=shown.update)
+            finally:
+                shown.close()
+    return store
 
-    def tick(n: int) -> None:
-        if counter is not None:
-            for _ in range(n):
-                next(counter, None)
 
-    return cache.compute(split, loaders, len(ds), rt.images, disk=(folder, key) if on_disk else None,
-                         in_memory=in_memory, on_batch=tick)
+def _seeded(ds: data.ImageDataset, view: int, cfg: Config, rt: runtime.Runtime):
+    """One pass over ``ds`` in order, augmented as view ``view`` (the same for any data.num_workers)."""
+    ds = copy.copy(ds)
+    ds.set_epoch(VIEW_EPOCH + view)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the workers' base seed, so the global RNG is not used
+    yield from data.make_loader(ds, cfg.data.batch_size, cfg.data.num_workers, generator=gen, pin_memory=rt.pin_memory)
 
 
 def pooled_features(cfg: Config, bb: models.Backbone, source: data.Source, rt: runtime.Runtime, log: Log,
@@ -175,7 +237,7 @@ def pooled_features(cfg: Config, bb: models.Backbone, source: data.Source, rt: r
     if split is None:  # no verified cut: one uncached pass with the head's input captured
         log(f"feature cache: off ({why})")
         return _head_inputs(model, ds, cfg, rt)
-    store = _store(split, ds, 1, "val", _key_base(bb, split.boundary), cfg, rt, log, show)
+    store = _store(split, ds, 1, "val", _key_base(bb, split.boundary), cfg, rt, log, show, eager=True)
     x = store.batch(0, range(len(ds)))
     return _pooled(x)
 

@@ -84,8 +84,8 @@ def evaluate(
     ds = data.ImageDataset(src, transforms.eval_transform(lm.preprocess), lm.preprocess.resize_size)
     loader = data.make_loader(ds, batch_size or d.batch_size, d.num_workers if num_workers is None else num_workers,
                               pin_memory=rt.pin_memory)
-    # plain cross-entropy (no label smoothing), as the run's validation loss
-    ev = engine.evaluate(model, progress.bar(loader, "evaluate", show_progress), rt, criterion=nn.CrossEntropyLoss())
+    batches = progress.track(loader, "evaluate", len(ds), show_progress, log, size=lambda b: len(b[1]))
+    ev = engine.evaluate(model, batches, rt, criterion=nn.CrossEntropyLoss())  # plain CE: the run's val loss
 
     classes = lm.classes
     y = ev.labels.numpy()

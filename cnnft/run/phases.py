@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .. import models
+from .. import models, progress
 from ..config import Config
 from ..data import folders as data
 from ..training import engine, runtime
@@ -41,9 +41,12 @@ Log = Callable[[str], None]
 
 def head_phase(cfg: Config, bb: models.Backbone, bundle: data.DataBundle, rt: runtime.Runtime,
                log: Log, show: bool, criterion: nn.Module,
-               sample_weights: torch.Tensor | None = None) -> tuple[engine.Running, engine.EvalResult, int] | None:
+               sample_weights: torch.Tensor | None = None,
+               strategy_cache: "_cached.Cached | None" = None) -> tuple[engine.Running, engine.EvalResult, int] | None:
     """Train the head alone on cached features; None (logged) when the features cannot be cached.
-    Returns the training sums of its last epoch, the validation result and the head epochs run."""
+    With ``strategy_cache`` cut at the same place, its validation activations and un-augmented
+    view 0 are the features (no pass of its own). Returns the training sums of its last epoch,
+    the validation result and the head epochs run."""
     model = bb.model
     head = set(models.head_paths(model))
     trainable = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -53,7 +56,8 @@ def head_phase(cfg: Config, bb: models.Backbone, bundle: data.DataBundle, rt: ru
         sampler = data.EpochSampler(len(bundle.train), cfg.seed, shuffle=False)
         probe_cfg = cfg.model_copy(deep=True)
         probe_cfg.data.augment = "none"  # the probe sees each training image as evaluation does
-        cached = _cached.setup(probe_cfg, bb, ["backbone"], bundle, sampler, rt, log, show, part="head")
+        cached = _cached.setup(probe_cfg, bb, ["backbone"], bundle, sampler, rt, log, show, part="head",
+                               reuse=strategy_cache)
         if cached is None:
             log("head phase: skipped (the backbone's features cannot be cached for this model)")
             return None
@@ -76,7 +80,8 @@ def _fit_head(cached: _cached.Cached, model: nn.Module, rt: runtime.Runtime, log
     head = cached.rest
     head.eval()  # a deterministic function of the features: dropout off
     best = None
-    for l2 in L2_GRID:
+    for l2 in progress.track(L2_GRID, "head phase: L-BFGS over the L2 grid", len(L2_GRID), False, log,
+                             unit="strengths"):
         _solve(head, params, decayed, x, y, w, criterion, l2)
         ev = engine.evaluate(head, cached.val, rt, criterion=nn.CrossEntropyLoss())
         if best is None or ev.loss < best[0].loss:
@@ -93,7 +98,11 @@ def _fit_head(cached: _cached.Cached, model: nn.Module, rt: runtime.Runtime, log
 
 
 def _all(stored, rt: runtime.Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every stored training activation (its one un-augmented view) and label, in order."""
+    """Every stored training activation (its one un-augmented view) and label, in order: the
+    store's own memory when it holds them in fp32 on this device, else one fp32 copy."""
+    data = stored.store.data
+    if isinstance(data, torch.Tensor) and data.dtype == torch.float32 and data.dim() == 3 and rt.device.type == "cpu":
+        return data[0], stored.labels.to(rt.device)
     idx = list(range(len(stored)))
     xs = [rt.images(stored.store.batch(0, idx[i:i + CHUNK])) for i in range(0, len(idx), CHUNK)]
     return torch.cat(xs), stored.labels.to(rt.device)

@@ -18,24 +18,23 @@ setting is never served stale.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
-from ..files import atomic_write_bytes, atomic_write_json
 from . import fold
+from .store import HALF_ABOVE_VALUES, Store, load_disk, size_of  # noqa: F401 - the cache's storage
 
-FORMAT_VERSION = 2  # 2: images are decoded upright (EXIF orientation applied): older entries are stale
-HALF_ABOVE_VALUES = 4096  # activations wider than this per image are stored in fp16 on disk
+FORMAT_VERSION = 3  # 2: images decoded upright (EXIF orientation applied); 3: fp16 rows in memory too, stores filled in place
 
 
 class _Stop(Exception):
@@ -217,93 +216,71 @@ def cache_key(parts: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-class Store:
-    """Activations of ``views`` passes over ``n`` samples: a tensor in memory, or a memory
-    map of a .npy file on disk."""
-
-    def __init__(self, data: torch.Tensor | np.ndarray) -> None:
-        self.data = data
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.data.nbytes) if isinstance(self.data, np.ndarray) else self.data.numel() * self.data.element_size()
-
-    def batch(self, view: int, idx: Sequence[int]) -> torch.Tensor:
-        if isinstance(self.data, np.ndarray):
-            rows = np.sort(np.asarray(idx))
-            order = np.argsort(np.argsort(np.asarray(idx)))
-            return torch.from_numpy(np.ascontiguousarray(self.data[view, rows][order])).float()
-        return self.data[view, torch.as_tensor(list(idx))].float()
-
-
-def _disk_paths(folder: Path, key: str) -> tuple[Path, Path]:
-    return folder / f"{key}.npy", folder / f"{key}.json"
-
-
-def load_disk(folder: Path, key: str, in_memory: bool) -> Store | None:
-    """The stored activations for ``key`` if complete (its .json is written last)."""
-    arr_path, meta_path = _disk_paths(folder, key)
-    if not (arr_path.is_file() and meta_path.is_file()):
-        return None
+@contextlib.contextmanager
+def frozen_modes(model: nn.Module) -> Iterator[None]:
+    """Run the prefix without autograd and give every module back the mode it had (a live view
+    is computed in the middle of a training epoch)."""
+    modes = [(m, m.training) for m in model.modules()]
     try:
-        arr = np.load(arr_path, mmap_mode="r")
-    except (OSError, ValueError):
-        return None
-    return Store(torch.from_numpy(np.array(arr)) if in_memory else arr)
-
-
-def compute(
-    split: Split,
-    loaders: Sequence[Iterator],
-    n: int,
-    to_device: Callable[[torch.Tensor], torch.Tensor],
-    *,
-    disk: tuple[Path, str] | None = None,
-    in_memory: bool = True,
-    on_batch: Callable[[int], None] | None = None,
-) -> Store:
-    """Run the prefix over every batch of every view (one loader per view, in sample order)
-    and store the activations; on disk (``(folder, key)``) they are written atomically."""
-    chunks: list[list[torch.Tensor]] = []
-    was_training = split.model.training
-    split.model.eval()
-    try:
-        with torch.inference_mode():
-            for loader in loaders:
-                view = []
-                for images, _ in loader:
-                    view.append(split.prefix(to_device(images)).float().cpu())
-                    if on_batch:
-                        on_batch(len(images))
-                chunks.append(view)
+        with torch.no_grad():
+            yield
     finally:
-        split.model.train(was_training)
-    data = torch.stack([torch.cat(v) for v in chunks])
-    assert data.shape[1] == n, (data.shape, n)
-    if disk is None:
-        return Store(data.contiguous())
-    folder, key = disk
-    folder.mkdir(parents=True, exist_ok=True)
-    arr = data.numpy()
-    if arr[0, 0].size > HALF_ABOVE_VALUES:
-        arr = arr.astype(np.float16)
-    import io
+        for m, mode in modes:
+            m.training = mode
 
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    arr_path, meta_path = _disk_paths(folder, key)
-    atomic_write_bytes(arr_path, buf.getvalue())
-    atomic_write_json(meta_path, {"shape": list(arr.shape), "dtype": str(arr.dtype)})
-    return load_disk(folder, key, in_memory) or Store(data)
+
+def fill(split: Split, view: int, batches: Iterable, store: Store | None, n: int, views: int,
+         to_device: Callable[[torch.Tensor], torch.Tensor], *, in_memory: bool = True,
+         disk: tuple[Path, str] | None = None, on_batch: Callable[[int], None] | None = None) -> Store:
+    """Run the prefix over ``batches`` (view ``view`` in sample order) and write each batch's
+    activations straight into ``store`` (allocated from the first batch when None)."""
+    start = 0
+    with frozen_modes(split.model):
+        for images, _ in batches:
+            acts = split.prefix(to_device(images))
+            if store is None:
+                store = Store.allocate(views, n, acts.shape[1:], in_memory=in_memory, disk=disk)
+            store.write(view, range(start, start + len(acts)), acts)
+            start += len(acts)
+            if on_batch:
+                on_batch(len(acts))
+    assert start == n, (start, n)
+    return store
+
+
+def compute(split: Split, loaders: Sequence[Iterable], n: int, to_device: Callable[[torch.Tensor], torch.Tensor], *,
+            disk: tuple[Path, str] | None = None, in_memory: bool = True,
+            on_batch: Callable[[int], None] | None = None) -> Store:
+    """Every view at once (one loader per view, in sample order), streamed into one store; on
+    disk (``(folder, key)``) it is saved under its key once complete."""
+    store = None
+    for v, loader in enumerate(loaders):
+        store = fill(split, v, loader, store, n, len(loaders), to_device, in_memory=in_memory, disk=disk,
+                     on_batch=on_batch)
+    return store
+
+
+@dataclass
+class Live:
+    """How rows of a view not stored yet are computed, in the epoch that first trains on them:
+    ``images(view, batches)`` yields (images, labels) for each list of indices in ``batches``,
+    augmented as that view; ``progress(desc, total)`` reports the pass (an object with
+    ``update(n)`` and ``close()``)."""
+
+    split: Split
+    images: Callable[[int, list[list[int]]], Iterable]
+    to_device: Callable[[torch.Tensor], torch.Tensor]
+    progress: Callable[[str, int], object] | None = None
 
 
 class CachedFeatures(Dataset):
     """Stored activations as a dataset whose items are whole batches (lists of indices):
-    ``view_of_epoch`` picks which augmented view an epoch trains on."""
+    ``view_of_epoch`` picks which augmented view an epoch trains on. With ``live``, a view's
+    rows not stored yet are computed as their batch comes up (see :func:`cached_loader`)."""
 
-    def __init__(self, store: Store, labels: Sequence[int], views: int) -> None:
+    def __init__(self, store: Store, labels: Sequence[int], views: int, live: Live | None = None) -> None:
         self.store, self.labels, self.views = store, torch.as_tensor(list(labels)), views
-        self.view = 0
+        self.view, self.live = 0, live
 
     def set_epoch(self, epoch: int) -> None:
         self.view = epoch % self.views
@@ -313,6 +290,11 @@ class CachedFeatures(Dataset):
 
     def __getitem__(self, idx: list[int]):
         return self.store.batch(self.view, idx), self.labels[torch.as_tensor(idx)]
+
+    def missing(self, batches: list[list[int]]) -> list[bool]:
+        """Which of ``batches`` hold rows of the current view that are not stored yet."""
+        filled = self.store.filled[self.view]
+        return [not filled[b].all() for b in batches]
 
 
 class _Batches(Sampler[list[int]]):
@@ -334,7 +316,45 @@ class _Batches(Sampler[list[int]]):
         return n // b + (1 if n % b > 1 or (b == 1 and n % b) else 0)
 
 
-def cached_loader(ds: CachedFeatures, sampler: Sampler[int], batch_size: int) -> DataLoader:
-    """Batches of stored activations in ``sampler``'s order (no worker processes: indexing
-    memory is faster than handing batches between processes)."""
-    return DataLoader(ds, sampler=_Batches(sampler, batch_size), batch_size=None, num_workers=0)
+class _ViewLoader:
+    """Batches of a :class:`CachedFeatures` in a sampler's order. A batch whose rows of the
+    current view are stored is read (in the main process: indexing memory is faster than handing
+    batches between processes); the others are computed from their images, stored and served,
+    so an epoch that meets a view first costs one plain pass over the images and fills it."""
+
+    def __init__(self, ds: CachedFeatures, batches: _Batches) -> None:
+        self.ds, self.batches = ds, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        ds, view = self.ds, self.ds.view
+        order = list(self.batches)
+        missing = ds.missing(order) if ds.live is not None else [False] * len(order)
+        if not any(missing):
+            yield from (ds[b] for b in order)
+            return
+        live = ds.live
+        todo = [b for b, m in zip(order, missing) if m]
+        shown = live.progress(f"computing view {view + 1}/{ds.views}", sum(map(len, todo))) if live.progress else None
+        images = iter(live.images(view, todo))
+        try:
+            for b, m in zip(order, missing):
+                if not m:
+                    yield ds[b]
+                    continue
+                x, _ = next(images)
+                with frozen_modes(live.split.model):
+                    acts = live.split.prefix(live.to_device(x))
+                yield ds.store.write(view, b, acts), ds.labels[torch.as_tensor(b)]
+                if shown is not None:
+                    shown.update(len(b))
+        finally:
+            if shown is not None:
+                shown.close()
+
+
+def cached_loader(ds: CachedFeatures, sampler: Sampler[int], batch_size: int) -> _ViewLoader:
+    """Batches of ``ds`` in ``sampler``'s order, computing the current view's missing rows."""
+    return _ViewLoader(ds, _Batches(sampler, batch_size))

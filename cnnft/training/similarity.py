@@ -110,7 +110,7 @@ def _channels_last(module: nn.Module, t: torch.Tensor) -> bool:
 @torch.inference_mode()
 def stage_features(model: nn.Module, stages: list[models.Stage], source: Source, pre: models.Preprocess,
                    device: torch.device, batch_size: int = BATCH_SIZE,
-                   show: str | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                   show: str | None = None, log: Log | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Pooled output of every stage but the head for each image of ``source``, one forward
     pass per batch: ({stage: (n, width) array}, labels of the images read)."""
     body = [s for s in stages if s.name != "head"]
@@ -129,7 +129,7 @@ def stage_features(model: nn.Module, stages: list[models.Stage], source: Source,
         runtime.tune_cpu_allocator()
     with models.last_stage_outputs(model, mods) as latest, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for batch in progress.bar(loader, show or "", show is not None):
+        for batch in progress.track(loader, show or "similarity probe", len(source), show is not None, log, size=len):
             good = [(x, y) for x, y in batch if x is not None]
             if not good:
                 continue
@@ -176,7 +176,7 @@ def measure(model: nn.Module, stages: list[models.Stage], source: Source, pre: m
     per_class = min(per_class, max(2 * FOLDS, MAX_IMAGES // max(1, len(set(source.labels)))))
     idx = sample_indices(source.labels, per_class, seed)
     feats, labels = stage_features(model, stages, source.subset(idx), pre, torch.device(device),
-                                            batch_size, "similarity" if show_progress else None)
+                                            batch_size, "similarity" if show_progress else None, log)
     smallest = int(np.bincount(labels)[np.unique(labels)].min())
     if smallest < 2 or len(np.unique(labels)) < 2:
         raise DataError("data: measuring similarity needs at least 2 classes with 2 readable images each",
