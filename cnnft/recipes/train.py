@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import shlex
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,48 +28,14 @@ from ..run import folder as _run
 from ..run import phases as _phases
 from ..run import records as _records
 from ..run.evaluation import evaluate
+from ..run.records import TrainSummary
 from ..training import budget, distributed, engine, freeze, runtime
 from ..training.ema import WeightEma
-from ..training.freeze import FreezePlan
 
 # Called with each epoch's metrics.csv row (the head phase's too) once it is recorded; returning
 # False ends the run there, as a finished one (checkpoints and summary.json written, status
 # "stopped"). Time budgets and tuning trials (pruners, deadlines) drive a run through this.
 EpochHook = Callable[[dict], bool]
-
-
-@dataclass(frozen=True)
-class TrainSummary:
-    """What a completed run reports; ``to_dict()`` is its summary.json and ``--json`` output."""
-
-    status: str
-    run_dir: str
-    best_val_acc: float
-    best_epoch: int
-    final_val_acc: float | None
-    final_val_loss: float | None
-    epochs_completed: int
-    wall_seconds: float
-    checkpoints: dict[str, str]
-    model: str
-    weights: str
-    strategy: str
-    trainable_params: int
-    total_params: int
-    classes: list[str]
-    train_images: int
-    val_images: int
-    skipped_images: int
-    skipped: list[dict]
-    device: str
-    test_acc: float | None = None  # best.pt on data.test, when set: reported apart from val
-    test_images: int | None = None
-    calibration: dict | None = None  # the temperature fitted on val; ECE/NLL before and after (val, and test)
-    stopped_by: str | None = None  # "train.time_budget" when the budget ended the run
-
-    def to_dict(self) -> dict:
-        """The summary as plain JSON-ready values, keys in summary.json's order."""
-        return asdict(self)
 
 
 def train(
@@ -158,7 +124,7 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
     bundle.skipped += loaders.lost(log)  # images deleted while it trained count as the unreadable ones
     status = "stopped" if hook.stop or stop.expired else "completed"
     by = "train.time_budget" if clock is not None and (clock.ended or stop.expired) else None
-    return track.finished(_finish(replace(_summary(run, state, plan, bb, bundle, rt.device, status), stopped_by=by),
+    return track.finished(_finish(replace(_records.summary(run, state, plan, bb, bundle, rt.device, status), stopped_by=by),
                                   run, bundle, cfg.train.device, dd, log))
 
 
@@ -252,8 +218,8 @@ def _after_step(show: Callable[[engine.Running], None] | None,
     return step
 
 
-def _finish(summary: "TrainSummary", run: RunDir, bundle: data.DataBundle, device: str, dd: distributed.Dist,
-            log: Callable[[str], None]) -> "TrainSummary":
+def _finish(summary: TrainSummary, run: RunDir, bundle: data.DataBundle, device: str, dd: distributed.Dist,
+            log: Callable[[str], None]) -> TrainSummary:
     """Calibrate the checkpoints; evaluate best.pt on data.test when there is one; write summary.json (rank 0)."""
     fit = calibrate.calibrate_run(run, bundle.val, device, log) if dd.is_main else None
     if dd.is_main and bundle.test is not None:  # best.pt was picked on val; the test set is its unbiased figure
@@ -284,28 +250,3 @@ def _run_head_phase(cfg: Config, bb: models.Backbone, bundle: data.DataBundle, r
         _records.end_epoch(state, _records.row(state, "head", lrs, running, ev, ["head"]), saved, run, writer, log, cfg.train.epochs)
 
 
-def _summary(run: RunDir, state: engine.TrainState, plan: FreezePlan, bb: models.Backbone,
-             bundle: data.DataBundle, device: torch.device, status: str = "completed") -> TrainSummary:
-    last = state.history[-1] if state.history else None
-    return TrainSummary(
-        status=status,
-        run_dir=str(run),
-        best_val_acc=state.best_val_acc,
-        best_epoch=state.best_epoch,
-        final_val_acc=last["val_acc"] if last else None,
-        final_val_loss=last["val_loss"] if last else None,
-        epochs_completed=state.epoch,  # the strategy's epochs; the head phase is epoch 0
-        wall_seconds=round(last["wall_seconds"] if last else state.wall_seconds, 3),
-        checkpoints={"best": str(run.best), "last": str(run.last)},
-        model=bb.name,
-        weights=bb.weights,
-        strategy=plan.strategy,
-        trainable_params=plan.trainable_params,
-        total_params=plan.total_params,
-        classes=bundle.classes,
-        train_images=len(bundle.train),
-        val_images=len(bundle.val),
-        skipped_images=len(bundle.skipped),
-        skipped=[{"path": p, "reason": r} for p, r in bundle.skipped],
-        device=str(device),
-    )

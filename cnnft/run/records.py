@@ -4,7 +4,7 @@ epoch, and recording an epoch (checkpoints first, then history and metrics.csv).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -167,3 +167,64 @@ def patience_spent(state: engine.TrainState, patience: int | None, log: Callable
         return False
     log(f"early stop: {state.monitor} has not improved for {patience} epoch(s) since epoch {state.best_epoch}")
     return True
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """What a completed run reports; ``to_dict()`` is its summary.json and ``--json`` output."""
+
+    status: str
+    run_dir: str
+    best_val_acc: float
+    best_epoch: int
+    final_val_acc: float | None
+    final_val_loss: float | None
+    epochs_completed: int
+    wall_seconds: float
+    checkpoints: dict[str, str]
+    model: str
+    weights: str
+    strategy: str
+    trainable_params: int
+    total_params: int
+    classes: list[str]
+    train_images: int
+    val_images: int
+    skipped_images: int
+    skipped: list[dict]
+    device: str
+    test_acc: float | None = None  # best.pt on data.test, when set: reported apart from val
+    test_images: int | None = None
+    calibration: dict | None = None  # the temperature fitted on val; ECE/NLL before and after (val, and test)
+    stopped_by: str | None = None  # "train.time_budget" when the budget ended the run
+
+    def to_dict(self) -> dict:
+        """The summary as plain JSON-ready values, keys in summary.json's order."""
+        return asdict(self)
+
+
+def summary(run: RunDir, state: engine.TrainState, plan: FreezePlan, bb: models.Backbone,
+             bundle: data.DataBundle, device: torch.device, status: str = "completed") -> TrainSummary:
+    last = state.history[-1] if state.history else None
+    return TrainSummary(
+        status=status,
+        run_dir=str(run),
+        best_val_acc=state.best_val_acc,
+        best_epoch=state.best_epoch,
+        final_val_acc=last["val_acc"] if last else None,
+        final_val_loss=last["val_loss"] if last else None,
+        epochs_completed=state.epoch,  # the strategy's epochs; the head phase is epoch 0
+        wall_seconds=round(last["wall_seconds"] if last else state.wall_seconds, 3),
+        checkpoints={"best": str(run.best), "last": str(run.last)},
+        model=bb.name,
+        weights=bb.weights,
+        strategy=plan.strategy,
+        trainable_params=plan.trainable_params,
+        total_params=plan.total_params,
+        classes=bundle.classes,
+        train_images=len(bundle.train),
+        val_images=len(bundle.val),
+        skipped_images=len(bundle.skipped),
+        skipped=[{"path": p, "reason": r} for p, r in bundle.skipped],
+        device=str(device),
+    )
