@@ -153,7 +153,7 @@ def test_sweep_of_a_config_is_repeatable(tiny_data):
     results = []
     for _ in range(2):
         build.seed_everything(cfg.seed)
-        results.append(lr_find_recipe.sweep(cfg, bundle, rt, lambda m: None, steps=20))
+        results.append(build.sweep(cfg, bundle, rt, lambda m: None, steps=20))
     assert results[0] == results[1]
 
 
