@@ -189,7 +189,7 @@ class TrainConfig(_Section):
     channels_last: Bool = True
     tensorboard: Bool = Field(False, description="write TensorBoard events (the same as tensorboard in log_to)")
     log_to: list[Literal["tensorboard", "mlflow"]] = Field(
-        default_factory=list, description="experiment trackers the run is logged to: tensorboard (RUN/tensorboard), "
+        [], description="experiment trackers the run is logged to: tensorboard (RUN/tensorboard), "
         "mlflow (pip install 'cnnft[mlflow]')")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else "
                                    "MLflow's own default")

@@ -97,7 +97,8 @@ def lookup(name: str, catalog: dict[str, Entry]) -> Entry:
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ConfigError(
         f"model.backbone: unknown backbone {name!r}.{hint} "
-        f"See `cnnft models` for the list; timm models are named timm/<name>."
+        f"See `cnnft models` for the list; timm models are named timm/<name>, model folders "
+        f"local-dir:DIR or hf-hub:org/name."
     )
 
 
