@@ -188,7 +188,7 @@ def test_report_html_is_self_contained(run_dir):
     srcs = re.findall(r'src="([^"]*)"', text)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "href=" not in text and "<script" not in text
-    assert len(srcs) == 6  # loss, accuracy, lr, confusion matrices, errors, confused pairs
+    assert len(srcs) == 7  # loss, accuracy, lr, confusion matrices, reliability, errors, confused pairs
     assert "<title>cnnft report: tiny</title>" in text and f"{res.best_val_acc:.2%}" in text
     for key in res.hyperparameters:
         assert f"<td>{key}</td>" in text.replace("&#x27;", "'").replace("&amp;", "&")
