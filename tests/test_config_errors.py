@@ -124,7 +124,7 @@ def test_valid_config_with_overrides_resolves(monkeypatch, capsys, tmp_path) -> 
     assert resolved["train"]["backbone_lr_scale"] == 0.1  # defaults filled in
     assert resolved["freeze"]["strategy"] == "auto"
     assert resolved["data"]["val_split"] == 0.2
-    assert set(resolved) == {"name", "output_dir", "seed", "data", "model", "freeze", "train"}
+    assert set(resolved) == {"name", "output_dir", "seed", "data", "model", "freeze", "train", "tune"}
     assert "backbone_lr_scale: 0.1" in out
 
 

@@ -111,7 +111,8 @@ def test_every_timm_twin_has_timms_parameters(name):
 def test_predict_reads_the_folder(tiny_run, tiny_hf, tmp_path):
     images = _fixtures.random_image_folder(tmp_path / "imgs", per_class=3, seed=5)
     from_folder = predict.predict(tiny_hf, [images], top_k=2, device="cpu", log=lambda m: None)
-    from_run = predict.predict(tiny_run["run_dir"], [images], top_k=2, device="cpu", log=lambda m: None)
+    from_run = predict.predict(tiny_run["run_dir"], [images], top_k=2, device="cpu", log=lambda m: None,
+                               uncalibrated=True)  # the folder carries no temperature
     assert from_folder.classes == from_run.classes and from_folder.model == "timm/resnet18"
     for a, b in zip(from_folder.predictions, from_run.predictions):
         assert a["class"] == b["class"] and abs(a["prob"] - b["prob"]) <= 1e-5
@@ -239,7 +240,7 @@ def test_timm_loads_the_export_with_predicts_logits_on_real_images(which, tmp_pa
     run = (_fixtures.hymenoptera_run(tmp_path_factory, hymenoptera)["run_dir"] if which == "efficientnet_lite0"
            else _resnet_on_real_images(tmp_path_factory, hymenoptera))
     res = export.export(run, "hf", tmp_path / "hf")
-    model, name, classes, pre, _, rt, _ = predict._load(run, "cpu")  # what `cnnft predict RUN` runs
+    model, name, classes, pre, _, rt, _, _ = predict._load(run, "cpu", lambda m: None)  # what `cnnft predict RUN` runs
     shared = timm.create_model(f"local-dir:{res.out}", pretrained=True).eval()
     assert hf.load_folder(res.out).preprocess == pre and hf.load_folder(res.out).classes == classes
     paths = sorted(str(p) for p in (hymenoptera / "val").rglob("*.jpg"))[::4]

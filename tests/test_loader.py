@@ -52,7 +52,7 @@ def test_exit_with_a_live_loader_iterator_does_not_hang(tmp_path: Path) -> None:
     for them: a worker that ignored every SIGTERM would hang the exit forever."""
     script = tmp_path / "live.py"
     script.write_text(textwrap.dedent("""
-        from cnnft import data
+        from cnnft.data import folders as data
         loader = data.make_loader(list(range(100)), batch_size=2, num_workers=2)
         LIVE = iter(loader)
         next(LIVE)

@@ -92,7 +92,7 @@ def test_freeze_plan_command_shows_the_decayed_rates(monkeypatch, capsys):
     table = runner.invoke(cli.app, args)
     assert table.exit_code == 0 and "6.3e-05" in table.stdout  # the stem's rate, in the stage table
     code, _, err = run_cli(monkeypatch, capsys, *args[:-1], "1.5")
-    assert code == 2 and "--layer-decay must be in (0, 1]" in err
+    assert code == 2 and "--layer-decay" in err and "a finite number > 0 and <= 1" in err
 
 
 # -------------------------------------------------------------------------- mixup / CutMix

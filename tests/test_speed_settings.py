@@ -58,7 +58,7 @@ def test_cuda_runtime_turns_on_cudnn_autotuning(monkeypatch):
 _ALLOCATION_PROBE = r"""
 import ctypes, json, sys
 import torch
-from cnnft import runtime
+from cnnft.training import runtime
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(f, ctypes.c_size_t) for f in
