@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from _fixtures import run_cli
 from PIL import Image
 
@@ -184,3 +186,13 @@ def run_folders(output_dir: Path) -> list[Path]:
 def summary_of(run_dir: Path) -> dict | None:
     p = run_dir / "summary.json"
     return json.loads(p.read_text()) if p.is_file() else None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread for a module of many tiny runs (import it into the module: autouse):
+    on 2 shared cores, OpenMP threads spinning against other work make tiny models ~30x slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

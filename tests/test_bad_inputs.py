@@ -38,6 +38,7 @@ from _robust import (
     text_as_jpeg,
     truncated_jpeg,
 )
+from _robust import one_thread  # noqa: F401 - autouse: one torch thread per module
 
 BASE: dict = {
     "name": "t",
@@ -51,13 +52,6 @@ DROP = object()  # a patch value that removes the key
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: OpenMP threads spinning against other work make tiny models ~30x slower
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def merged(base: dict, patch: dict) -> dict:

@@ -11,16 +11,11 @@ import numpy as np
 import pytest
 import torch
 from _robust import make_dataset, run_inprocess
+from _robust import one_thread  # noqa: F401 - autouse: one torch thread per module
 from PIL import Image
 from test_bad_inputs import Case, _check, _setup, prior_run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # ------------------------------------------------------------------ EXIF orientation

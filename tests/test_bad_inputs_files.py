@@ -23,7 +23,7 @@ from typing import Callable
 import pytest
 import yaml
 from _robust import make_dataset, run_folders, run_inprocess, subprocess_env, summary_of
-from test_bad_inputs import _one_thread  # noqa: F401 - the module's fixture: one thread
+from _robust import one_thread  # noqa: F401 - autouse: one torch thread per module
 from test_bad_inputs import BASE, LENET, Case, _check, _setup, checkpoint_intact, merged, write
 
 REPO = Path(__file__).resolve().parent.parent

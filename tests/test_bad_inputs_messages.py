@@ -20,7 +20,7 @@ from typing import Callable
 import pytest
 import yaml
 from _robust import TRACEBACK, flat, make_dataset, run_folders, run_inprocess, subprocess_env
-from test_bad_inputs import _one_thread  # noqa: F401 - the module's fixture: one thread
+from _robust import one_thread  # noqa: F401 - autouse: one torch thread per module
 from test_bad_inputs import BASE, LENET, merged
 from test_bad_inputs_files import finished_run
 

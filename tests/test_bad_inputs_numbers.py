@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from _robust import run_inprocess
+from _robust import one_thread  # noqa: F401 - autouse: one torch thread per module
 from test_bad_inputs import Case, _check, _setup, prior_run
 
 LR_RANGE = "a finite number > 0 and <= 10"
@@ -22,12 +23,6 @@ MIX_RANGE = "a finite number from 0.01 to 100 (or 0: off)"
 BIG = "99999999999999999999"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def cfg_row(id: str, override: str, key: str, *says: str) -> Case:

@@ -10,15 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from _robust import make_dataset, run_inprocess
+from _robust import one_thread  # noqa: F401 - autouse: one torch thread per module
 from test_bad_inputs import Case, _check, _setup
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def split_folder(classes=("a", "b")):

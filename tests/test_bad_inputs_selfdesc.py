@@ -17,17 +17,15 @@ import pytest
 import torch
 import yaml
 from _robust import make_dataset, run_inprocess
+from _robust import one_thread  # noqa: F401 - autouse: one torch thread per module
 from test_bad_inputs import BASE, Case, _check, _setup, merged
 
 _TEMPLATE: list[Path] = []
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _remove_template():
     yield
-    torch.set_num_threads(old)
     for t in _TEMPLATE:
         shutil.rmtree(t, ignore_errors=True)
 
