@@ -28,6 +28,7 @@ from ..errors import DataError
 from .samples import (  # noqa: F401 - the torch-free part of the data layer, re-exported
     IMAGE_EXTENSIONS,
     Source,
+    class_mismatch,
     image_files,
     scan_folder,
     scan_images,
@@ -194,15 +195,9 @@ def build_data(cfg: "DataConfig", seed: int, log: Callable[[str], None] | None =
 
 def _check_same_classes(classes: list[str], v_classes: list[str]) -> None:
     """data.val must hold the class folders data.train holds."""
-    if v_classes != classes:
-        only_t = sorted(set(classes) - set(v_classes))
-        only_v = sorted(set(v_classes) - set(classes))
-        raise DataError(
-            "data.val: class folders differ from data.train"
-            + (f"; only in train: {', '.join(only_t)}" if only_t else "")
-            + (f"; only in val: {', '.join(only_v)}" if only_v else ""),
-            hint="give both folders the same class sub-folders",
-        )
+    differ = class_mismatch("data.val", classes, v_classes, "data.train", "only in train")
+    if differ:
+        raise DataError(differ, hint="give both folders the same class sub-folders")
 
 
 def _test_source(cfg: "DataConfig", classes: list[str]) -> tuple[Source | None, list[tuple[str, str]]]:
@@ -211,15 +206,9 @@ def _test_source(cfg: "DataConfig", classes: list[str]) -> tuple[Source | None, 
     if cfg.test is None:
         return None, []
     t_classes, paths, labels = scan_folder(cfg.test, "data.test")
-    if sorted(t_classes) != sorted(classes):
-        only_c = sorted(set(classes) - set(t_classes))
-        only_t = sorted(set(t_classes) - set(classes))
-        raise DataError(
-            "data.test: class folders differ from the training classes"
-            + (f"; missing in test: {', '.join(only_c[:10])}" if only_c else "")
-            + (f"; only in test: {', '.join(only_t[:10])}" if only_t else ""),
-            hint="give data.test one sub-folder per training class, with the same names",
-        )
+    differ = class_mismatch("data.test", classes, t_classes, "the training classes", "missing in test")
+    if differ:
+        raise DataError(differ, hint="give data.test one sub-folder per training class, with the same names")
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[t_classes[y]] for y in labels]
     bad = verify_images(paths, cfg.on_bad_image, "data.test")

@@ -117,6 +117,19 @@ def listed(names: Sequence[str], most: int = 20) -> str:
     return shown + (f", ... and {len(names) - most:,} more ({len(names):,} in all)" if len(names) > most else "")
 
 
+def class_mismatch(key: str, classes: Sequence[str], other: Sequence[str], against: str,
+                   missing: str) -> str | None:
+    """What differs between a split's class folders (``other``, read at ``key``) and ``classes``:
+    one sentence naming the folders only one side has (``missing`` labels those ``other`` lacks);
+    None when both hold the same names."""
+    if sorted(other) == sorted(classes):
+        return None
+    lacks, extra = sorted(set(classes) - set(other)), sorted(set(other) - set(classes))
+    return (f"{key}: class folders differ from {against}"
+            + (f"; {missing}: {', '.join(lacks[:10])}" if lacks else "")
+            + (f"; only in {key.split('.')[-1]}: {', '.join(extra[:10])}" if extra else ""))
+
+
 def scan_folder(root: str | Path, key: str, min_classes: int = 2) -> tuple[list[str], list[str], list[int]]:
     """List a class-per-folder dataset: (classes, file paths, labels). Hidden folders and
     files are not part of it. Training needs 2 classes; evaluating or extracting features

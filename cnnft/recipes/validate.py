@@ -86,12 +86,11 @@ def _check_folders(cfg: Config, problems: list[str], notes: list[str]) -> dict[s
         found["val"] = _counts(v_classes, v_labels)
     except CnnftError as exc:
         problems += _say(exc)
-    if "train" in found and "val" in found and list(found["train"]) != list(found["val"]):
-        only_t = sorted(set(found["train"]) - set(found["val"]))
-        only_v = sorted(set(found["val"]) - set(found["train"]))
-        problems.append("data.val: class folders differ from data.train"
-                        + (f"; only in train: {', '.join(only_t)}" if only_t else "")
-                        + (f"; only in val: {', '.join(only_v)}" if only_v else ""))
+    differ = ("train" in found and "val" in found
+              and samples.class_mismatch("data.val", list(found["train"]), list(found["val"]), "data.train",
+                                         "only in train"))
+    if differ:
+        problems.append(differ)
     return found
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..config import Config
+from ..data.samples import class_mismatch
 from ..errors import ConfigError
 
 
@@ -41,14 +42,8 @@ def stage_problems(frozen_stages: int | None, trainable_stages: int | str, stage
 
 def split_class_problems(key: str, classes: Sequence[str], other: Sequence[str]) -> list[str]:
     """A split (``data.test``) must hold the training classes, by name."""
-    if sorted(other) == sorted(classes):
-        return []
-    only_c = sorted(set(classes) - set(other))
-    only_o = sorted(set(other) - set(classes))
-    return [f"{key}: class folders differ from the training classes"
-            + (f"; missing in {key.split('.')[-1]}: {', '.join(only_c[:10])}" if only_c else "")
-            + (f"; only in {key.split('.')[-1]}: {', '.join(only_o[:10])}" if only_o else "")
-            + "; give it one sub-folder per training class, with the same names"]
+    differ = class_mismatch(key, classes, other, "the training classes", f"missing in {key.split('.')[-1]}")
+    return [] if differ is None else [differ + "; give it one sub-folder per training class, with the same names"]
 
 
 def before_training(cfg: Config, classes: Sequence[str], stage_names: Sequence[str] | None,
