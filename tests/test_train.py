@@ -14,6 +14,7 @@ from cnnft import models
 from cnnft.config import DataConfig
 from cnnft.data import folders as data
 from cnnft.data import transforms
+from cnnft.errors import InputError
 from cnnft.recipes import train as train_recipe
 from cnnft.results import tensorboard as _tensorboard
 from cnnft.run import checkpoint
@@ -133,6 +134,22 @@ def test_resuming_a_finished_run_says_how_to_extend_it(tmp_path, tiny_data):
             train_recipe.train(None, overrides, resume=run, log=lambda m: None)
         assert f"--resume {run} train.epochs=7" in info.value.hint
     assert {p.name: p.read_bytes() for p in Path(run).rglob("*") if p.is_file()} == before, "nothing touched"
+
+
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_finish(tmp_path, tiny_data):
+    """Killed after the last epoch's last.pt but before summary.json (while calibrating or
+    testing best.pt): --resume trains nothing more and writes what the run had left to write."""
+    run = Path(train_recipe.train(_config(tmp_path, tiny_data), [], log=lambda m: None).run_dir)
+    whole = json.loads((run / "summary.json").read_text())
+    metrics = (run / "metrics.csv").read_bytes()
+    (run / "summary.json").unlink()
+    again = train_recipe.train(None, [], resume=run, log=lambda m: None)
+    assert again.status == "completed" and again.epochs_completed == 2
+    assert (run / "metrics.csv").read_bytes() == metrics, "no epoch trained again"
+    finished = json.loads((run / "summary.json").read_text())
+    assert finished["best_val_acc"] == whole["best_val_acc"] and finished["status"] == "completed"
+    with pytest.raises(InputError, match="already completed"):  # now it is finished
+        train_recipe.train(None, [], resume=run, log=lambda m: None)
 
 
 def test_resume_refuses_changing_the_model(tmp_path, tiny_data):

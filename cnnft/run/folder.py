@@ -8,6 +8,7 @@ keeps what it had saved.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import signal
 import threading
@@ -61,13 +62,23 @@ def resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, dict | N
         return cfg, None  # killed before its first checkpoint: the run starts over in its folder
     state = checkpoint.load(run.last)
     _check_config_unchanged(run, cfg, state)
-    if state["step"] == 0 and state["epoch"] >= cfg.train.epochs:
+    if state["step"] == 0 and state["epoch"] >= cfg.train.epochs and _finished(run):
         done = state["epoch"]
         raise InputError(
             f"train.epochs: the run in {run_dir} has already completed {done} epoch(s)"
             + (f", more than the {cfg.train.epochs} asked for" if done > cfg.train.epochs else ""),
             hint=f"to train longer, resume with a larger total: cnnft train --resume {run_dir} train.epochs={done + 5}")
     return cfg, state
+
+
+def _finished(run: RunDir) -> bool:
+    """Whether the run wrote its closing summary. A run killed after its last epoch's checkpoint
+    but before that (while calibrating or testing best.pt) is resumed to finish those steps."""
+    try:
+        status = json.loads(run.summary.read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return status in ("completed", "stopped")
 
 
 def _check_nothing_trained(run: RunDir) -> None:
