@@ -86,7 +86,7 @@ def predict_cmd(
 
 @app.command("report", cls=_Command)
 def report_cmd(
-    run_dir: Path = typer.Argument(..., help="A run folder."),
+    run_dir: Path = typer.Argument(..., help="A run folder, or a tune folder (NAME-tune: the search and its winner)."),
     device: str = typer.Option("auto", "--device", help="Device for evaluating the best checkpoint if needed."),
     json_out: bool = typer.Option(False, "--json", help="Print the key figures as JSON."),
 ) -> None:
@@ -96,6 +96,11 @@ def report_cmd(
     if json_out:
         _print_json(res.to_dict())
         return
+    if res.tune:
+        t = res.tune
+        test = f", test acc {tables.pct(t['test_accuracy'])}" if t["test_accuracy"] is not None else ""
+        out.print(f"search {t['folder']}: {t['trials_run']} trials ({t['trials_pruned']} pruned); winner trial "
+                  f"{t['winner']}, {t['objective']} {t['winner_value']:.4f}{test}", highlight=False)
     out.print(f"best val acc {tables.pct(res.best_val_acc)} (epoch {res.best_epoch}), final {tables.pct(res.final_val_acc)}, "
               f"{res.epochs} epochs, strategy {res.strategy}")
     out.print(f"report: {tables.shown_path(res.files['report.html'])} (open in a browser), {tables.shown_path(res.files['report.md'])}", highlight=False)

@@ -16,6 +16,7 @@ best checkpoint is evaluated. A failed or interrupted run gets a report of what 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -26,6 +27,7 @@ from ..files import atomic_write_text, check_folder_writable
 from ..results import plots
 from ..results import report_data as rd
 from ..results import report_page as page
+from ..results import tune_report
 from ..results.evaluation import Evaluation
 from ..results.report_data import Report
 from ..results.rundir import RunDir
@@ -49,6 +51,8 @@ def write_report(run_dir: str | Path, *, device: str = "auto", log: Log = _stder
     read the run's files -> evaluate best.pt if not done -> figures -> report.md, report.html.
     """
     run_dir = Path(run_dir).expanduser()
+    if tune_report.is_tune_folder(run_dir):  # a search's folder: its winner's report, with the search
+        return _write_tune_report(run_dir, device, log)
     run = RunDir(run_dir)
     if not run.metrics.is_file():
         raise InputError(f"{run_dir} has no metrics.csv; is it a cnnft run folder with at least one finished epoch?",
@@ -61,7 +65,28 @@ def write_report(run_dir: str | Path, *, device: str = "auto", log: Log = _stder
         return _write_report(run_dir, run, device, log)
 
 
-def _write_report(run_dir: Path, run: RunDir, device: str, log: Log) -> Report:
+def _write_tune_report(folder: Path, device: str, log: Log) -> Report:
+    """``NAME-tune/report/``: the search (trials, winner beside the default plan, its plots) and
+    the winner's run report below it, in one page."""
+    tune = tune_report.read(folder)
+    winner = Path(tune.winner_run)
+    if not RunDir(winner).metrics.is_file():
+        raise InputError(f"{winner} (the winner of {folder.name}) has no metrics.csv",
+                         hint=f"resume the search to train it again: cnnft tune --resume {folder}")
+    out = folder / "report"
+    with lock.hold(winner, "report"):
+        if os.path.islink(out):
+            raise InputError(f"{out} is a symbolic link; cnnft writes its report only in a folder it made",
+                             hint=f"remove the link: rm {out}")
+        check_folder_writable(out, "report folder")
+        out.mkdir(exist_ok=True)
+        for name in tune.plots:  # beside report.md, which links them
+            shutil.copyfile(folder / name, out / name)
+        return _write_report(winner, RunDir(winner), device, log, out=out, tune=tune)
+
+
+def _write_report(run_dir: Path, run: RunDir, device: str, log: Log, *, out: Path | None = None,
+                  tune: tune_report.TuneSection | None = None) -> Report:
     history = rd.read_history(run.metrics)
     if not history:
         raise InputError(f"{run_dir}/metrics.csv has no epochs yet")
@@ -79,7 +104,7 @@ def _write_report(run_dir: Path, run: RunDir, device: str, log: Log) -> Report:
             f"reporting what exists")
 
     ev, eval_error = _evaluation(run, device, log)
-    out = run.report
+    out = out or run.report
     out.mkdir(exist_ok=True)
     head = f"{run_dir.name} · {plan['model']} · best val acc {best_acc:.1%} (epoch {best_epoch})"
     titles = _curves(out, history, head, best_epoch)
@@ -95,7 +120,7 @@ def _write_report(run_dir: Path, run: RunDir, device: str, log: Log) -> Report:
                                                 "confusion_matrix_normalized.png", "top_errors.png",
                                                 "confused_pairs.png")})
         files.update({"reliability.png": str(out / "reliability.png")} if "reliability" in titles else {})
-    files.update({n: str(out / n) for n in ("report.md", "report.html")})
+    files.update({n: str(out / n) for n in (*(tune.plots if tune else ()), "report.md", "report.html")})
     rep = Report(
         run=run_dir.name, status=status, error=error, model=plan["model"], weights=plan["weights"],
         strategy=plan["strategy"], trainable_params=plan["trainable_params"], total_params=plan["total_params"],
@@ -106,10 +131,11 @@ def _write_report(run_dir: Path, run: RunDir, device: str, log: Log) -> Report:
         macro_f1=ev.macro_avg["f1"] if ev else None, eval_error=eval_error, hyperparameters=hp,
         class_counts=counts, confident_errors_shown=shown, error_tiles=error_tiles, confused_pairs=pairs,
         pair_tiles=pair_tiles, titles=titles, out_dir=str(out), files=files, eval_dir=ev.out_dir if ev else None,
+        tune=tune.to_dict() if tune else None,
     )
     top = ev.confident_errors[:shown] if ev else []
-    atomic_write_text(out / "report.md", page.markdown(rep, ev, top))
-    atomic_write_text(out / "report.html", page.html(rep, ev, top, out))
+    atomic_write_text(out / "report.md", page.markdown(rep, ev, top, tune))
+    atomic_write_text(out / "report.html", page.html(rep, ev, top, out, tune))
     return rep
 
 

@@ -283,6 +283,7 @@ class Report:
     out_dir: str
     files: dict[str, str]
     eval_dir: str | None
+    tune: dict | None = None  # the search's section, when the report is of a tune folder
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

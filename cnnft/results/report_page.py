@@ -8,7 +8,9 @@ import html as _html
 from pathlib import Path
 
 from .evaluation import PER_CLASS_COLUMNS, Evaluation
+from . import tune_report as tr
 from .report_data import Report
+from .tune_report import TuneSection
 
 FIGURES = (  # (file stem, section it belongs to, alt text)
     ("loss", "curves", "loss"),
@@ -59,12 +61,30 @@ def _num(v: int | None) -> str:
     return "-" if v is None else str(v)
 
 
-def markdown(rep: "Report", ev: Evaluation | None, errors: list[dict]) -> str:
-    """report.md: key figures, hyperparameters, curves, evaluation, image grids."""
+def _title(rep: "Report", tune: TuneSection | None) -> str:
+    return f"Tune report: {tune.folder}" if tune else f"Run report: {rep.run}"
+
+
+def _md_cell(v: object) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _tune_markdown(t: TuneSection) -> list[str]:
+    lines = ["## Search", "", "| | |", "|---|---|", *(f"| {k} | {_md_cell(v)} |" for k, v in tr.key_rows(t)), "",
+             tr.HONEST, "", "| " + " | ".join(tr.TRIAL_COLUMNS) + " |", "|---:|---|---:|---:|---:|---|",
+             *("| " + " | ".join(_md_cell(c) for c in row) + " |" for row in tr.trial_rows(t)), ""]
+    alts = dict(tr.PLOTS)
+    lines += [f"![{alts[n]}]({n})\n" for n in t.plots]
+    return lines + [f"## The winner: trial {t.winner} ({Path(t.winner_run).name})", ""]
+
+
+def markdown(rep: "Report", ev: Evaluation | None, errors: list[dict], tune: TuneSection | None = None) -> str:
+    """report.md: the search (a tune folder's report), key figures, hyperparameters, curves,
+    evaluation, image grids."""
     def table(rows: list[tuple[str, str]]) -> list[str]:
         return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
 
-    lines = [f"# Run report: {rep.run}", "", *table(_key_figures(rep)),
+    lines = [f"# {_title(rep, tune)}", "", *(_tune_markdown(tune) if tune else []), *table(_key_figures(rep)),
              "## Hyperparameters", "", *table(list(rep.hyperparameters.items()))]
     if rep.class_counts:
         lines += ["| class | train | val |", "|---|---:|---:|",
@@ -129,12 +149,20 @@ def _img(out: Path, name: str, alt: str) -> str:
             f"<figcaption>{_esc(alt)}</figcaption></figure>")
 
 
-def html(rep: "Report", ev: Evaluation | None, errors: list[dict], out: Path) -> str:
+def _tune_html(t: TuneSection, out: Path) -> list[str]:
+    alts = dict(tr.PLOTS)
+    return ["<h2>Search</h2>", _table(None, [[k, v] for k, v in tr.key_rows(t)]), f"<p>{_esc(tr.HONEST)}</p>",
+            _table(tr.TRIAL_COLUMNS, tr.trial_rows(t)),
+            '<div class="grid">' + "".join(_img(out, n, alts[n]) for n in t.plots) + "</div>",
+            f"<h2>The winner: trial {t.winner} ({_esc(Path(t.winner_run).name)})</h2>"]
+
+
+def html(rep: "Report", ev: Evaluation | None, errors: list[dict], out: Path, tune: TuneSection | None = None) -> str:
     """report.html: the same content as report.md in one file, every picture embedded as base64."""
     def figs(section: str) -> str:
         return '<div class="grid">' + "".join(_img(out, n, a) for n, a in _figures(rep, section)) + "</div>"
 
-    body = [f"<h1>Run report: {_esc(rep.run)}</h1>",
+    body = [f"<h1>{_esc(_title(rep, tune))}</h1>", *(_tune_html(tune, out) if tune else []),
             f'<p><span class="status {_esc(rep.status)}">{_esc(rep.status)}</span> '
             f"{_esc(rep.model)} · {_esc(rep.strategy)} · best val accuracy {_esc(_pct(rep.best_val_acc))} "
             f"(epoch {rep.best_epoch})</p>",
@@ -159,5 +187,5 @@ def html(rep: "Report", ev: Evaluation | None, errors: list[dict], out: Path) ->
         body.append(f"<p>Full results: <code>{_esc(ev.out_dir)}</code> (metrics.json, predictions.csv, "
                     "per_class.csv).</p>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>cnnft report: {_esc(rep.run)}</title><style>{CSS}</style></head>\n<body>\n"
+            f"<title>cnnft report: {_esc(tune.folder if tune else rep.run)}</title><style>{CSS}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
