@@ -118,3 +118,50 @@ def test_the_head_phase_reads_the_strategys_un_augmented_view_zero(tmp_path, tin
     assert at("head phase  train") == at("the strategy's stored activations")
     assert at("epoch 1/2") == at("head phase  train")
     assert at("epoch 2/2") - at("epoch 1/2") == n
+
+
+def _head_row(summary) -> dict:
+    import csv
+    from pathlib import Path
+
+    with open(Path(summary.run_dir) / "metrics.csv", newline="") as f:
+        return next(r for r in csv.DictReader(f) if r["epoch"] == "0")
+
+
+def test_a_strategy_cut_earlier_feeds_the_head_phase_without_a_pass_of_its_own(tmp_path, tiny_data, pretrained_file,
+                                                                             monkeypatch):
+    """freeze_most cuts after layer3 (stage3), the head phase's features lie after the last stage: view 0
+    is computed once, the frozen rest runs on it to give the head's inputs, and epoch 1 reads it."""
+    from cnnft.run import cached
+
+    decodes = [0]
+    original = folders.open_image
+
+    def counted(*a, **k):
+        decodes[0] += 1
+        return original(*a, **k)
+
+    monkeypatch.setattr(folders, "open_image", counted)
+    args = ("freeze.strategy=freeze_most", f"model.weights={pretrained_file}", "train.head_phase=true",
+            "data.augment=light", "train.epochs=2")
+    marks: list[tuple[int, str]] = []
+    summary = train_small(tmp_path / "shared", tiny_data, *args, log=lambda m: marks.append((decodes[0], m)))
+    logged = [m for _, m in marks]
+
+    def at(text: str) -> int:
+        return next(d for d, m in marks if text in m)
+
+    assert any("stored activations after layer3" in m and "run on to the head" in m for m in logged), logged
+    n = summary.train_images
+    assert n <= at("the strategy's stored activations") - at("run once") <= n + 2  # + the cut's 2-image sample
+    assert at("epoch 1/2") == at("the strategy's stored activations"), "epoch 1 reads view 0"
+    assert at("epoch 2/2") - at("epoch 1/2") == n
+
+    # the same head phase as one that makes its own pass over the images
+    monkeypatch.setattr(cached, "_head_from_earlier_cut", lambda *a, **k: None)
+    marks.clear()
+    own = train_small(tmp_path / "own", tiny_data, *args, log=lambda m: marks.append((decodes[0], m)))
+    assert not any("run on to the head" in m for _, m in marks)
+    a, b = _head_row(summary), _head_row(own)
+    for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        assert float(a[k]) == pytest.approx(float(b[k]), abs=1e-4), k

@@ -22,7 +22,7 @@ from .. import __version__, files, models, progress
 from ..config import Config
 from ..data import folders as data
 from ..data import transforms
-from ..training import cache, distributed, runtime
+from ..training import cache, distributed, fold, runtime
 
 Log = Callable[[str], None]
 
@@ -67,8 +67,12 @@ def setup(cfg: Config, bb: models.Backbone, frozen: list[str], bundle: data.Data
     if split is None:
         log(f"feature cache: off ({why})")
         return None
-    if reuse is not None and reuse.boundary == split.boundary and reuse.plain_first:
-        return _shared_head(reuse, bundle, cfg, rt, log, show)
+    if reuse is not None and reuse.plain_first:
+        if reuse.boundary == split.boundary:
+            return _shared_head(reuse, bundle, cfg, rt, log, show)
+        shared = _head_from_earlier_cut(reuse, bb, bundle, cfg, rt, log, show)
+        if shared is not None:
+            return shared
     views = 1 if cfg.data.augment == "none" else min(_views(t.cache_views, split.rest, bb.model), t.epochs)
     # with a head phase ahead, view 0 is un-augmented: the head phase's features and epoch 1's view
     plain_first = not part and t.head_phase and bb.pretrained and distributed.world_size() == 1
@@ -105,19 +109,92 @@ def _shared_head(reuse: Cached, bundle: data.DataBundle, cfg: Config, rt: runtim
                  show: bool) -> Cached:
     """The head phase's features from the strategy's cache: its validation activations and its
     un-augmented view 0, computed here (one pass that epoch 1 then reads) unless stored already."""
+    _fill_plain_view(reuse, cfg, rt, log, show)
+    log("feature cache (head phase): the strategy's stored activations (validation, un-augmented view 0)")
+    return Cached(reuse.rest, None, reuse.val, cache.CachedFeatures(reuse.views.store, bundle.train.labels, 1),
+                  reuse.boundary, True)
+
+
+def _fill_plain_view(reuse: Cached, cfg: Config, rt: runtime.Runtime, log: Log, show: bool) -> None:
+    """The strategy cache's un-augmented view 0, computed in one pass unless stored already."""
     views = reuse.views
-    if not views.store.complete(0):
-        shown = progress.counter("caching train activations (un-augmented view)", len(views), show, log)
-        b = cfg.data.batch_size
-        in_order = [list(range(i, min(i + b, len(views)))) for i in range(0, len(views), b)]
+    if views.store.complete(0):
+        return
+    shown = progress.counter("caching train activations (un-augmented view)", len(views), show, log)
+    b = cfg.data.batch_size
+    in_order = [list(range(i, min(i + b, len(views)))) for i in range(0, len(views), b)]
+    try:
+        cache.fill(views.live.split, 0, views.live.images(0, in_order), views.store, len(views), views.store.views,
+                   rt.images, on_batch=shown.update)
+    finally:
+        shown.close()
+
+
+class _HeadInput(Exception):
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+
+def _head_inputs_of(rest: nn.Module, head: nn.Module, acts: torch.Tensor) -> torch.Tensor:
+    """What ``head`` receives when ``rest`` runs on stored activations (the head itself not run)."""
+    def stop(_m, inputs):
+        raise _HeadInput(inputs[0])
+
+    handle = head.register_forward_pre_hook(stop)
+    try:
+        rest(acts)
+    except _HeadInput as got:
+        return got.value
+    finally:
+        handle.remove()
+    raise RuntimeError("the forward pass never reached the head")
+
+
+def _head_from_earlier_cut(reuse: Cached, bb: models.Backbone, bundle: data.DataBundle, cfg: Config,
+                           rt: runtime.Runtime, log: Log, show: bool) -> Cached | None:
+    """The head phase's features from a strategy cache cut earlier (after the stem, say): its
+    un-augmented view 0 is computed now (epoch 1 then reads it, so no image is decoded twice) and
+    the frozen layers between that cut and the head run over the stored rows. None when that does
+    not hold for this model (several heads, features over the budget, a head whose input does not
+    give the model's output): the head phase then makes its own pass."""
+    model = bb.model
+    if len(models.head_paths(model)) != 1 or reuse.views.live is None and not reuse.views.store.complete(0):
+        return None
+    head = models.head_module(model)
+    n, m, b = len(reuse.views), len(reuse.val.ds), cfg.data.batch_size
+    with cache.frozen_modes(model):
+        model.eval()
+        first = reuse.val.ds.store.batch(0, range(min(2, m))) if m else None
+        if first is None:
+            return None
+        probe = _head_inputs_of(reuse.rest, head, rt.images(first))
+        if not fold.reproduces(models.logits_of(reuse.rest(rt.images(first))).float(),
+                               models.logits_of(head(probe)).float()):
+            return None
+    shape = probe.shape[1:]
+    if cache.size_of(1, n + m, shape) > cfg.train.cache_budget_mb * 2**20:
+        return None
+    _fill_plain_view(reuse, cfg, rt, log, show)
+    stores = []
+    for source, count, what in ((reuse.views.store, n, "train"), (reuse.val.ds.store, m, "validation")):
+        out = cache.Store.allocate(1, count, shape, in_memory=True)
+        shown = progress.counter(f"head phase: {what} features from the stored activations", count, show, log)
         try:
-            cache.fill(views.live.split, 0, views.live.images(0, in_order), views.store, len(views), views.store.views,
-                       rt.images, on_batch=shown.update)
+            with cache.frozen_modes(model):
+                model.eval()
+                for i in range(0, count, b):
+                    rows = range(i, min(i + b, count))
+                    out.write(0, rows, _head_inputs_of(reuse.rest, head, rt.images(source.batch(0, rows))))
+                    shown.update(len(rows))
         finally:
             shown.close()
-    log("feature cache (head phase): the strategy's stored activations (validation, un-augmented view 0)")
-    return Cached(reuse.rest, None, reuse.val, cache.CachedFeatures(views.store, bundle.train.labels, 1),
-                  reuse.boundary, True)
+        stores.append(out)
+    train, val = stores
+    log(f"feature cache (head phase): the strategy's stored activations after {reuse.boundary} (validation, "
+        "un-augmented view 0), run on to the head")
+    val_ds = cache.CachedFeatures(val, bundle.val.labels, 1)
+    val_loader = cache.cached_loader(val_ds, data.EpochSampler(m, 0, shuffle=False), b)
+    return Cached(head, None, val_loader, cache.CachedFeatures(train, bundle.train.labels, 1), "head input", True)
 
 
 # With the whole backbone frozen an epoch costs next to nothing and the augmented views are the
