@@ -92,23 +92,32 @@ def test_the_pre_scan_reports_progress_in_plain_lines(tmp_path, monkeypatch):
     assert any(m.startswith("checking images: ") and "images/s, ETA" in m for m in lines), lines
 
 
+class _Marks:
+    """Every image decode counted; ``log`` records each message with the decodes before it."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.decodes, self.marks = 0, []
+        original = folders.open_image
+
+        def counted(*a, **k):
+            self.decodes += 1
+            return original(*a, **k)
+
+        monkeypatch.setattr(folders, "open_image", counted)
+
+    def log(self, m: str) -> None:
+        self.marks.append((self.decodes, m))
+
+    def at(self, text: str) -> int:
+        """Images decoded before the first message containing ``text``."""
+        return next(d for d, m in self.marks if text in m)
+
+
 def test_the_head_phase_reads_the_strategys_un_augmented_view_zero(tmp_path, tiny_data, pretrained_file, monkeypatch):
-    decodes = [0]
-    original = folders.open_image
-
-    def counted(*a, **k):
-        decodes[0] += 1
-        return original(*a, **k)
-
-    monkeypatch.setattr(folders, "open_image", counted)
-    marks: list[tuple[int, str]] = []  # (images decoded so far, message)
+    seen = _Marks(monkeypatch)
     summary = train_small(tmp_path, tiny_data, "freeze.strategy=head_only", f"model.weights={pretrained_file}",
-                          "train.head_phase=true", "data.augment=light", "train.epochs=2",
-                          log=lambda m: marks.append((decodes[0], m))).to_dict()
-    logged = [m for _, m in marks]
-
-    def at(text: str) -> int:
-        return next(d for d, m in marks if text in m)
+                          "train.head_phase=true", "data.augment=light", "train.epochs=2", log=seen.log).to_dict()
+    logged, at = [m for _, m in seen.marks], seen.at
 
     assert any("the un-augmented one (the head phase's), then 1 augmented" in m for m in logged), logged
     n = summary["train_images"]
@@ -134,22 +143,11 @@ def test_a_strategy_cut_earlier_feeds_the_head_phase_without_a_pass_of_its_own(t
     is computed once, the frozen rest runs on it to give the head's inputs, and epoch 1 reads it."""
     from cnnft.run import cached
 
-    decodes = [0]
-    original = folders.open_image
-
-    def counted(*a, **k):
-        decodes[0] += 1
-        return original(*a, **k)
-
-    monkeypatch.setattr(folders, "open_image", counted)
+    seen = _Marks(monkeypatch)
     args = ("freeze.strategy=freeze_most", f"model.weights={pretrained_file}", "train.head_phase=true",
             "data.augment=light", "train.epochs=2")
-    marks: list[tuple[int, str]] = []
-    summary = train_small(tmp_path / "shared", tiny_data, *args, log=lambda m: marks.append((decodes[0], m)))
-    logged = [m for _, m in marks]
-
-    def at(text: str) -> int:
-        return next(d for d, m in marks if text in m)
+    summary = train_small(tmp_path / "shared", tiny_data, *args, log=seen.log)
+    logged, at = [m for _, m in seen.marks], seen.at
 
     assert any("stored activations after layer3" in m and "run on to the head" in m for m in logged), logged
     n = summary.train_images
@@ -159,9 +157,9 @@ def test_a_strategy_cut_earlier_feeds_the_head_phase_without_a_pass_of_its_own(t
 
     # the same head phase as one that makes its own pass over the images
     monkeypatch.setattr(cached, "_head_from_earlier_cut", lambda *a, **k: None)
-    marks.clear()
-    own = train_small(tmp_path / "own", tiny_data, *args, log=lambda m: marks.append((decodes[0], m)))
-    assert not any("run on to the head" in m for _, m in marks)
+    seen.marks.clear()
+    own = train_small(tmp_path / "own", tiny_data, *args, log=seen.log)
+    assert not any("run on to the head" in m for _, m in seen.marks)
     a, b = _head_row(summary), _head_row(own)
     for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
         assert float(a[k]) == pytest.approx(float(b[k]), abs=1e-4), k
