@@ -6,7 +6,9 @@ rotated and noised), then runs, each in a fresh process so that its peak RSS is 
 (``resource.getrusage``):
 
   plain       a hand-written loop: the same model with its backbone frozen, the head trained on
-              every image each epoch (ImageFolder-like list + PIL, batch 32), no validation
+              every image each epoch (ImageFolder-like list + PIL, batch 32), no validation; and
+              the same loop training the stages the measured plan trains (the loop that plan's
+              cache replaces)
   head_only   ``cnnft train`` with freeze.strategy=head_only (head phase + epochs)
   measured    ``cnnft train`` with the plan its similarity probe picks (freeze.strategy=auto)
 
@@ -99,21 +101,25 @@ class _Images:
         return self.tf(self.open_image(str(self.files[i]))), self.labels[i]
 
 
-def plain_case(folder: str, epochs: int, q) -> None:
+def plain_case(folder: str, epochs: int, frozen: list[str] | None, q) -> None:
+    """``frozen``: the stages kept frozen (BatchNorm in them too); None: every stage but the head."""
     mp.set_start_method("fork", force=True)  # loader workers share the decode counter
+    from types import SimpleNamespace
+
     import torch
     from torch import nn
     from torchvision import transforms as T
 
     from cnnft import models
     from cnnft.data.folders import open_image
+    from cnnft.training import freeze
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
     bb = models.build(MODEL, "DEFAULT", 10)
-    head = set(models.head_paths(bb.model))
-    for n, p in bb.model.named_parameters():
-        p.requires_grad_(any(n.startswith(h + ".") for h in head))
+    if frozen is None:
+        frozen = [st.name for st in bb.stages if st.name != "head"]
+    freeze.apply_plan(bb.model, bb.stages, SimpleNamespace(frozen=frozen, batchnorm="train"))
     pre = bb.preprocess
     tf = T.Compose([T.RandomResizedCrop(SIZE_PX, scale=(0.35, 1.0)), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
     files = sorted(Path(folder).rglob("*.png"))
@@ -154,6 +160,7 @@ def cnnft_case(folder: str, epochs: int, strategy: str, cache_dir: str, q) -> No
                                       f"data.image_size={SIZE_PX}", f"freeze.strategy={strategy}",
                                       f"train.epochs={epochs}", f"output_dir={out}", f"train.cache_dir={cache_dir}",
                                       "data.num_workers=2"], log=log)
+        plan = json.loads((Path(s.run_dir) / "freeze_plan.json").read_text())
     wall = time.perf_counter() - t0
 
     def at(text: str) -> float | None:
@@ -164,7 +171,8 @@ def cnnft_case(folder: str, epochs: int, strategy: str, cache_dir: str, q) -> No
     q.put({"wall": wall, "checked": at("checked "), "similarity": at("similarity:"), "cache": at("feature cache"),
            "head": at("head phase  train"), "first_epoch": at(f"epoch 1/{epochs}"),
            "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "stored": stored,
-           "passes": (counter.value - images) / images, "strategy": s.strategy, "acc": s.best_val_acc})
+           "passes": (counter.value - images) / images, "strategy": s.strategy, "acc": s.best_val_acc,
+           "frozen": [st["name"] for st in plan["stages"] if st["frozen"]]})
 
 
 def apart(fn, *args) -> dict:
@@ -176,6 +184,11 @@ def apart(fn, *args) -> dict:
     got = q.get()
     p.join()
     return got
+
+
+def _plain_row(n: int, strategy: str, plain: dict, epochs: int) -> None:
+    print(f"{n:>7} {'plain':<10} {strategy:<12} {'':>8} {'':>6} {'':>6} {'':>6} {_s(plain['epoch']):>7} "
+          f"{_s(plain['wall']):>7} {'':>9} {'':>6} {plain['rss'] / 2**30:>7.2f}GB {'-':>9} {epochs:>6.2f}", flush=True)
 
 
 def _s(v: float | None) -> str:
@@ -197,25 +210,27 @@ def main() -> None:
     rss: dict[tuple[str, int], int] = {}
     for n in args.sizes:
         folder = str(build_folder(args.root, n))
-        plain = apart(plain_case, folder, args.epochs) if "plain" in args.cases else None
+        plain = apart(plain_case, folder, args.epochs, None) if "plain" in args.cases else None
         if plain:
             rss[("plain", n)] = plain["rss"]
-            print(f"{n:>7} {'plain':<10} {'head_only':<12} {'':>8} {'':>6} {'':>6} {'':>6} {_s(plain['epoch']):>7} "
-                  f"{_s(plain['wall']):>7} {'':>9} {'':>6} {plain['rss'] / 2**30:>7.2f}GB {'-':>9} "
-                  f"{args.epochs:>6.2f}", flush=True)
+            _plain_row(n, "head_only", plain, args.epochs)
         for case in [c for c in args.cases if c != "plain"]:
             with tempfile.TemporaryDirectory() as cache_dir:
                 r = apart(cnnft_case, folder, args.epochs, "head_only" if case == "head_only" else "auto", cache_dir)
             rss[(case, n)] = r["rss"]
+            against = plain
+            if plain and r["strategy"] != "head_only":  # the loop this plan's cache replaces trains its stages
+                against = apart(plain_case, folder, args.epochs, r["frozen"])
+                _plain_row(n, r["strategy"], against, args.epochs)
             first = r["first_epoch"]
-            target = "" if not plain or first is None else (
-                " ok" if first <= plain["epoch"] * 1.1 + (r["checked"] or 0) + (r["similarity"] or 0) else " SLOW")
+            target = "" if not against or first is None else (
+                " ok" if first <= against["epoch"] * 1.1 + (r["checked"] or 0) + (r["similarity"] or 0) else " SLOW")
             print(f"{n:>7} {case:<10} {r['strategy']:<12} {_s(r['checked']):>8} {_s(r['similarity']):>6} "
                   f"{_s(r['cache']):>6} {_s(r['head']):>6} {_s(first):>7} {_s(r['wall']):>7} "
-                  f"{_s(plain['epoch'] if plain else None):>9} {_s(plain['wall'] if plain else None):>6} "
+                  f"{_s(against['epoch'] if against else None):>9} {_s(against['wall'] if against else None):>6} "
                   f"{r['rss'] / 2**30:>7.2f}GB {r['stored'] / 2**20:>7.0f}MB {r['passes']:>6.2f}{target}", flush=True)
-    print("targets: peak RSS at 60k <= 2.5 GB; flat 20k -> 60k (<= +15 %); first epoch line <= plain first epoch "
-          "+ 10 % (after the pre-scan and probe, which the plain loop does not make)")
+    print("targets: peak RSS at 60k <= 2.5 GB; flat 20k -> 60k (<= +15 %); first epoch line <= the first epoch of "
+          "the plain loop training the same stages + 10 % (after the pre-scan and probe, which it does not make)")
     for case in [c for c in args.cases if c != "plain"]:
         got = {n: rss[(case, n)] for (c, n) in rss if c == case}
         if 60000 in got:
