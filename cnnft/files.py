@@ -199,6 +199,26 @@ def check_output(path: str | Path, option: str, *, force: bool = False, inputs: 
     return out
 
 
+def check_output_folder(path: str | Path, option: str, *, forbidden: tuple = ()) -> Path:
+    """The guard of a folder a command writes its results in where the user says (``--out DIR``),
+    checked before any work: not a file, not a symbolic link, not inside one of the ``forbidden``
+    folders (the data it reads, a run's checkpoints), and writable. Returns the path."""
+    out = Path(path).expanduser()
+    hint = f"choose another {option} folder"
+    if os.path.islink(out):
+        raise InputError(f"{option}: {out} is a symbolic link; cnnft does not write through links it did not make",
+                         hint=f"{hint}, or remove the link")
+    if os.path.lexists(out) and not out.is_dir():
+        raise InputError(f"{option}: {out} is a file, not a folder", hint=hint)
+    target = _real(out)
+    for folder in forbidden:
+        if folder is not None and _real(Path(folder).expanduser()) in (target, *target.parents):
+            raise InputError(f"{option}: {out} is inside {folder}, which this command must not write in; "
+                             "nothing was written", hint=hint)
+    check_folder_writable(out, option)
+    return out
+
+
 def write_output(path: Path, data: bytes, *, force: bool) -> None:
     """Write a file :func:`check_output` passed: atomically, its folder made if needed, and
     never over a file that appeared since unless ``force``."""

@@ -211,6 +211,7 @@ PNG = b"\x89PNG\r\n\x1a\nnot really"
 TRAIN2 = ("train", "--resume", "runs/t", "train.epochs=2")
 EXPORT = ("export", "runs/t", "--format", "torchscript")
 EXTRACT = ("extract", "runs/t", "--data", "data")
+EVALUATE = ("evaluate", "runs/t", "--device", "cpu")
 LRFIND = ("lr-find", "cfg.yaml", "--steps", "10")
 _template: list[Path] = []
 
@@ -286,6 +287,16 @@ CLASS_1 = [
     Case("lr-find-through-symlink", 2, ("--out: curve.png is a symbolic link",),
          argv=(*LRFIND, "--out", "curve.png", "--force"), cfg=LENET, patch=(no_sweep,),
          prep=(write("mine.png", PNG), symlink("curve.png", "mine.png")), check=_untouched("mine.png", PNG)),
+    Case("evaluate-out-into-the-data", 2, ("--out: data/a is inside data", "must not write in", "nothing was written"),
+         argv=(*EVALUATE, "--data", "data", "--out", "data/a"), prep=RUN_T, check=_data_untouched),
+    Case("evaluate-out-into-the-runs-data", 2, ("--out: data/res is inside data",),
+         argv=(*EVALUATE, "--out", "data/res"), prep=RUN_T, check=_data_untouched),
+    Case("evaluate-out-into-checkpoints", 2, ("--out: runs/t/checkpoints/ev is inside runs/t/checkpoints",),
+         argv=(*EVALUATE, "--out", "runs/t/checkpoints/ev"), prep=RUN_T, check=_absent("runs/t/checkpoints/ev")),
+    Case("evaluate-out-is-a-file", 2, ("--out: res is a file, not a folder",),
+         argv=(*EVALUATE, "--out", "res"), prep=(*RUN_T, write("res", "mine")), check=_untouched("res", b"mine")),
+    Case("evaluate-out-through-symlink", 2, ("--out: res is a symbolic link",),
+         argv=(*EVALUATE, "--out", "res"), prep=(*RUN_T, symlink("res", "data")), check=_data_untouched),
     Case("report-folder-is-a-symlink", 2, ("runs/t/report is a symbolic link", "rm runs/t/report"),
          argv=("report", "runs/t", "--device", "cpu"), prep=(*RUN_T, symlink("runs/t/report", "data")),
          check=_data_untouched),
