@@ -84,6 +84,12 @@ def _is_png(path: Path) -> None:
     assert path.read_bytes()[:4] == b"\x89PNG", path
 
 
+def _is_json(path: Path) -> None:
+    import json
+
+    assert isinstance(json.loads(path.read_text()), dict), path
+
+
 def _data_untouched(tmp: Path, res) -> None:
     assert sorted(p.name for p in (tmp / "data").iterdir()) == ["a", "b"]
     assert len(list((tmp / "data" / "a").iterdir())) == 4
@@ -297,6 +303,8 @@ CLASS_1 = [
          argv=(*EVALUATE, "--out", "res"), prep=(*RUN_T, write("res", "mine")), check=_untouched("res", b"mine")),
     Case("evaluate-out-through-symlink", 2, ("--out: res is a symbolic link",),
          argv=(*EVALUATE, "--out", "res"), prep=(*RUN_T, symlink("res", "data")), check=_data_untouched),
+    Case("evaluate-out-elsewhere", 0, (), argv=(*EVALUATE, "--out", "res"), prep=RUN_T,  # the guard lets it through
+         check=lambda tmp, res: _is_json(tmp / "res" / "metrics.json")),
     Case("report-folder-is-a-symlink", 2, ("runs/t/report is a symbolic link", "rm runs/t/report"),
          argv=("report", "runs/t", "--device", "cpu"), prep=(*RUN_T, symlink("runs/t/report", "data")),
          check=_data_untouched),
