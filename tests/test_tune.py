@@ -227,3 +227,30 @@ def test_a_search_on_real_weights_starts_from_the_measured_plan(tmp_path, hymeno
     assert first["default_plan"] and plan["similarity"] is not None  # measured, as `cnnft train` does
     assert first["params"]["trainable_stages"] == trains
     assert s["best"] is not None
+
+
+def _trial(number: int, value: float, default: bool = False, val_images: int | None = 100):
+    import optuna
+
+    attrs = {"default_plan": default, **({"val_images": val_images} if val_images else {})}
+    t = optuna.trial.create_trial(value=value, user_attrs=attrs)
+    t.number = number
+    return t
+
+
+@pytest.mark.parametrize("values, n, monitor, direction, chosen, kept", [
+    ((0.90, 0.92), 100, "val_acc", "maximize", 0, True),      # +2 points, SE 3 points on 100 images: noise
+    ((0.90, 0.92), 10_000, "val_acc", "maximize", 1, False),  # SE 0.3 points: a real lead
+    ((0.90, 0.95), 100, "val_acc", "maximize", 1, False),     # +5 points > one SE (3)
+    ((0.90, 0.92), None, "val_acc", "maximize", 1, None),     # no image count recorded: best value
+    ((0.40, 0.30), 100, "val_loss", "minimize", 1, None),     # a loss: best value
+])
+def test_the_default_plan_is_kept_unless_beaten_beyond_noise(values, n, monitor, direction, chosen, kept):
+    from cnnft.tuning import outcome
+
+    done = [_trial(0, values[0], default=True, val_images=n), _trial(1, values[1], val_images=n)]
+    best, selection = outcome.winner(done, monitor, direction)
+    assert best.number == chosen
+    assert selection.get("kept_default") is kept
+    if kept:
+        assert "within one standard error" in selection["note"] and selection["best_by_value"] == 1

@@ -44,6 +44,7 @@ class TuneSection:
     test_images: int | None
     trials: list[dict]
     plots: list[str]
+    selection_note: str | None = None  # why the default plan was kept over a trial with a better value
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,7 +82,8 @@ def read(folder: Path) -> TuneSection:
         default_value=_Fields(default, path, "default_plan.").number("value") if default else None,
         test_accuracy=t.number("accuracy", optional=True) if test else None,
         test_images=t.whole("images", optional=True) if test else None,
-        trials=rows, plots=[name for name, _ in PLOTS if (folder / name).is_file()])
+        trials=rows, plots=[name for name, _ in PLOTS if (folder / name).is_file()],
+        selection_note=_Fields(f.dict_("selection", optional=True) or {}, path, "selection.").text("note", optional=True))
 
 
 def _winner_run(folder: Path, run_dir: str, path: Path) -> Path:
@@ -120,8 +122,8 @@ class _Fields:
             raise self._bad(key, expected)
         return v
 
-    def text(self, key: str) -> str:
-        return self._get(key, lambda v: isinstance(v, str) and len(v) <= 1000, "text", False)
+    def text(self, key: str, optional: bool = False) -> str | None:
+        return self._get(key, lambda v: isinstance(v, str) and len(v) <= 1000, "text", optional)
 
     def number(self, key: str, optional: bool = False) -> float | None:
         v = self._get(key, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
@@ -168,6 +170,8 @@ def key_rows(t: TuneSection) -> list[tuple[str, str]]:
              + f": {plan_text(t.winner_params)}"),
             (f"winner's {t.objective} (selected on it: optimistic)", score(t.winner_value)),
             (f"default plan's {t.objective} (trial 0, what cnnft train runs)", score(t.default_value))]
+    if t.selection_note:
+        rows.append(("selection", t.selection_note))
     if t.test_accuracy is not None:
         rows.append(("winner's test accuracy (no trial saw the test split)",
                      f"{t.test_accuracy:.4f} on {t.test_images} images"))

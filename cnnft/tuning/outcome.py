@@ -4,6 +4,7 @@ and the other trials' checkpoints deleted (unless ``--keep-all``)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -23,18 +24,44 @@ def finish(search: Search, study, base: Config, status: str, keep_all: bool, set
     """Write the outcome of the search so far into its folder; return tune_summary.json's content."""
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state.name == "COMPLETE"]
-    best = None
-    if done:
-        best = min(done, key=lambda t: t.value) if search.direction == "minimize" else max(done, key=lambda t: t.value)
+    best, selection = winner(done, search.monitor, search.direction)
+    if selection.get("kept_default"):
+        search.log(f"tune: {selection['note']}")
     test = _test_score(best, base, evaluate, search.log) if best is not None and status == "completed" else None
     if best is not None:
         files.atomic_write_text(search.folder / BEST, _best_yaml(best, base))
     if not keep_all:
         _delete_checkpoints(trials, best, search.log)
-    summary = _summary(search, trials, best, status, settings, test)
+    summary = {**_summary(search, trials, best, status, settings, test), "selection": selection}
     files.atomic_write_json(search.folder / SUMMARY, summary)
     _plots(study, search.folder, search.log)
     return summary
+
+
+def winner(done: list, monitor: str, direction: str) -> tuple[object | None, dict]:
+    """The trial the search hands back, and how it was chosen. The best value wins, except that
+    on an accuracy the default plan (trial 0) is kept unless the best beats it by more than one
+    standard error of the default's accuracy on the validation images (sqrt(p(1-p)/n)): with a
+    small validation set the top of many trials is partly luck, and a lead within that noise
+    does not carry over to new images (the README's Tuning section has the figures)."""
+    if not done:
+        return None, {}
+    best = min(done, key=lambda t: t.value) if direction == "minimize" else max(done, key=lambda t: t.value)
+    default = next((t for t in done if t.user_attrs.get("default_plan")), None)
+    n = default.user_attrs.get("val_images") if default is not None else None
+    if default is None or default is best or not monitor.endswith("acc") or not n:
+        return best, {"rule": "best value"}
+    p = min(max(float(default.value), 0.0), 1.0)
+    margin = math.sqrt(p * (1 - p) / int(n))
+    lead = float(best.value) - p
+    selection = {"rule": "the default plan unless beaten by more than one standard error", "margin": round(margin, 6),
+                 "lead": round(lead, 6), "best_by_value": best.number}
+    if lead > margin:
+        return best, {**selection, "kept_default": False}
+    note = (f"trial {best.number}'s {monitor} {best.value:.4f} leads the default plan's {p:.4f} by {lead:.4f}, within "
+            f"one standard error ({margin:.4f} on {n} validation images): the default plan (trial {default.number}) "
+            "is kept")
+    return default, {**selection, "kept_default": True, "note": note}
 
 
 def _test_score(best, base: Config, evaluate: Callable | None, log) -> dict | None:

@@ -99,6 +99,7 @@ def _objective(search: Search, trial) -> float:
         raise
     trial.set_user_attr("run_dir", summary.run_dir)
     trial.set_user_attr("epochs", summary.epochs_completed)
+    trial.set_user_attr("val_images", summary.val_images)
     trial.set_user_attr("seconds", round(time.monotonic() - t0, 2))
     trial.set_user_attr("stopped_by", summary.stopped_by)
     if search.stop.stopped:
