@@ -120,8 +120,15 @@ def test_confident_learning_on_a_hand_made_case():
 
 def test_similar_pairs_and_folds():
     x = np.array([[1, 0], [0.99, 0.05], [0, 1], [-1, 0]], dtype=np.float32)
-    pairs = datacheck.similar_pairs(x, 0.95)
-    assert [(a, b) for a, b, _ in pairs] == [(0, 1)]
+    i, j, sim = datacheck.similar_pairs(x, 0.95)
+    assert list(zip(i.tolist(), j.tolist())) == [(0, 1)] and sim[0] == pytest.approx(0.9987, abs=1e-3)
+    x = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    i, j, sim = datacheck.similar_pairs(x, 0.5, chunk=64)  # across chunk borders, as the full matrix says
+    z = datacheck.normalised(x)
+    full = z @ z.T
+    want = {(a, b) for a in range(300) for b in range(a + 1, 300) if full[a, b] >= 0.5}
+    assert set(zip(i.tolist(), j.tolist())) == want and len(i) == len(want)
+    assert (np.diff(sim) <= 0).all()
     folds = datacheck.stratified_folds(np.array([0] * 10 + [1] * 5), 5, 0)
     assert sorted(np.bincount(folds[:10]).tolist()) == [2] * 5 and sorted(np.bincount(folds[10:]).tolist()) == [1] * 5
 

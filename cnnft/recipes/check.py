@@ -155,26 +155,41 @@ def _resolve(target: Path, model: str | None, image_size: int | None) -> tuple[C
     return cfg, target.resolve().name, list(classes or []), splits, []
 
 
-def _near(x: torch.Tensor, index: list[tuple[str, int]], readable: dict, exact: list[dict], thr: float) -> list[dict]:
+@dataclass
+class _NearPairs:
+    """Near-duplicate pairs (exact copies left out): the most similar listed, all counted."""
+
+    listed: list[dict]  # the PAIRS_LISTED most similar pairs
+    count: int
+    leaks: list[dict]  # the PAIRS_LISTED most similar pairs across splits
+    leak_count: int
+
+
+def _near(x: torch.Tensor, index: list[tuple[str, int]], readable: dict, exact: list[dict], thr: float) -> _NearPairs:
     """Near-duplicate pairs above ``thr`` that are not already exact copies."""
     if len(x) < 2:
-        return []
-    same = {(g["hash"]) for g in exact}
-    ids = [readable[s].ids[i] for s, i in index]
-    hash_of = {}
-    for g in exact:
-        for m in g["images"]:
-            hash_of[(m["split"], m["path"])] = g["hash"]
-    pairs = []
-    for a, b, sim in datacheck.similar_pairs(x.numpy(), thr):
-        ha, hb = hash_of.get((index[a][0], ids[a])), hash_of.get((index[b][0], ids[b]))
-        if ha is not None and ha == hb and ha in same:
-            continue
-        sa, sb = index[a][0], index[b][0]
-        pairs.append({"a": {"split": sa, "path": ids[a], "label": readable[sa].labels[index[a][1]]},
-                      "b": {"split": sb, "path": ids[b], "label": readable[sb].labels[index[b][1]]},
-                      "similarity": round(sim, 4), "leak": sa != sb})
-    return pairs
+        return _NearPairs([], 0, [], 0)
+    position = {(s, readable[s].ids[i]): k for k, (s, i) in enumerate(index)}
+    group = np.full(len(index), -1, dtype=np.int64)  # each image's exact-copy group, if any
+    for g, found in enumerate(exact):
+        for m in found["images"]:
+            if (m["split"], m["path"]) in position:
+                group[position[(m["split"], m["path"])]] = g
+    split_codes = {s: k for k, s in enumerate(dict.fromkeys(s for s, _ in index))}
+    split = np.array([split_codes[s] for s, _ in index])
+    a, b, sim = datacheck.similar_pairs(x.numpy(), thr)
+    keep = ~((group[a] == group[b]) & (group[a] >= 0))
+    a, b, sim = a[keep], b[keep], sim[keep]
+    leak = split[a] != split[b]
+
+    def pair(k: int) -> dict:
+        (sa, ia), (sb, ib) = index[a[k]], index[b[k]]
+        return {"a": {"split": sa, "path": readable[sa].ids[ia], "label": readable[sa].labels[ia]},
+                "b": {"split": sb, "path": readable[sb].ids[ib], "label": readable[sb].labels[ib]},
+                "similarity": round(float(sim[k]), 4), "leak": bool(leak[k])}
+
+    return _NearPairs([pair(k) for k in range(min(len(a), datacheck.PAIRS_LISTED))], int(len(a)),
+                      [pair(k) for k in np.flatnonzero(leak)[:datacheck.PAIRS_LISTED]], int(leak.sum()))
 
 
 def _label_issues(x: torch.Tensor, index: list[tuple[str, int]], readable: dict, classes: list[str], seed: int,
@@ -195,7 +210,7 @@ def _label_issues(x: torch.Tensor, index: list[tuple[str, int]], readable: dict,
 
 
 def _result(cfg: Config, name: str, classes: list[str], splits: dict, infos: dict, bb: models.Backbone,
-            unreadable: list[dict], exact: list[dict], near: list[dict], thr: float, labels: list[dict],
+            unreadable: list[dict], exact: list[dict], near: _NearPairs, thr: float, labels: list[dict],
             t0: float) -> CheckResult:
     counts = {s: {c: 0 for c in classes} for s in splits}
     for s, src in splits.items():
@@ -211,15 +226,17 @@ def _result(cfg: Config, name: str, classes: list[str], splits: dict, infos: dic
              for s in splits for i, inf in enumerate(infos[s]) if inf.error is None and min(inf.width, inf.height) < crop]
     modes = Counter(inf.mode for s in infos for inf in infos[s] if inf.error is None)
     leaks = [{"kind": "exact", "images": g["images"]} for g in exact if g["leak"]]
-    leaks += [{"kind": "near", "images": [p["a"], p["b"]], "similarity": p["similarity"]} for p in near if p["leak"]]
+    exact_leaks = len(leaks)
+    leaks += [{"kind": "near", "images": [p["a"], p["b"]], "similarity": p["similarity"]} for p in near.leaks]
     summary = {"images": sum(len(s) for s in splits.values()), "unreadable": len(unreadable),
-               "exact_duplicate_groups": len(exact), "near_duplicate_pairs": len(near), "leaks": len(leaks),
+               "exact_duplicate_groups": len(exact), "near_duplicate_pairs": near.count,
+               "leaks": exact_leaks + near.leak_count,
                "label_issues": len(labels), "small_images": len(small), "colour_modes": len(modes)}
     return CheckResult(
         data=name, model=bb.name, image_size=crop, classes=classes, splits={s: len(v) for s, v in splits.items()},
         class_counts=counts, balance=datacheck.balance({c: total[c] for c in classes}), unreadable=unreadable,
         small_images=small, colour_modes=dict(modes), exact_duplicates=exact,
-        near_duplicates=near[:datacheck.PAIRS_LISTED], near_duplicate_pairs=len(near), near_threshold=thr,
+        near_duplicates=near.listed, near_duplicate_pairs=near.count, near_threshold=thr,
         leaks=leaks, label_issues=labels, summary=summary, seconds=round(time.perf_counter() - t0, 3))
 
 

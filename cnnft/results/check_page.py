@@ -66,8 +66,10 @@ def _table(head: list[str], rows: list[list[object]]) -> str:
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
-def _section(title: str, count: int, rows: list[str], empty: str) -> list[str]:
-    more = f" (first {SHOWN} shown; all in check.json)" if count > SHOWN else ""
+def _section(title: str, count: int, rows: list[str], empty: str, listed: int | None = None) -> list[str]:
+    """A section's heading with its count and its first rows; ``listed``: how many check.json holds."""
+    where = "all in check.json" if listed is None or listed >= count else f"the {listed:,} most similar in check.json"
+    more = f" (first {SHOWN} shown; {where})" if count > SHOWN else ""
     return [f"<h2>{_esc(title)}: {count}</h2>",
             *(rows or [f'<p class="none">{_esc(empty)}</p>']), *([f"<p>{_esc(more)}</p>"] if more else [])]
 
@@ -82,14 +84,15 @@ def html(res: dict, thumb: Thumb) -> str:
     leaks = [_images_row(lk["images"], classes, f"{lk['kind']} copy across splits"
                          + (f", similarity {lk['similarity']:.3f}" if "similarity" in lk else ""), thumb, True)
              for lk in res["leaks"][:SHOWN]]
-    body += _section("Leaks (the same image in more than one split)", len(res["leaks"]), leaks, "no leaks found")
+    body += _section("Leaks (the same image in more than one split)", s["leaks"], leaks, "no leaks found",
+                     len(res["leaks"]))
     exact = [_images_row(g["images"], classes, f"{len(g['images'])} identical images", thumb, g["leak"])
              for g in res["exact_duplicates"][:SHOWN]]
     body += _section("Exact duplicates (identical pixels)", len(res["exact_duplicates"]), exact, "none found")
     near = [_images_row([p["a"], p["b"]], classes, f"cosine similarity {p['similarity']:.3f}", thumb, p["leak"])
             for p in res["near_duplicates"][:SHOWN]]
     body += _section(f"Near-duplicates (similarity >= {res['near_threshold']})", res["near_duplicate_pairs"], near,
-                     "none found")
+                     "none found", len(res["near_duplicates"]))
     labels = [_images_row([{"split": r["split"], "path": r["path"], "label": r["given"]}], classes,
                           f"given: {r['given_label']} / suggested: {r['suggested_label']} "
                           f"(score {r['score']:.3f})", thumb, False) for r in res["label_issues"][:SHOWN]]

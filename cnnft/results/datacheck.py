@@ -22,17 +22,25 @@ def normalised(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(n, 1e-12)
 
 
-def similar_pairs(x: np.ndarray, threshold: float, chunk: int = 2048) -> list[tuple[int, int, float]]:
-    """All pairs i < j with cosine similarity >= ``threshold`` between rows of ``x``, most similar first."""
+def similar_pairs(x: np.ndarray, threshold: float, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All pairs i < j with cosine similarity >= ``threshold`` between rows of ``x``, most similar
+    first, as three arrays (i, j, similarity): a set whose images all look alike to the backbone
+    has millions of pairs, which arrays hold in a few bytes each."""
     z = normalised(x)
-    found: list[tuple[int, int, float]] = []
+    ii, jj, ss = [], [], []
     for a in range(0, len(z), chunk):
-        s = z[a:a + chunk] @ z.T
-        rows, cols = np.nonzero(s >= threshold)
-        for r, c in zip(rows.tolist(), cols.tolist()):
-            if a + r < c:
-                found.append((a + r, c, float(s[r, c])))
-    return sorted(found, key=lambda p: -p[2])
+        s = z[a:a + chunk] @ z[a:].T  # the upper triangle only: columns from ``a`` on
+        r, c = np.nonzero(s >= threshold)
+        keep = r < c
+        r, c = r[keep], c[keep]
+        ii.append((a + r).astype(np.int32))
+        jj.append((a + c).astype(np.int32))
+        ss.append(s[r, c].astype(np.float32))
+    if not ii:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32)
+    i, j, sim = np.concatenate(ii), np.concatenate(jj), np.concatenate(ss)
+    order = np.argsort(-sim, kind="stable")
+    return i[order], j[order], sim[order]
 
 
 def confident_learning(probs: np.ndarray, labels: np.ndarray) -> list[dict]:
