@@ -27,11 +27,12 @@ def bar(iterable: Iterable[T], desc: str, enabled: bool) -> Iterable[T]:
     return tqdm(iterable, desc=desc, leave=False, file=sys.stderr, **shape)
 
 
-def epoch_bar(loader, epoch: int, epochs: int, enabled: bool):
+def epoch_bar(loader, epoch: int, epochs: int, enabled: bool, log: Callable[[str], None] | None = None):
     """A training loader wrapped in a bar that shows the running loss and accuracy when
-    ``enabled`` (its ``on_step`` takes the loop's running sums after each step)."""
+    ``enabled`` (its ``on_step`` takes the loop's running sums after each step); else, with
+    ``log``, in plain :class:`Lines` (a long epoch in a log file or CI is not silent)."""
     if not enabled:
-        return loader
+        return loader if log is None else _EpochLines(loader, f"training (epoch {epoch + 1} of {epochs})", log)
     shown = bar(loader, f"epoch {epoch + 1}/{epochs}", True)
 
     class _Bar:
@@ -42,6 +43,18 @@ def epoch_bar(loader, epoch: int, epochs: int, enabled: bool):
             shown.set_postfix(loss=f"{r.loss:.3f}", acc=f"{r.acc:.3f}", refresh=False)
 
     return _Bar()
+
+
+class _EpochLines:
+    def __init__(self, loader, desc: str, log: Callable[[str], None]) -> None:
+        self.loader, self.desc, self.log = loader, desc, log
+
+    def __iter__(self):
+        try:
+            total = len(self.loader)
+        except TypeError:
+            total = 0
+        return track(self.loader, self.desc, total, False, self.log, unit="steps")
 
 
 class Lines:

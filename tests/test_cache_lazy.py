@@ -163,3 +163,28 @@ def test_a_strategy_cut_earlier_feeds_the_head_phase_without_a_pass_of_its_own(t
     a, b = _head_row(summary), _head_row(own)
     for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
         assert float(a[k]) == pytest.approx(float(b[k]), abs=1e-4), k
+
+
+def test_a_long_epoch_without_a_terminal_logs_plain_progress_lines(monkeypatch):
+    monkeypatch.setattr(progress.Lines, "quiet_seconds", 0.0)
+    lines: list[str] = []
+    loader = progress.epoch_bar(list(range(20)), 2, 10, False, lines.append)
+    assert list(loader) == list(range(20))  # every batch, in order
+    assert any(m.startswith("training (epoch 3 of 10): ") and "steps/s, ETA" in m for m in lines), lines
+    assert lines[-1].startswith("training (epoch 3 of 10): 20 steps in")
+    assert not any("epoch 3/10" in m for m in lines), "never mistaken for the epoch's own line"
+    assert progress.epoch_bar(loader, 2, 10, False) is loader  # no log: the loader as it is
+
+
+def test_train_at_a_non_terminal_logs_epoch_progress_unless_quiet(tmp_path, tiny_data, monkeypatch, capsys):
+    from _fixtures import run_cli
+
+    monkeypatch.setattr(progress.Lines, "quiet_seconds", 0.0)
+    args = ("train", f"data.train={tiny_data}", "data.val_split=0.34", "data.image_size=32", "data.num_workers=0",
+            "data.batch_size=2", "model.backbone=lenet5", "model.weights=none", "train.epochs=1",
+            f"output_dir={tmp_path / 'runs'}")
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert "training (epoch 1 of 1): " in err and "steps/s" in err
+    code, _, err = run_cli(monkeypatch, capsys, *args, "-q")
+    assert code == 0 and "training (epoch 1 of 1)" not in err and "epoch 1/1" in err

@@ -158,7 +158,8 @@ def train(
         _launch_train(nproc, config, overrides, resume, json_out, quiet)
     from ..recipes import train as train_recipe
     summary = train_recipe.train(config, overrides, resume=resume, log=lambda m: err.print(m, highlight=False, markup=False),
-                                 progress_bar=err.is_terminal and not quiet and not json_out)
+                                 progress_bar=err.is_terminal and not quiet and not json_out,
+                                 epoch_lines=not err.is_terminal and not quiet)
     if exits.other_rank():  # rank 0 of a torchrun launch reports the run
         return
     if json_out:

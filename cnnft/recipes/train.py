@@ -46,13 +46,16 @@ def train(
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
     progress_bar: bool = False,
     on_epoch_end: EpochHook | None = None,
+    epoch_lines: bool = False,
 ) -> TrainSummary:
     """Fine-tune a pretrained backbone as the config says (or continue the run in ``resume``);
     write the run folder and return its summary. ``on_epoch_end`` sees each epoch's record
-    and may end the run there (see :data:`EpochHook`)."""
+    and may end the run there (see :data:`EpochHook`). ``epoch_lines``: without a bar, a long
+    epoch still logs plain progress lines (a log file, CI)."""
     resume = Path(resume) if resume is not None else None
     with _run.on_ctrl_c(_rerun(config_path, overrides, resume)) as disk:
-        return _train(config_path, list(overrides or []), resume, log, progress_bar, disk, on_epoch_end)
+        return _train(config_path, list(overrides or []), resume, log, progress_bar, disk, on_epoch_end,
+                      epoch_lines and not progress_bar)
 
 
 def _rerun(config_path: str | Path | None, overrides: list[str] | None, resume: Path | None) -> str:
@@ -63,7 +66,7 @@ def _rerun(config_path: str | Path | None, overrides: list[str] | None, resume: 
 
 def _train(config_path: str | Path | None, overrides: list[str], resume: Path | None,
            log: Callable[[str], None], progress_bar: bool, disk: _run.OnDisk,
-           on_epoch_end: EpochHook | None) -> TrainSummary:
+           on_epoch_end: EpochHook | None, epoch_lines: bool = False) -> TrainSummary:
     cfg, resumed = _run.resolve(config_path, overrides, resume)
     if resume is not None:  # what a Ctrl-C from here on leaves: the run's own last checkpoint
         disk.run, disk.last = RunDir(resume), None if resumed is None else (resumed["epoch"], resumed["step"])
@@ -119,7 +122,7 @@ def _train(config_path: str | Path | None, overrides: list[str], resume: Path | 
         while (not stop.expired and not hook.stopped() and state.epoch < cfg.train.epochs
                and not _records.patience_spent(state, cfg.train.patience, log)):
             _Epoch(fit, loaders, optimizer, scheduler, scaler, criterion, rt, dd, saved, run, writer, log,
-                   mix, averaged, unfreeze).run(state, stop, cfg, progress_bar)
+                   mix, averaged, unfreeze).run(state, stop, cfg, progress_bar, epoch_lines)
 
     bundle.skipped += loaders.lost(log)  # images deleted while it trained count as the unreadable ones
     status = "stopped" if hook.stop or stop.expired else "completed"
@@ -169,7 +172,7 @@ class _Epoch:
     ema: WeightEma | None
     trainable: Callable[[int], list[str]]  # sets, and names, the stages that learn in an epoch
 
-    def run(self, state: engine.TrainState, stop, cfg: Config, progress_bar: bool) -> None:
+    def run(self, state: engine.TrainState, stop, cfg: Config, progress_bar: bool, lines: bool = False) -> None:
         """Train epoch ``state.epoch + 1`` (or the rest of it), validate, save; a stop request
         saves a resumable checkpoint and raises Interrupted."""
         epoch, steps = state.epoch, len(self.loaders.train)
@@ -180,7 +183,8 @@ class _Epoch:
         trainable = self.trainable(epoch)
         self.fit.train()
         lrs = _records.lrs(self.optimizer)  # the rates this epoch starts with, as it trains with them
-        loader = progress.epoch_bar(self.loaders.train, epoch, cfg.train.epochs, progress_bar)
+        loader = progress.epoch_bar(self.loaders.train, epoch, cfg.train.epochs, progress_bar,
+                                    self.log if lines else None)
         state.running = self.dd.sum_running(engine.train_one_epoch(
             self.fit, loader, self.optimizer, self.scheduler, self.criterion, self.rt, epoch=epoch + 1,
             running=state.running, scaler=self.scaler, grad_clip=cfg.train.grad_clip, stop=stop,
