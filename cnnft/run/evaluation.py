@@ -79,9 +79,7 @@ def evaluate(
         for p, why in skipped:
             log(f"  {p}: {why}")
     model = with_tta(inference_model, tta, lm.config.data.hflip is True)
-    run = RunDir.of_checkpoint(lm.path)
-    out = _eval_dir(lm.path, data_name + ("-tta" if tta else ""), out_dir,
-                    forbidden=(data_dir, d.train, d.val, d.test, run.checkpoints if run else None))
+    out = _eval_dir(lm.path, data_name + ("-tta" if tta else ""), out_dir, forbidden=(data_dir, d.train, d.val, d.test))
 
     ds = data.ImageDataset(src, transforms.eval_transform(lm.preprocess), lm.preprocess.resize_size)
     loader = data.make_loader(ds, batch_size or d.batch_size, d.num_workers if num_workers is None else num_workers,
@@ -175,9 +173,10 @@ def _folder_data(root: str | Path, classes: list[str]) -> tuple[data.Source, str
 def _eval_dir(ckpt_path: Path, data_name: str, out_dir: str | Path | None, forbidden: tuple = ()) -> Path:
     """``RUN/eval/<data>`` for a run's best checkpoint (``<data>-<stem>`` for any other);
     a checkpoint outside a run folder gets ``eval/`` beside it. ``--out`` may not lie in the
-    ``forbidden`` folders (the images read, the run's checkpoints)."""
+    ``forbidden`` folders (the images read) nor in the run's checkpoints."""
     if out_dir is not None:
-        out = files.check_output_folder(out_dir, "--out", forbidden=forbidden)
+        run = RunDir.of_checkpoint(ckpt_path)
+        out = files.check_output_folder(out_dir, "--out", forbidden=(*forbidden, run.checkpoints if run else None))
     else:
         run = RunDir.of_checkpoint(ckpt_path) or RunDir(ckpt_path.parent)
         out = run.eval_dir(data_name if ckpt_path.stem == "best" else f"{data_name}-{ckpt_path.stem}")
