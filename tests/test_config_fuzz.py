@@ -145,6 +145,8 @@ def _only_config_or_config_error(fn) -> None:
     assert cfgmod.validate(yamlfile.parse_yaml(dumped)) == result  # as `--resume` reads it back
     # values that validate must also be usable by the recipe
     for f in ("lr", "backbone_lr_scale", "momentum", "weight_decay", "warmup_epochs", "label_smoothing"):
+        if f == "lr" and result.train.lr == "auto":  # found by the lr sweep when the run starts
+            continue
         assert math.isfinite(getattr(result.train, f)), f"train.{f} must be finite"
     assert math.isfinite(result.data.val_split)
     assert result.seed * 1_000_003 + 100_000 < 2**63, "torch generators take 64-bit seeds (api derives epoch seeds)"
