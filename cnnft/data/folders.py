@@ -355,6 +355,24 @@ def _sigterm_only_from_parent() -> None:
     threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
 
 
+class _Loader(DataLoader):
+    """A DataLoader whose worker processes are started with SIGTERM blocked: a SIGTERM sent to
+    the whole process group between a worker's fork and its ``_worker_init`` would otherwise kill
+    the worker with the default action (and crash the run) before it could set its own policy.
+    The main process gets its mask back as soon as the workers are started; a SIGTERM that came
+    meanwhile is then delivered to it."""
+
+    def __iter__(self):
+        if not self.num_workers or not hasattr(signal, "pthread_sigmask") \
+                or threading.current_thread() is not threading.main_thread():
+            return super().__iter__()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _worker_init(_worker_id: int) -> None:
     # The main process handles Ctrl-C and SIGTERM (it saves, then stops the workers itself);
     # one thread per worker avoids oversubscribing the cores the main process computes on.
@@ -397,7 +415,7 @@ def make_loader(
     persistent = bool(persistent and num_workers and (sampler is None or hasattr(sampler, "epoch")))
     if persistent and sampler is not None:
         sampler = EpochTagged(sampler)
-    return DataLoader(
+    return _Loader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers else None, generator=generator,
         pin_memory=pin_memory, drop_last=lone_last, persistent_workers=persistent, collate_fn=collate_fn,
