@@ -188,10 +188,7 @@ def check_output(path: str | Path, option: str, *, force: bool = False, inputs: 
         same = "" if os.path.normpath(read) == os.path.normpath(out) else f" ({read})"
         raise InputError(f"{option}: {out} is a file this command reads{same}; cnnft never writes over "
                          "its own input", hint=hint)
-    target = _real(out)
-    for folder in forbidden:
-        if folder is not None and _real(Path(folder)) in (target, *target.parents):
-            raise InputError(f"{option}: {out} is inside {folder}, which this command must not write in", hint=hint)
+    _refuse_inside(out, option, forbidden, hint)
     if os.path.lexists(out) and not force:
         raise InputError(f"{option}: {out} already exists; nothing was written",
                          hint=f"{hint}, or pass --force to replace it")
@@ -210,13 +207,18 @@ def check_output_folder(path: str | Path, option: str, *, forbidden: tuple = ())
                          hint=f"{hint}, or remove the link")
     if os.path.lexists(out) and not out.is_dir():
         raise InputError(f"{option}: {out} is a file, not a folder", hint=hint)
+    _refuse_inside(out, option, forbidden, hint)
+    check_folder_writable(out, option)
+    return out
+
+
+def _refuse_inside(out: Path, option: str, forbidden: tuple, hint: str) -> None:
+    """An InputError when ``out`` is one of the ``forbidden`` folders or lies inside one."""
     target = _real(out)
     for folder in forbidden:
         if folder is not None and _real(Path(folder).expanduser()) in (target, *target.parents):
             raise InputError(f"{option}: {out} is inside {folder}, which this command must not write in; "
                              "nothing was written", hint=hint)
-    check_folder_writable(out, option)
-    return out
 
 
 def write_output(path: Path, data: bytes, *, force: bool) -> None:

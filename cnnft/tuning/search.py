@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import Interrupted, TrainingFailed
+from ..results import tune_report
 from ..training import engine
 from . import study as _study
 from .clock import Clock
@@ -76,7 +77,7 @@ def _objective(search: Search, trial) -> float:
     overrides = ([] if default else search.space.overrides(params)) + [
         f"output_dir={search.folder / TRIALS}", f"name=trial-{trial.number:04d}",
         f"train.time_budget={seconds:.1f}s", "data.test=null", "train.tensorboard=false"]
-    plan = "the default plan (cnnft train's)" if default else _plan(params)
+    plan = "the default plan (cnnft train's)" if default else tune_report.plan_text(params)
     search.log(f"trial {trial.number}: {plan}; {seconds:.0f}s left")
     rows: list[dict] = []
     pruned: list[int] = []
@@ -112,10 +113,6 @@ def _objective(search: Search, trial) -> float:
     if not values:
         raise opt.TrialPruned("no epoch finished within the time left")
     return min(values) if search.direction == "minimize" else max(values)
-
-
-def _plan(params: dict) -> str:
-    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
 
 
 def _record(search: Search, frozen) -> None:
